@@ -1,0 +1,98 @@
+"""Compatibility shims that let mmsegmentation 1.2.2 run on our stack (mmcv-lite, torch >= 2.6, CPU DDP).
+
+Each shim is measured in ../shared/reference/environment.md (OpenMMLab section):
+- mmcv-lite has no compiled `mmcv._ext`, so `import mmcv.ops` fails, and four mmseg modules import it
+  unguarded. Nothing we use needs a compiled op; `point_sample` is pure PyTorch in mmcv-lite's own
+  `mmcv/ops/point_sample.py`. `install_mmcv_ops_shim()` must run before the first `import mmseg.models`.
+- torch >= 2.6 loads with `weights_only=True`; mmengine's checkpoints hold a `HistoryBuffer` and numpy
+  scalars/arrays (message hub), so resume and test-from-checkpoint fail. We allow-list exactly those
+  types instead of turning the safe loader off.
+- mmengine's pytorch launcher calls `torch.cuda.set_device` unconditionally and passes `device_ids` to
+  DDP, so it cannot run on CPU. We initialise the process group ourselves (gloo on CPU, nccl on GPU)
+  and register a DDP wrapper that drops `device_ids` for CPU modules.
+"""
+import importlib.util
+import os
+import sys
+import types
+
+import torch
+
+_SHIM_NAME = "mmcv.ops"
+
+
+def _has_compiled_mmcv() -> bool:
+    try:
+        return importlib.util.find_spec("mmcv._ext") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _sigmoid_focal_loss_unavailable(*args, **kwargs):
+    raise RuntimeError("mmcv.ops.sigmoid_focal_loss needs the compiled mmcv (mmcv-full); this project uses "
+                       "mmcv-lite. Use CrossEntropyLoss / SiLogLoss, or install full mmcv 2.1.0.")
+
+
+def install_mmcv_ops_shim() -> None:
+    """Register a pure-PyTorch `mmcv.ops` (point_sample only) when mmcv has no compiled extension.
+
+    Idempotent, and a no-op with a full mmcv build. Any other `mmcv.ops.X` raises ModuleNotFoundError,
+    which is what mmseg's optional heads (cc_head, psa_head, point_head) catch.
+    """
+    if _SHIM_NAME in sys.modules or _has_compiled_mmcv():
+        return
+    import mmcv  # the package itself imports fine; only mmcv.ops needs `_ext`
+
+    path = os.path.join(os.path.dirname(mmcv.__file__), "ops", "point_sample.py")
+    spec = importlib.util.spec_from_file_location("mmcv.ops.point_sample", path)
+    point_sample_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(point_sample_mod)
+
+    ops = types.ModuleType(_SHIM_NAME)
+    ops.__file__ = __file__
+    ops.point_sample = point_sample_mod.point_sample
+    ops.sigmoid_focal_loss = _sigmoid_focal_loss_unavailable
+
+    def __getattr__(name):  # module-level getattr (PEP 562): anything else is "not installed"
+        if name.startswith("__"):  # import machinery probes __path__ etc. with hasattr
+            raise AttributeError(name)
+        raise ModuleNotFoundError(f"mmcv.ops.{name} needs the compiled mmcv; this project runs on mmcv-lite "
+                                  f"with a shim that only provides point_sample")
+
+    ops.__getattr__ = __getattr__
+    sys.modules[_SHIM_NAME] = ops
+    sys.modules["mmcv.ops.point_sample"] = point_sample_mod
+    mmcv.ops = ops
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Allow-list the non-tensor types mmengine writes into its checkpoints for torch's safe loader.
+
+    Found by loading an mmengine checkpoint with `weights_only=True`: the message hub stores
+    `HistoryBuffer`s of numpy arrays and numpy scalars.
+    """
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+
+    dtypes = {type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")}
+    torch.serialization.add_safe_globals([
+        HistoryBuffer, np.ndarray, np.dtype, *dtypes,
+        np._core.multiarray._reconstruct, np._core.multiarray.scalar,
+    ])
+
+
+def init_distributed() -> bool:
+    """Initialise torch.distributed from torchrun's environment; returns True when running distributed.
+
+    Done here rather than by mmengine's launcher because that one cannot run on CPU (see module doc).
+    mmengine skips its own initialisation when a process group already exists.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return False
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return True
+

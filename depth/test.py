@@ -1,0 +1,5 @@
+"""Evaluate a depth checkpoint: `python -m depth.test CONFIG CHECKPOINT [--cfg-options ...]`."""
+from common.mmseg_plugin.launch import test_main
+
+if __name__ == "__main__":
+    test_main("depth")
