@@ -110,7 +110,9 @@ def _clip(name: str, checkpoint: str | None, img_size: int) -> Teacher:
     if "visual.class_embedding" not in sd:
         raise ValueError(f"{checkpoint} is not an OpenAI CLIP image tower (no `visual.class_embedding` key)")
     sd = {k: v for k, v in sd.items() if k.startswith("visual.") and k != "visual.proj"}
-    model = timm.create_model(CLIP_TIMM[name], pretrained=False, num_classes=0, img_size=img_size)
+    # dynamic_img_size: other input sizes resample the position embedding at run time
+    model = timm.create_model(CLIP_TIMM[name], pretrained=False, num_classes=0, img_size=img_size,
+                              dynamic_img_size=True)
     load_state_dict_checked(model, checkpoint_filter_fn(sd, model), what=f"teacher {name}")
     return Teacher(_TimmTokens(model), model.embed_dim, model.patch_embed.patch_size[0],
                    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, name=name)
@@ -138,7 +140,7 @@ def _timm(name: str, checkpoint: str | None, img_size: int) -> Teacher:
     if checkpoint:
         read_checkpoint(checkpoint)  # fail early, with our message, on a missing or corrupt file
     model = timm.create_model(model_name, pretrained=True, num_classes=0, img_size=img_size,
-                              pretrained_cfg_overlay=overlay)
+                              pretrained_cfg_overlay=overlay, dynamic_img_size=True)
     cfg = model.pretrained_cfg
     return Teacher(_TimmTokens(model), model.embed_dim, model.patch_embed.patch_size[0],
                    cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), name=name)

@@ -63,7 +63,7 @@ class DinoVisionTransformer(nn.Module):
                                 if num_register_tokens else None)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # zero init, as DINOv2/iBOT
         mlp_layer = {"mlp": Mlp, "swiglu": SwiGLUFFN}[ffn]
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear; plain floats (meta-device safe)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=init_values,
