@@ -96,3 +96,122 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training data: DeiT augmentation, proxy-dataset subsets, samplers that resume mid-epoch
+# ----------------------------------------------------------------------------------------------------------
+DEIT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+
+
+def build_train_transform(input_size: int = 224, auto_augment: str | None = DEIT_AUTO_AUGMENT,
+                          re_prob: float = 0.25, interpolation: str = "bicubic", mean=IMAGENET_MEAN,
+                          std=IMAGENET_STD):
+    """DeiT's training view via timm's factory.
+
+    RandomResizedCrop(scale 0.08-1, bicubic) -> hflip -> RandAugment (timm disables ColorJitter whenever
+    auto_augment is set) -> ToTensor -> Normalize -> RandomErasing(p=re_prob, mode "pixel", 1 region).
+    """
+    from timm.data import create_transform
+
+    return create_transform(input_size, is_training=True, auto_augment=auto_augment or None,
+                            color_jitter=0.3, interpolation=interpolation, re_prob=re_prob, re_mode="pixel",
+                            re_count=1, mean=mean, std=std)
+
+
+class SingleImageDataset(torch.utils.data.Dataset):
+    """The paper's "ImageNet-Single": `length` independently augmented views of one image, label 0."""
+
+    def __init__(self, path: str, length: int, transform=None):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"single image {path!r} does not exist")
+        with open(path, "rb") as f:
+            self.image = Image.open(f).convert("RGB")
+        self.length, self.transform = length, transform
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        img = self.transform(self.image) if self.transform is not None else self.image
+        return img, 0
+
+
+def subsample_image_folder(ds: datasets.ImageFolder, class_fraction: float = 1.0,
+                           images_per_class: float = 0, seed: int = 0) -> datasets.ImageFolder:
+    """Proxy datasets of the paper's ablations, in place and identical on every rank (seeded).
+
+    class_fraction: keep this fraction of the classes (at least one). images_per_class: 0 keeps all,
+    a value in (0, 1) keeps that fraction of every class, a value >= 1 keeps that many per class.
+    """
+    import random
+
+    if not 0 < class_fraction <= 1:
+        raise ValueError(f"class fraction must be in (0, 1], got {class_fraction}")
+    if images_per_class < 0:
+        raise ValueError(f"images per class must be >= 0 (0 = all), got {images_per_class}")
+    rng = random.Random(seed)
+    n_keep = max(1, round(class_fraction * len(ds.classes)))
+    keep_classes = set(rng.sample(range(len(ds.classes)), n_keep)) if n_keep < len(ds.classes) else None
+    by_class: dict[int, list] = {}
+    for path, target in ds.samples:
+        if keep_classes is None or target in keep_classes:
+            by_class.setdefault(target, []).append((path, target))
+    samples = []
+    for target in sorted(by_class):
+        items = by_class[target]
+        if images_per_class:
+            n = int(images_per_class) if images_per_class >= 1 else max(1, round(images_per_class * len(items)))
+            items = sorted(rng.sample(items, min(n, len(items))))
+        samples.extend(items)
+    ds.samples = ds.imgs = samples
+    ds.targets = [t for _, t in samples]
+    return ds
+
+
+def build_pretrain_dataset(roots: list[str], transform, on_bad_image: str = "skip", class_fraction: float = 1.0,
+                           images_per_class: float = 0, single_image: str = "", single_image_length: int = 0,
+                           seed: int = 0):
+    """One ImageFolder root, several merged (labels unused), a proxy subset of them, or a single image."""
+    if single_image:
+        return SingleImageDataset(single_image, single_image_length, transform)
+    parts = [subsample_image_folder(SafeImageFolder(r, transform=transform, on_bad_image=on_bad_image),
+                                    class_fraction, images_per_class, seed) for r in roots]
+    return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Wraps an epoch-seeded sampler so an epoch can start after the first `n` indices (mid-epoch resume).
+
+    The wrapped sampler's order must depend only on (seed, epoch), as RepeatAugSampler's and
+    DistributedSampler's do; then skipping the consumed indices reproduces the rest of the epoch.
+    """
+
+    def __init__(self, sampler):
+        self.sampler, self._skip = sampler, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self._skip = skip
+
+    def __iter__(self):
+        import itertools
+
+        return itertools.islice(iter(self.sampler), self._skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def build_train_sampler(dataset, world_size: int = 1, rank: int = 0, repeats: int = 3,
+                        seed: int = 0) -> ResumableSampler:
+    """DeiT's repeated-augmentation sampler (timm RepeatAugSampler) under DDP when repeats > 1, else a
+    seeded per-epoch shuffle split over ranks (torch DistributedSampler, also for a world of one)."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+    from torch.utils.data import DistributedSampler
+
+    if world_size > 1 and repeats > 1:
+        base = RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=repeats)
+    else:
+        base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return ResumableSampler(base)

@@ -1,0 +1,300 @@
+"""The training loop: one step = teacher forward, one student pass, AdamW step, EMA update.
+
+Fault tolerance (issue #7):
+- SIGTERM / SIGUSR1 set a flag; every rank learns of it through the per-step all-reduce, finishes the
+  step, rank 0 writes checkpoint.pth, and the process exits with EXIT_PREEMPTED (75, "try again"): the
+  same command resumes. Time to exit: the rest of the current step plus one checkpoint write.
+- A non-finite loss stops the run before the optimizer step (weights stay those of the last good step)
+  with a message naming the step, the three losses and the last good checkpoint; exit EXIT_NONFINITE (3).
+  With fp16 the GradScaler skips overflowing steps; `max_bad_steps` consecutive skipped or non-finite
+  steps stop the run the same way.
+- Unreadable images are skipped by the dataset and counted (log.txt `bad_images`).
+Test hooks (environment variables, used by tests/test_fault_tolerance.py and tests/test_pretrain_main.py):
+    PROTEUS_INJECT_NAN_AT_STEP=k   the loss of global step k becomes NaN
+    PROTEUS_SIGNAL_AT_STEP=k       rank 0 sends itself SIGTERM after step k
+    PROTEUS_KILL_AT_STEP=k         rank 0 sends itself SIGKILL after step k (a hard crash)
+"""
+import logging
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from common.dist import DistInfo, barrier
+from common.log import MetricLogger
+from . import state as ckpt_state
+from .visualise import pca_figure
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, rerun the same command (SLURM script requeues on it)
+EXIT_NONFINITE = 3  # non-finite loss: a configuration problem, do not requeue blindly
+LOSS_KEYS = ("loss", "loss_token", "loss_fea", "loss_patch")
+
+
+class StopTraining(Exception):
+    """Raised to end the run early with a message and a process exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class PreemptionFlag:
+    """Records SIGTERM / SIGUSR1 instead of dying; the loop checks `requested` after each step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _hook_step(name: str) -> int:
+    return int(os.environ.get(name, "-1"))
+
+
+@dataclass
+class Trainer:
+    """Everything the loop touches. `model` is the DDP-wrapped `distiller` (or the distiller itself)."""
+    cfg: dict
+    dist_info: DistInfo
+    distiller: torch.nn.Module
+    model: torch.nn.Module
+    teacher: torch.nn.Module
+    ema: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    mask_gen: object
+    loader: torch.utils.data.DataLoader
+    loader_generator: torch.Generator
+    steps_per_epoch: int
+    metrics: MetricLogger
+    progress: ckpt_state.Progress = field(default_factory=ckpt_state.Progress)
+    pca_batch: torch.Tensor | None = None
+    last_good: str = "none written yet"
+    preempt: PreemptionFlag | None = None
+    _bad_streak: int = 0
+
+    # ---- one step, in three parts (the benchmark times them separately) --------------------------------
+    def autocast(self):
+        p = self.cfg["precision"]
+        if p == "fp32":
+            return nullcontext()
+        return torch.autocast(self.dist_info.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+    def teacher_targets(self, images: torch.Tensor) -> dict:
+        """Teacher CLS (B, Dt) and patches (B, N, Dt): frozen, inference mode, its own dtype on GPU."""
+        with torch.inference_mode(), self.autocast():
+            return self.teacher(images)
+
+    def student_losses(self, images, masks, rows, targets) -> dict:
+        with self.autocast():
+            return self.model(images, masks, rows, targets["cls"], targets["patch"])
+
+    def optimizer_step(self, loss: torch.Tensor, want_norm: bool):
+        """Backward, optional clipping, (scaled) AdamW step, EMA. Returns (grad norm or None, skipped)."""
+        self.scaler.scale(loss).backward()
+        norm = None
+        if self.cfg["clip_grad"] > 0 or want_norm:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.distiller.parameters() if p.grad is not None]
+            if self.cfg["clip_grad"] > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.cfg["clip_grad"])
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        skipped = scale is not None and self.scaler.get_scale() < scale  # fp16 overflow: step was skipped
+        if self.ema is not None and not skipped:
+            self.ema.update(self.distiller.student)
+        return norm, skipped
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.cfg
+        for epoch in range(self.progress.epoch, cfg["epochs"]):
+            self.train_one_epoch(epoch)
+            self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
+            self.save_checkpoint()
+            if cfg["pca_every_epochs"] and ((epoch + 1) % cfg["pca_every_epochs"] == 0 or epoch + 1 == cfg["epochs"]):
+                self.log_pca()
+
+    def train_one_epoch(self, epoch: int) -> None:
+        cfg, dev = self.cfg, self.dist_info.device
+        skip = self.progress.step_in_epoch
+        self.loader.sampler.set_epoch(epoch, skip=skip * cfg["batch_size"])
+        # worker seeds depend on (seed, epoch, rank) only, never on how the run was interrupted
+        self.loader_generator.manual_seed(cfg["seed"] * 100_003 + epoch * 1_009 + self.dist_info.rank)
+        self.distiller.train()
+        window, sums, n_seen = _Window(), torch.zeros(len(LOSS_KEYS)), 0
+        for batch, n_bad in self.loader:
+            if batch is None:
+                raise RuntimeError(f"every image of a batch in epoch {epoch} was unreadable: the dataset at "
+                                   f"{cfg['data_path']} looks broken (see the warnings above)")
+            images = batch[0].to(dev, non_blocking=True)  # (B, 3, H, W)
+            log_now = self._is_log_step()
+            values, stop = self.train_step(images, n_bad, epoch, want_norm=log_now)
+            sums += torch.tensor(values[:4])
+            n_seen += 1
+            window.add(images.shape[0] * self.dist_info.world_size)
+            if log_now:
+                self.log_progress(epoch, values, window)
+            self._maybe_save_mid_epoch()
+            self._test_hooks()
+            if stop:
+                self.stop_preempted()
+        if n_seen:
+            avg = dict(zip(LOSS_KEYS, (sums / n_seen).tolist()))
+            self.metrics.log(self.progress.global_step, prefix="epoch/", epoch=epoch,
+                             bad_images=self.progress.bad_images, **avg)
+            log.info("epoch %d done: %s, %d unreadable images skipped so far", epoch,
+                     " ".join(f"{k}={v:.4f}" for k, v in avg.items()), self.progress.bad_images)
+
+    def train_step(self, images: torch.Tensor, n_bad: int, epoch: int, want_norm: bool):
+        """One optimisation step. Returns ([loss, token, fea, patch, lr, grad_norm], stop requested)."""
+        step = self.progress.global_step
+        self.scheduler.step_update(step)  # per-iteration schedule: lr of *this* step
+        masks, rows = self.mask_gen(images.shape[0])  # (B, N) bool, (M,)
+        masks, rows = masks.to(images.device, non_blocking=True), rows.to(images.device, non_blocking=True)
+        losses = self.student_losses(images, masks, rows, self.teacher_targets(images))
+        if step == _hook_step("PROTEUS_INJECT_NAN_AT_STEP"):
+            losses = {k: v * float("nan") for k, v in losses.items()}
+        stats = self._reduce_stats(losses, n_bad)  # one host sync per step
+        self.progress.bad_images += int(stats[5])
+        norm = None
+        if all(math.isfinite(v) for v in stats[:4]):
+            norm, skipped = self.optimizer_step(losses["loss"], want_norm)
+            self._bad_streak = self._bad_streak + 1 if skipped else 0
+            if self._bad_streak > self.cfg["max_bad_steps"]:
+                self._stop_nonfinite(step, stats, f"the fp16 grad scaler skipped {self._bad_streak} steps in a row")
+        else:
+            self._on_nonfinite(step, epoch, stats)  # raises unless fp16 may skip it
+        # a skipped step still counts: the batch is consumed and the schedule moves on (resume offsets)
+        self.progress.global_step += 1
+        self.progress.step_in_epoch += 1
+        lr = self.optimizer.param_groups[-1]["lr"]
+        return stats[:4] + [lr, float(norm) if norm is not None else float("nan")], stats[4] > 0
+
+    def _reduce_stats(self, losses: dict, n_bad: int) -> list[float]:
+        """[loss, token, fea, patch] averaged over ranks, then [stop flag, bad images] summed."""
+        flag = float(self.preempt is not None and self.preempt.signum != 0)
+        vec = torch.stack([losses[k].detach().float() for k in LOSS_KEYS]
+                          + [torch.tensor(flag, device=losses["loss"].device),
+                             torch.tensor(float(n_bad), device=losses["loss"].device)])
+        if self.dist_info.distributed:
+            dist.all_reduce(vec)
+            vec[:4] /= self.dist_info.world_size
+        return vec.tolist()
+
+    def _on_nonfinite(self, step: int, epoch: int, stats: list[float]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._bad_streak += 1
+        if self.cfg["precision"] != "fp16" or self._bad_streak > self.cfg["max_bad_steps"]:
+            self._stop_nonfinite(step, stats, f"epoch {epoch}")
+        log.warning("non-finite loss at step %d skipped (%d in a row, at most %d allowed)", step,
+                    self._bad_streak, self.cfg["max_bad_steps"])
+
+    def _stop_nonfinite(self, step: int, stats: list[float], where: str):
+        loss, tok, fea, patch = stats[:4]
+        raise StopTraining(
+            f"non-finite loss at step {step} ({where}): loss={loss} loss_token={tok} loss_fea={fea} "
+            f"loss_patch={patch}. The weights were not updated with it. Last good checkpoint: {self.last_good}. "
+            f"Try a lower --lr, --clip-grad 1.0, or --precision bf16/fp32; rerunning resumes from that checkpoint.",
+            EXIT_NONFINITE)
+
+    # ---- checkpoints, logging ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        ckpt = ckpt_state.build_checkpoint(self.distiller, self.ema, self.optimizer, self.scheduler, self.scaler,
+                                           self.progress, self.mask_gen, self.cfg)
+        path = ckpt_state.save_checkpoint(ckpt, self.cfg["output_dir"], self.cfg["keep_checkpoints"],
+                                          self.dist_info.is_main)
+        if path:
+            self.last_good = f"{path} (step {self.progress.global_step})"
+            log.info("saved %s at step %d (epoch %d, %d/%d)", path, self.progress.global_step, self.progress.epoch,
+                     self.progress.step_in_epoch, self.steps_per_epoch)
+
+    def _maybe_save_mid_epoch(self) -> None:
+        every = self.cfg["save_every_steps"]
+        if every and self.progress.global_step % every == 0 and self.progress.step_in_epoch < self.steps_per_epoch:
+            self.save_checkpoint()  # the epoch-end save covers the last step of an epoch
+
+    def stop_preempted(self) -> None:
+        self.save_checkpoint()
+        barrier()
+        raise StopTraining(f"stopped by a signal after step {self.progress.global_step}; checkpoint written "
+                           f"({self.last_good}). Run the same command to continue.", EXIT_PREEMPTED)
+
+    def _is_log_step(self) -> bool:
+        return (self.progress.global_step + 1) % self.cfg["log_every"] == 0
+
+    def log_progress(self, epoch: int, values: list[float], window: "_Window") -> None:
+        loss, tok, fea, patch, lr, norm = values
+        total = self.cfg["epochs"] * self.steps_per_epoch
+        ips, sec_per_step = window.rate()
+        eta = (total - self.progress.global_step) * sec_per_step
+        log.info("epoch %d [%d/%d] step %d/%d  loss %.4f (token %.4f fea %.4f patch %.4f)  lr %.2e  "
+                 "%.1f img/s  eta %s", epoch, self.progress.step_in_epoch, self.steps_per_epoch,
+                 self.progress.global_step, total, loss, tok, fea, patch, lr, ips, _hms(eta))
+        self.metrics.log(self.progress.global_step, prefix="train/", loss=loss, loss_token=tok, loss_fea=fea,
+                         loss_patch=patch, lr=lr, grad_norm=norm, img_per_s=ips, epoch=epoch,
+                         bad_images=self.progress.bad_images)
+
+    @torch.no_grad()
+    def log_pca(self) -> None:
+        """Fig. 3 of the paper on a fixed batch: PCA of teacher vs student patch features (rank 0)."""
+        if self.pca_batch is None or not self.dist_info.is_main:
+            return
+        x = self.pca_batch.to(self.dist_info.device)
+        self.distiller.eval()
+        with self.autocast():
+            t_patch = self.teacher(x)["patch"]
+            s_patch = self.distiller.student.forward_features(x)["patch"]
+        self.distiller.train()
+        self.metrics.image("pca/input_teacher_student", pca_figure(x, t_patch, s_patch).numpy(),
+                           self.progress.global_step)
+        self.metrics.flush()
+
+    def _test_hooks(self) -> None:
+        done = self.progress.global_step - 1  # index of the step just finished
+        if self.dist_info.is_main and done == _hook_step("PROTEUS_SIGNAL_AT_STEP"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self.dist_info.is_main and done == _hook_step("PROTEUS_KILL_AT_STEP"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Window:
+    """Images and seconds since the last progress line (throughput and ETA)."""
+
+    def __init__(self):
+        self.t0, self.images, self.steps = time.perf_counter(), 0, 0
+
+    def add(self, n_images: int) -> None:
+        self.images += n_images
+        self.steps += 1
+
+    def rate(self) -> tuple[float, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        ips, sps = self.images / dt, dt / max(self.steps, 1)
+        self.t0, self.images, self.steps = time.perf_counter(), 0, 0
+        return ips, sps
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

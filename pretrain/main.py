@@ -1,0 +1,395 @@
+"""Proteus pretraining: distil a frozen foundation model into a randomly initialised ViT on ImageNet-1K.
+
+    torchrun --nproc_per_node=8 -m pretrain.main --data-path /data/imagenet/train --output-dir runs/s14
+    python -m pretrain.main --help          # every knob below, with its default
+
+Single process (CPU or one GPU) or torchrun (NCCL on GPU, gloo on CPU, multi-node from torchrun's env).
+Running the same command again resumes from `--output-dir/checkpoint.pth` (mid-epoch, exactly).
+Exit codes: 0 done, 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (rerun), 3 non-finite loss, 2 bad config.
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import models
+from common import data as cdata
+from common import optim
+from common.dist import DistInfo, cleanup, init_distributed
+from common.log import MetricLogger, setup_logging, write_json
+from .engine import EXIT_PREEMPTED, PreemptionFlag, StopTraining, Trainer
+from .losses import ProteusDistiller, select_objectives
+from .masking import MaskGenerator, validate_mask_config
+from . import state as ckpt_state
+
+log = logging.getLogger("pretrain")
+
+# ==========================================================================================================
+# Configuration: every knob, its default (the paper's ViT-S recipe: S/14 <- DINOv2-B/14) and why.
+# Each is a command-line flag: data_path -> --data-path. Source: spec §1.1-1.7 (original run_pretrain.sh).
+# ==========================================================================================================
+CONFIG = {
+    "data": {
+        "data_path": (["data/imagenet/train"], "ImageFolder root(s), ROOT/<class>/<img>; several roots are merged"),
+        "input_size": (224, "training crop size (the teacher sees the same crop)"),
+        "batch_size": (128, "images per process per step (original: 128 x 4 GPUs = 512 global)"),
+        "global_batch_size": (0, "if > 0: global batch, split over processes (must divide evenly)"),
+        "num_workers": (10, "DataLoader worker processes per rank"),
+        "pin_mem": (True, "pinned host memory for faster host-to-GPU copies"),
+        "on_bad_image": ("skip", "unreadable images: skip (warn + count) or fail"),
+        "repeated_aug": (3, "DeiT repeated augmentation under DDP: copies of each image per epoch (1 = off)"),
+        "class_fraction": (1.0, "proxy data: keep this fraction of the classes (paper §5, Table 10)"),
+        "images_per_class": (0.0, "proxy data: 0 = all, (0,1) = fraction, >= 1 = count per class"),
+        "single_image": ("", "path of one image: the paper's ImageNet-Single (replaces --data-path)"),
+        "single_image_length": (1_281_167, "augmented views of --single-image per epoch (ImageNet's size)"),
+    },
+    "augmentation": {
+        "aa": ("rand-m9-mstd0.5-inc1", "timm RandAugment policy (DeiT); '' disables it (and enables ColorJitter)"),
+        "reprob": (0.25, "random erasing probability (mode pixel, 1 region)"),
+        "train_interpolation": ("bicubic", "RandomResizedCrop / RandAugment interpolation"),
+    },
+    "models": {
+        "teacher": ("dinov2_vitb14", f"frozen teacher: {', '.join(models.TEACHERS)} or timm:<name>"),
+        "teacher_checkpoint": ("", "teacher weights in the official format (DINOv2: downloaded if empty)"),
+        "student": ("vit_small", "student size: vit_tiny, vit_small, vit_base, vit_large"),
+        "student_kwargs": ("", "size overrides, e.g. depth=2,embed_dim=64,num_heads=2 (quick experiments)"),
+        "patch_size": (14, "student patch size; must equal the teacher's for the patch/feature objectives"),
+        "drop_path": (0.0, "student stochastic depth (original: flag 0.1 but never applied, so 0)"),
+    },
+    "objective": {
+        "mask_probability": (0.5, "share of each batch whose student view is masked"),
+        "mask_ratio": ([0.5], "share of patches masked: one value, or LO HI for stratified ratios"),
+        "lambda_token": (1.0, "weight of the CLS-token loss"),
+        "lambda_fea": (1.0, "weight of the feature loss (CLS + all patches, unmasked view)"),
+        "lambda_patch": (1.0, "weight of the masked-patch loss"),
+    },
+    "optimisation": {
+        "epochs": (300, "training epochs"),
+        "warmup_epochs": (5, "linear warmup, counted in iterations (epochs x steps per epoch)"),
+        "lr": (5e-4, "base learning rate for a global batch of --lr-reference-batch (linear scaling)"),
+        "lr_reference_batch": (512, "lr = --lr x global batch / this (DeiT rule)"),
+        "min_lr": (1e-5, "cosine floor"),
+        "warmup_lr": (1e-6, "learning rate at step 0"),
+        "weight_decay": (0.05, "AdamW weight decay (none on 1-D params and biases)"),
+        "decay_tokens": (True, "weight-decay pos/cls/mask tokens (original: yes; --no-decay-tokens: timm/DeiT style)"),
+        "opt_betas": ([0.9, 0.999], "AdamW betas"),
+        "opt_eps": (1e-8, "AdamW epsilon"),
+        "clip_grad": (0.0, "max gradient norm (0 = no clipping, as the original)"),
+        "fused_adamw": ("auto", "fused AdamW kernel: auto (on for CUDA), on, off"),
+        "ema_decay": (0.99996, "EMA of the student per step (0 = no EMA; then no student_backbone_ema.pth)"),
+        "precision": ("bf16", "bf16 autocast (default), fp16 autocast + GradScaler, or fp32"),
+        "compile": (False, "torch.compile the student and teacher forward"),
+    },
+    "runtime": {
+        "device": ("auto", "auto (cuda:<local rank> if a GPU is visible, else cpu), cpu, cuda"),
+        "seed": (0, "base seed; rank r uses seed + r"),
+        "output_dir": ("output/pretrain", "checkpoints, log.txt, TensorBoard, exported backbones"),
+        "save_every_steps": (500, "also checkpoint every N steps (0 = only at epoch ends)"),
+        "keep_checkpoints": (2, "checkpoints kept (checkpoint.pth, checkpoint.1.pth, ...): a corrupt one falls back"),
+        "log_every": (10, "progress line, log.txt and TensorBoard every N steps"),
+        "pca_every_epochs": (5, "TensorBoard PCA image of student vs teacher patch features (0 = off)"),
+        "max_bad_steps": (20, "fp16: consecutive scaler-skipped / non-finite steps tolerated before stopping"),
+        "dist_timeout_min": (30, "collective timeout in minutes"),
+    },
+}
+CHOICES = {"on_bad_image": ("skip", "fail"), "precision": ("bf16", "fp16", "fp32"),
+           "fused_adamw": ("auto", "on", "off")}
+EXIT_BAD_CONFIG = 2
+PCA_IMAGES = 4  # images in the fixed PCA batch
+
+
+# ==========================================================================================================
+# Config: CLI parsing and validation (cheap; runs before anything heavy)
+# ==========================================================================================================
+def build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser("pretrain.main", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for group, knobs in CONFIG.items():
+        g = parser.add_argument_group(group)
+        for name, (default, help_text) in knobs.items():
+            flag = "--" + name.replace("_", "-")
+            if isinstance(default, bool):
+                g.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_text)
+            elif isinstance(default, list):
+                g.add_argument(flag, default=default, nargs="+", type=type(default[0]), help=help_text)
+            else:
+                g.add_argument(flag, default=default, type=type(default), choices=CHOICES.get(name), help=help_text)
+    return parser
+
+
+def parse_config(argv=None) -> dict:
+    return vars(build_parser().parse_args(argv))
+
+
+def parse_student_kwargs(text: str) -> dict:
+    """'depth=2,embed_dim=64' -> {'depth': 2, 'embed_dim': 64}."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"--student-kwargs expects key=int pairs such as depth=2,embed_dim=64; got {item!r}")
+        out[key.strip()] = int(value)
+    return out
+
+
+def teacher_patch_size(name: str) -> int | None:
+    """Patch size encoded in a built-in teacher name (dinov2_vitb14 -> 14); None for timm:<name>."""
+    import re
+
+    m = re.search(r"(\d+)(_reg)?$", name)
+    return int(m.group(1)) if m and not name.startswith("timm:") else None
+
+
+def validate_config(cfg: dict, world_size: int) -> None:
+    """Every configuration error we can detect without loading a model or a dataset."""
+    student_names = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+    if cfg["student"] not in student_names:
+        raise ValueError(f"unknown student {cfg['student']!r}; expected one of {student_names}")
+    if cfg["teacher"] not in models.TEACHERS and not cfg["teacher"].startswith("timm:"):
+        raise ValueError(f"unknown teacher {cfg['teacher']!r}; expected one of {models.TEACHERS} or timm:<name>")
+    size, p = cfg["input_size"], cfg["patch_size"]
+    if p < 1 or size % p:
+        raise ValueError(f"--patch-size {p} does not divide --input-size {size}; pick a multiple, e.g. "
+                         f"--input-size {max(p, size // p * p)}")
+    tp = teacher_patch_size(cfg["teacher"])
+    if tp is not None:
+        check_grids(cfg, tp)
+    validate_mask_config(cfg["mask_probability"], cfg["mask_ratio"])
+    select_objectives(cfg["teacher"], lambdas_of(cfg), cfg["mask_probability"])
+    if cfg["batch_size"] < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {cfg['batch_size']}")
+    if cfg["global_batch_size"] and cfg["global_batch_size"] % world_size:
+        raise ValueError(f"--global-batch-size {cfg['global_batch_size']} is not divisible by the {world_size} "
+                         f"processes; use a multiple of {world_size}")
+    if cfg["epochs"] < 1 or not 0 <= cfg["warmup_epochs"] <= cfg["epochs"]:
+        raise ValueError(f"need --epochs >= 1 and 0 <= --warmup-epochs <= --epochs, got {cfg['epochs']} / "
+                         f"{cfg['warmup_epochs']}")
+    parse_student_kwargs(cfg["student_kwargs"])
+    if cfg["single_image"]:
+        if not os.path.isfile(cfg["single_image"]):
+            raise FileNotFoundError(f"--single-image {cfg['single_image']!r} does not exist")
+    else:
+        for root in cfg["data_path"]:
+            cdata.check_image_folder(root, "--data-path")
+
+
+def check_grids(cfg: dict, teacher_patch: int) -> None:
+    """The teacher must accept the crop; the patch/feature losses compare tokens one to one."""
+    size = cfg["input_size"]
+    if size % teacher_patch:
+        raise ValueError(f"--input-size {size} is not a multiple of teacher {cfg['teacher']}'s patch size "
+                         f"{teacher_patch}")
+    objectives = select_objectives(cfg["teacher"], lambdas_of(cfg), cfg["mask_probability"])
+    if ({"fea", "patch"} & set(objectives)) and size // teacher_patch != size // cfg["patch_size"]:
+        raise ValueError(f"teacher/student patch grids differ: teacher {cfg['teacher']} (patch {teacher_patch}) "
+                         f"gives {size // teacher_patch}x{size // teacher_patch} at {size} px, the student "
+                         f"(--patch-size {cfg['patch_size']}) {size // cfg['patch_size']}x{size // cfg['patch_size']};"
+                         f" the feature/patch losses match tokens one to one: use --patch-size {teacher_patch}")
+
+
+def lambdas_of(cfg: dict) -> dict:
+    return {"token": cfg["lambda_token"], "fea": cfg["lambda_fea"], "patch": cfg["lambda_patch"]}
+
+
+def resolve_derived(cfg: dict, info: DistInfo) -> dict:
+    """Quantities computed from the knobs (printed and stored in config.json, never configured)."""
+    cfg = dict(cfg)
+    if cfg["global_batch_size"]:
+        cfg["batch_size"] = cfg["global_batch_size"] // info.world_size
+    cfg["world_size"] = info.world_size
+    cfg["global_batch"] = cfg["batch_size"] * info.world_size
+    cfg["lr_scaled"] = optim.scaled_lr(cfg["lr"], cfg["global_batch"], cfg["lr_reference_batch"])
+    cfg["objectives"] = list(select_objectives(cfg["teacher"], lambdas_of(cfg), cfg["mask_probability"]))
+    if cfg["teacher"].startswith("clip_") and (cfg["lambda_fea"] or cfg["lambda_patch"]):
+        log.info("CLIP teacher: token objective only (CLIP's patch tokens get no training signal); "
+                 "--lambda-fea / --lambda-patch / masking are not used")
+    return cfg
+
+
+# ==========================================================================================================
+# Builders
+# ==========================================================================================================
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)  # the original left Python's RNG unseeded (RandAugment draws from it)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_teacher(cfg: dict, device: torch.device) -> models.Teacher:
+    teacher = models.build_teacher(cfg["teacher"], cfg["teacher_checkpoint"] or None, img_size=cfg["input_size"])
+    check_grids(cfg, teacher.patch_size)  # timm:<name> teachers are only known once built
+    teacher.to(device)
+    if device.type == "cuda" and cfg["precision"] != "fp32":
+        # a frozen teacher needs no fp32 master weights: bf16 halves its memory and bandwidth
+        teacher.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if cfg["compile"]:
+        teacher.backbone.compile()
+    return teacher
+
+
+def build_model(cfg: dict, teacher: models.Teacher, info: DistInfo):
+    """(distiller, model): the trainable student + heads, and the same wrapped in DDP when distributed."""
+    student = models.build_student(cfg["student"], patch_size=cfg["patch_size"], img_size=cfg["input_size"],
+                                   drop_path_rate=cfg["drop_path"], **parse_student_kwargs(cfg["student_kwargs"]))
+    distiller = ProteusDistiller(student, teacher.embed_dim, cfg["objectives"], lambdas_of(cfg)).to(info.device)
+    if cfg["compile"]:
+        distiller.student.compile()  # in place: state_dict keys stay DINOv2's (no `_orig_mod.`)
+    model = distiller
+    if info.distributed:
+        # only what trains is wrapped; every head in it is used, so no find_unused_parameters
+        model = torch.nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+    n_params = sum(p.numel() for p in distiller.parameters() if p.requires_grad)
+    log.info("student %s/%d + heads %s: %.2fM trainable parameters; teacher %s (%d-d)", cfg["student"],
+             cfg["patch_size"], "/".join(cfg["objectives"]), n_params / 1e6, cfg["teacher"], teacher.embed_dim)
+    return distiller, model
+
+
+def build_data(cfg: dict, info: DistInfo):
+    """(loader, loader generator, steps per epoch, fixed PCA batch)."""
+    transform = cdata.build_train_transform(cfg["input_size"], cfg["aa"] or None, cfg["reprob"],
+                                            cfg["train_interpolation"])
+    dataset = cdata.build_pretrain_dataset(cfg["data_path"], transform, cfg["on_bad_image"], cfg["class_fraction"],
+                                           cfg["images_per_class"], cfg["single_image"],
+                                           cfg["single_image_length"], cfg["seed"])
+    sampler = cdata.build_train_sampler(dataset, info.world_size, info.rank, cfg["repeated_aug"], cfg["seed"])
+    steps_per_epoch = len(sampler) // cfg["batch_size"]
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images give {len(sampler)} per process, less than one batch of "
+                         f"{cfg['batch_size']}: lower --batch-size or use more data")
+    generator = torch.Generator()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
+        pin_memory=cfg["pin_mem"] and info.device.type == "cuda", drop_last=True,
+        collate_fn=cdata.collate_skip_bad, worker_init_fn=cdata.seed_worker, generator=generator,
+        persistent_workers=False)
+    log.info("data: %d images, %d steps/epoch of %d x %d processes", len(dataset), steps_per_epoch,
+             cfg["batch_size"], info.world_size)
+    return loader, generator, steps_per_epoch, fixed_pca_batch(dataset, cfg)
+
+
+def fixed_pca_batch(dataset, cfg: dict) -> torch.Tensor | None:
+    """PCA_IMAGES evenly spaced training images, centre-cropped (deterministic, no training RNG)."""
+    if not cfg["pca_every_epochs"]:
+        return None
+    from PIL import Image
+
+    tf = cdata.build_eval_transform(resize=cfg["input_size"] * 256 // 224, crop=cfg["input_size"])
+    if cfg["single_image"]:
+        paths = [cfg["single_image"]]
+    else:
+        parts = dataset.datasets if isinstance(dataset, torch.utils.data.ConcatDataset) else [dataset]
+        samples = [s for part in parts for s in part.samples]
+        paths = [samples[i][0] for i in np.linspace(0, len(samples) - 1, PCA_IMAGES).astype(int)]
+    images = []
+    for path in dict.fromkeys(paths):
+        try:
+            with open(path, "rb") as f:
+                images.append(tf(Image.open(f).convert("RGB")))
+        except (OSError, ValueError, SyntaxError):
+            continue  # unreadable images are reported by the training loader
+    return torch.stack(images) if images else None
+
+
+def build_optimisation(cfg: dict, distiller, steps_per_epoch: int):
+    """(optimizer, per-iteration schedule, grad scaler, EMA of the student backbone or None)."""
+    groups = optim.param_groups(distiller, cfg["weight_decay"], cfg["decay_tokens"])
+    fused = {"auto": None, "on": True, "off": False}[cfg["fused_adamw"]]
+    optimizer = optim.build_adamw(groups, cfg["lr_scaled"], cfg["opt_betas"], cfg["opt_eps"], fused)
+    scheduler = optim.build_cosine_schedule(optimizer, cfg["epochs"] * steps_per_epoch,
+                                            cfg["warmup_epochs"] * steps_per_epoch, cfg["min_lr"], cfg["warmup_lr"])
+    device_type = next(distiller.parameters()).device.type
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg["precision"] == "fp16")
+    ema = optim.build_ema(distiller.student, cfg["ema_decay"]) if cfg["ema_decay"] > 0 else None
+    return optimizer, scheduler, scaler, ema
+
+
+def resume_if_possible(trainer: Trainer, cfg: dict, info: DistInfo) -> None:
+    """Continue from the newest readable checkpoint in output_dir (falls back to older ones)."""
+    ckpt, path = ckpt_state.load_resume_checkpoint(cfg["output_dir"], cfg["keep_checkpoints"])
+    if ckpt is None:
+        log.info("no checkpoint in %s: starting from scratch", cfg["output_dir"])
+        return
+    trainer.progress = ckpt_state.restore(ckpt, trainer.distiller, trainer.ema, trainer.optimizer,
+                                          trainer.scheduler, trainer.scaler, trainer.mask_gen, info.rank,
+                                          info.world_size)
+    trainer.last_good = f"{path} (step {trainer.progress.global_step})"
+    p = trainer.progress
+    log.info("resumed from %s: epoch %d, batch %d/%d, step %d", path, p.epoch, p.step_in_epoch,
+             trainer.steps_per_epoch, p.global_step)
+
+
+def write_run_config(cfg: dict, info: DistInfo, steps_per_epoch: int) -> None:
+    if not info.is_main:
+        return
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    os.makedirs(cfg["output_dir"], exist_ok=True)
+    write_json(os.path.join(cfg["output_dir"], "config.json"),
+               {**cfg, "steps_per_epoch": steps_per_epoch, "total_steps": steps_per_epoch * cfg["epochs"],
+                "git_sha": sha, "torch": torch.__version__, "argv": sys.argv})
+    log.info("config: %s", json.dumps({k: cfg[k] for k in ("teacher", "student", "global_batch", "lr_scaled",
+                                                             "epochs", "precision", "objectives")}))
+
+
+def finish(trainer: Trainer, cfg: dict, info: DistInfo) -> None:
+    if info.is_main:
+        paths = ckpt_state.export_backbones(trainer.distiller, trainer.ema, cfg["output_dir"])
+        log.info("exported %s (DINOv2 keys; models.load_backbone or timm vit_*_patch14_dinov2)", ", ".join(paths))
+
+
+# ==========================================================================================================
+# main: a table of contents
+# ==========================================================================================================
+def main(argv=None) -> int:
+    cfg = parse_config(argv)
+    try:
+        validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pretrain.main: configuration error: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    info = init_distributed(cfg["device"], cfg["dist_timeout_min"])
+    setup_logging(cfg["output_dir"], info.rank, name="pretrain")
+    cfg = resolve_derived(cfg, info)
+    seed_everything(cfg["seed"] + info.rank)
+
+    teacher = build_teacher(cfg, info.device)
+    distiller, model = build_model(cfg, teacher, info)
+    loader, loader_gen, steps_per_epoch, pca_batch = build_data(cfg, info)
+    optimizer, scheduler, scaler, ema = build_optimisation(cfg, distiller, steps_per_epoch)
+    grid = cfg["input_size"] // cfg["patch_size"]
+    mask_gen = MaskGenerator(grid * grid, cfg["mask_probability"] if "patch" in cfg["objectives"] else 0.0,
+                             cfg["mask_ratio"], seed=cfg["seed"] + info.rank)
+    metrics = MetricLogger(cfg["output_dir"], enabled=info.is_main)
+    trainer = Trainer(cfg, info, distiller, model, teacher, ema, optimizer, scheduler, scaler, mask_gen, loader,
+                      loader_gen, steps_per_epoch, metrics, pca_batch=pca_batch, preempt=PreemptionFlag())
+    resume_if_possible(trainer, cfg, info)
+    write_run_config(cfg, info, steps_per_epoch)
+
+    exit_code = 0
+    try:
+        trainer.train()
+        finish(trainer, cfg, info)
+    except StopTraining as stop:
+        (log.warning if stop.exit_code == EXIT_PREEMPTED else log.error)("%s", stop)
+        exit_code = stop.exit_code
+    finally:
+        metrics.close()
+        trainer.preempt.restore()
+        cleanup()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""What a pretraining checkpoint holds, and how it is written, restored and exported.
+
+checkpoint.pth (plain types only, so `torch.load(weights_only=True)` reads it):
+    student, student_ema   DINOv2-format backbone state dicts (what `models.load_backbone` reads)
+    heads                  token/fea/patch head state dicts
+    optimizer, scheduler, scaler
+    epoch, step_in_epoch, global_step   where to continue: `epoch` is the epoch in progress and
+                           `step_in_epoch` how many of its batches are done (0 at an epoch boundary)
+    rng                    per rank: torch CPU (+ CUDA) generator, numpy and Python `random` states
+    mask_rng               per rank: the mask generator's state
+    bad_images             images skipped so far
+    config                 the resolved configuration (a dict)
+The frozen teacher is *not* stored (the original stored it: +4.5 GB for a ViT-g teacher).
+"""
+import logging
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.checkpoint import atomic_save, load_latest, save_with_history
+from common.dist import is_dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epoch in progress
+    step_in_epoch: int = 0  # batches of that epoch already trained on
+    global_step: int = 0  # optimizer steps so far
+    bad_images: int = 0  # unreadable images skipped so far (all ranks)
+
+
+def capture_rng() -> dict:
+    """Every RNG the data pipeline and model may draw from, as plain tensors / lists."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_from_ranks(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a list of one without torch.distributed)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def build_checkpoint(distiller, ema, optimizer, scheduler, scaler, progress: Progress, mask_gen,
+                     config: dict) -> dict:
+    """Collective (every rank calls it: RNG states are gathered); the result is only saved on rank 0."""
+    heads = {name: getattr(distiller, name).state_dict()
+             for name in ("token_head", "fea_head", "patch_head") if getattr(distiller, name) is not None}
+    return {"student": distiller.student.state_dict(),
+            "student_ema": ema.module.state_dict() if ema is not None else None,
+            "heads": heads, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            **asdict(progress),
+            "rng": gather_from_ranks(capture_rng()), "mask_rng": gather_from_ranks(mask_gen.state_dict()),
+            "config": config}
+
+
+def save_checkpoint(ckpt: dict, output_dir: str, keep_last: int, is_main: bool) -> str | None:
+    """Atomic save with history on rank 0. A failed write is reported and the previous file kept."""
+    if not is_main:
+        return None
+    try:
+        return save_with_history(ckpt, output_dir, "checkpoint.pth", keep_last)
+    except OSError as e:
+        log.error("checkpoint not written: %s. Training continues; the previous checkpoint is intact.", e)
+        return None
+
+
+def load_resume_checkpoint(output_dir: str, keep_last: int):
+    """(checkpoint, path) of the newest readable checkpoint in output_dir, or (None, None)."""
+    return load_latest(output_dir, "checkpoint.pth", keep_last)
+
+
+def restore(ckpt: dict, distiller, ema, optimizer, scheduler, scaler, mask_gen, rank: int,
+            world_size: int) -> Progress:
+    """Load everything `build_checkpoint` stored; RNG streams only if the world size is unchanged."""
+    distiller.student.load_state_dict(ckpt["student"])
+    for name, sd in ckpt["heads"].items():
+        head = getattr(distiller, name, None)
+        if head is None:
+            raise ValueError(f"the checkpoint has a {name} but this configuration has none (objective changed?); "
+                             f"use a new --output-dir or the original --lambda-* / --teacher settings")
+        head.load_state_dict(sd)
+    if ema is not None and ckpt.get("student_ema") is not None:
+        ema.module.load_state_dict(ckpt["student_ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == world_size:
+        restore_rng(ckpt["rng"][rank])
+        mask_gen.load_state_dict(ckpt["mask_rng"][rank])
+    else:
+        log.warning("checkpoint written by %d processes, now %d: RNG streams are not restored, so data order "
+                    "and masks continue correctly but augmentations differ from an uninterrupted run",
+                    len(ckpt["rng"]), world_size)
+    return Progress(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt.get("bad_images", 0))
+
+
+def export_backbones(distiller, ema, output_dir: str) -> list[str]:
+    """student_backbone.pth and student_backbone_ema.pth: flat DINOv2-format state dicts (rank 0)."""
+    import os
+
+    paths = [os.path.join(output_dir, "student_backbone.pth")]
+    atomic_save(distiller.student.state_dict(), paths[0])
+    if ema is not None:
+        paths.append(os.path.join(output_dir, "student_backbone_ema.pth"))
+        atomic_save(ema.module.state_dict(), paths[1])
+    return paths
