@@ -40,8 +40,9 @@ def select_objectives(teacher_name: str, lambdas: dict, mask_probability: float)
 
 
 def _mse_sum(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Sum of squared errors in fp32 (autocast leaves head outputs in bf16/fp16)."""
-    return (pred.float() - target.float()).pow(2).sum()
+    """Sum of squared errors in at least fp32 (autocast leaves head outputs in bf16/fp16)."""
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+    return (pred.to(dtype) - target.to(dtype)).pow(2).sum()
 
 
 class ProteusDistiller(nn.Module):
