@@ -1,0 +1,355 @@
+"""fine_grained/: every on-disk format parsed from synthetic roots, the metrics against hand-computed
+values, the layout error, and end-to-end runs (colour classes, VOC multi-label, feature cache)."""
+import json
+import os
+import pickle
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import models  # noqa: E402
+from fine_grained import main as fg_main  # noqa: E402
+from fine_grained.datasets import DATASETS, VOC_CLASSES, DatasetLayoutError, holdout_split  # noqa: E402
+from fine_grained.metrics import mean_per_class_accuracy, top1_accuracy, voc11_average_precision, voc_mean_ap  # noqa: E402
+
+TINY = {"depth": 2, "embed_dim": 48, "num_heads": 2}
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (230, 220, 40)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronisation, and stall on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def colour_image(path, rgb, rng, size=32):
+    """A noisy image of one colour (the only thing that tells classes apart)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.clip(np.array(rgb)[None, None] + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def write_lines(path, lines):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------
+
+def test_mean_per_class_accuracy_by_hand():
+    # class 0: 3 samples, 2 right; class 1: 1 sample, right; class 2: 2 samples, 0 right
+    targets = torch.tensor([0, 0, 0, 1, 2, 2])
+    preds = torch.tensor([0, 0, 1, 1, 0, 1])
+    scores = torch.nn.functional.one_hot(preds, 3).float()
+    assert mean_per_class_accuracy(scores, targets) == pytest.approx(100 * (2 / 3 + 1 + 0) / 3)
+    assert top1_accuracy(scores, targets) == pytest.approx(100 * 3 / 6)
+
+
+def test_voc_11_point_ap_by_hand():
+    # ranking: +, -, +, -, -  (2 positives). Points (recall, precision): (0.5, 1), (0.5, .5), (1, 2/3), (1, .5), (1, .4)
+    # plus the (0, 1) end point. Max precision with recall >= t: t in {0..0.5} -> 1 (6 thresholds), t in {0.6..1} -> 2/3
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    positives = torch.tensor([1, 0, 1, 0, 0])
+    assert voc11_average_precision(scores, positives) == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
+    # a negative ranked first: the (recall 0, precision 1) end point still gives 1 at t = 0 (sklearn's curve)
+    scores2 = torch.tensor([0.9, 0.8, 0.7])
+    positives2 = torch.tensor([0, 1, 0])
+    assert voc11_average_precision(scores2, positives2) == pytest.approx((1 + 10 * 0.5) / 11)
+    # tied scores form one threshold: both at 0.5 -> single point (recall 1, precision 0.5)
+    assert voc11_average_precision(torch.tensor([0.5, 0.5]), torch.tensor([1, 0])) == pytest.approx((1 + 10 * .5) / 11)
+
+
+def test_voc_ap_matches_sklearn_curve():
+    from sklearn.metrics import precision_recall_curve
+
+    g = torch.Generator().manual_seed(0)
+    scores, positives = torch.randn(200, 3, generator=g), (torch.rand(200, 3, generator=g) > 0.7).long()
+    expected = []
+    for k in range(3):
+        p, r, _ = precision_recall_curve(positives[:, k].numpy(), scores[:, k].numpy())
+        expected.append(np.mean([p[r >= t].max() if (r >= t).any() else 0 for t in np.linspace(0, 1, 11)]))
+    assert voc_mean_ap(scores, positives) == pytest.approx(100 * np.mean(expected), abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# on-disk formats
+# ---------------------------------------------------------------------------------------------------
+
+def make_aircraft(root, rng):
+    base = os.path.join(root, "fgvc-aircraft-2013b", "data")
+    write_lines(os.path.join(base, "variants.txt"), ["707-320", "A320", "Cessna 172"])
+    for split, ids in (("train", ["001", "002", "003"]), ("val", ["004"]), ("test", ["005", "006"])):
+        variants = ["707-320", "A320", "Cessna 172"]
+        write_lines(os.path.join(base, f"images_variant_{split}.txt"), [f"{i} {variants[int(i) % 3]}" for i in ids])
+        for i in ids:
+            colour_image(os.path.join(base, "images", f"{i}.jpg"), COLOURS[0], rng, 8)
+    return {"classes": 3, "train": 3, "val": 1, "test": 2, "first_train_label": 1}  # '001' -> variants[1]
+
+
+def make_caltech101(root, rng):
+    for cls in ("accordion", "BACKGROUND_Google"):
+        colour_image(os.path.join(root, "101_ObjectCategories", cls, "image_0001.jpg"), COLOURS[1], rng, 8)
+    write_lines(os.path.join(root, "train.txt"), ["BACKGROUND_Google/image_0001.jpg 0", "accordion/image_0001.jpg 1"])
+    write_lines(os.path.join(root, "test.txt"), ["accordion/image_0001.jpg 1"])
+    return {"classes": 2, "train": 2, "val": None, "test": 1, "first_train_label": 0}
+
+
+def make_cars(root, rng):
+    from scipy.io import savemat
+
+    base = os.path.join(root, "stanford_cars")
+    os.makedirs(os.path.join(base, "devkit"))
+    savemat(os.path.join(base, "devkit", "cars_meta.mat"), {"class_names": np.array(["AM General", "Acura"], dtype=object)})
+    def annos(names, classes):
+        rec = np.zeros(len(names), dtype=[("fname", object), ("class", np.int32)])
+        rec["fname"], rec["class"] = names, classes
+        return {"annotations": rec}
+    savemat(os.path.join(base, "devkit", "cars_train_annos.mat"), annos(["00001.jpg", "00002.jpg"], [2, 1]))
+    savemat(os.path.join(base, "cars_test_annos_withlabels.mat"), annos(["00001.jpg"], [1]))
+    for folder, n in (("cars_train", 2), ("cars_test", 1)):
+        for i in range(1, n + 1):
+            colour_image(os.path.join(base, folder, f"{i:05d}.jpg"), COLOURS[2], rng, 8)
+    return {"classes": 2, "train": 2, "val": None, "test": 1, "first_train_label": 1}
+
+
+def _cifar_batch(path, n, label_key, rng, num_classes):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                     label_key: [i % num_classes for i in range(n)]}, f)
+
+
+def make_cifar10(root, rng):
+    base = os.path.join(root, "cifar-10-batches-py")
+    for i in range(1, 6):
+        _cifar_batch(os.path.join(base, f"data_batch_{i}"), 2, "labels", rng, 10)
+    _cifar_batch(os.path.join(base, "test_batch"), 3, "labels", rng, 10)
+    with open(os.path.join(base, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return {"classes": 10, "train": 10, "val": None, "test": 3, "first_train_label": 0}
+
+
+def make_cifar100(root, rng):
+    base = os.path.join(root, "cifar-100-python")
+    _cifar_batch(os.path.join(base, "train"), 4, "fine_labels", rng, 100)
+    _cifar_batch(os.path.join(base, "test"), 2, "fine_labels", rng, 100)
+    with open(os.path.join(base, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
+    return {"classes": 100, "train": 4, "val": None, "test": 2, "first_train_label": 0}
+
+
+def make_dtd(root, rng):
+    base = os.path.join(root, "dtd", "dtd")
+    for split, names in (("train", ["banded/b1.jpg", "zigzagged/z1.jpg"]), ("val", ["banded/b2.jpg"]),
+                         ("test", ["zigzagged/z2.jpg"])):
+        write_lines(os.path.join(base, "labels", f"{split}1.txt"), names)
+        for n in names:
+            colour_image(os.path.join(base, "images", n), COLOURS[3], rng, 8)
+    return {"classes": 2, "train": 2, "val": 1, "test": 1, "first_train_label": 0}
+
+
+def make_flowers(root, rng):
+    from scipy.io import savemat
+
+    base = os.path.join(root, "flowers-102")
+    os.makedirs(base)
+    savemat(os.path.join(base, "imagelabels.mat"), {"labels": np.array([1, 2, 2, 1, 2])})
+    savemat(os.path.join(base, "setid.mat"), {"trnid": np.array([1, 2]), "valid": np.array([3]),
+                                              "tstid": np.array([4, 5])})
+    for i in range(1, 6):
+        colour_image(os.path.join(base, "jpg", f"image_{i:05d}.jpg"), COLOURS[0], rng, 8)
+    return {"classes": 2, "train": 2, "val": 1, "test": 2, "first_train_label": 0}
+
+
+def make_food(root, rng):
+    base = os.path.join(root, "food-101")
+    meta = {"train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "sushi": ["sushi/3"]}, "test": {"sushi": ["sushi/4"]}}
+    for split, content in meta.items():
+        os.makedirs(os.path.join(base, "meta"), exist_ok=True)
+        with open(os.path.join(base, "meta", f"{split}.json"), "w") as f:
+            json.dump(content, f)
+        for paths in content.values():
+            for p in paths:
+                colour_image(os.path.join(base, "images", f"{p}.jpg"), COLOURS[1], rng, 8)
+    return {"classes": 2, "train": 3, "val": None, "test": 1, "first_train_label": 0}
+
+
+def make_pets(root, rng):
+    base = os.path.join(root, "oxford-iiit-pet")
+    write_lines(os.path.join(base, "annotations", "trainval.txt"), ["Abyssinian_1 1 1 1", "beagle_2 2 2 1"])
+    write_lines(os.path.join(base, "annotations", "test.txt"), ["beagle_3 2 2 1"])
+    for i in ("Abyssinian_1", "beagle_2", "beagle_3"):
+        colour_image(os.path.join(base, "images", f"{i}.jpg"), COLOURS[2], rng, 8)
+    return {"classes": 2, "train": 2, "val": None, "test": 1, "first_train_label": 0}
+
+
+def make_sun397(root, rng):
+    write_lines(os.path.join(root, "ClassName.txt"), ["/b/bakery/shop", "/a/abbey"])
+    write_lines(os.path.join(root, "Training_01.txt"), ["/b/bakery/shop/sun_1.jpg", "/a/abbey/sun_2.jpg"])
+    write_lines(os.path.join(root, "Testing_01.txt"), ["/a/abbey/sun_3.jpg"])
+    for p in ("b/bakery/shop/sun_1.jpg", "a/abbey/sun_2.jpg", "a/abbey/sun_3.jpg"):
+        colour_image(os.path.join(root, p), COLOURS[3], rng, 8)
+    return {"classes": 2, "train": 2, "val": None, "test": 1, "first_train_label": 1}  # sorted: abbey, bakery/shop
+
+
+def make_voc2007(root, rng, n_per_split=None, image_size=8):
+    """Images coloured by their first positive class, so the labels are learnable."""
+    base = os.path.join(root, "VOCdevkit", "VOC2007")
+    n_per_split = n_per_split or {"train": 2, "val": 1, "test": 1}
+    start = 0
+    for split, n in n_per_split.items():
+        ids = [f"{i:06d}" for i in range(start, start + n)]
+        start += n
+        hot = {i: int(i) % 3 for i in ids}  # classes 0..2 positive, in colour 0..2
+        for k, c in enumerate(VOC_CLASSES):
+            write_lines(os.path.join(base, "ImageSets", "Main", f"{c}_{split}.txt"),
+                        [f"{i} {' 1' if hot[i] == k else ('0' if k == 5 else '-1')}" for i in ids])
+        for i in ids:
+            colour_image(os.path.join(base, "JPEGImages", f"{i}.jpg"), COLOURS[hot[i]], rng, image_size)
+    return {"classes": 20, "train": n_per_split["train"], "val": n_per_split["val"], "test": n_per_split["test"],
+            "first_train_label": None}
+
+
+def make_cub(root, rng):
+    base = os.path.join(root, "CUB_200_2011")
+    names = ["001.Albatross/a.jpg", "002.Auklet/b.jpg", "002.Auklet/c.jpg"]
+    write_lines(os.path.join(base, "images.txt"), [f"{i + 1} {n}" for i, n in enumerate(names)])
+    write_lines(os.path.join(base, "image_class_labels.txt"), ["1 1", "2 2", "3 2"])
+    write_lines(os.path.join(base, "train_test_split.txt"), ["1 1", "2 0", "3 1"])
+    for n in names:
+        colour_image(os.path.join(base, "images", n), COLOURS[0], rng, 8)
+    return {"classes": 2, "train": 2, "val": None, "test": 1, "first_train_label": 0}
+
+
+def make_imagefolder(root, rng, per_class=(2, 1), size=8, classes=2):
+    for split, n in zip(("train", "test"), per_class):
+        for c in range(classes):
+            for i in range(n):
+                colour_image(os.path.join(root, split, f"class{c}", f"{i}.png"), COLOURS[c], rng, size)
+    return {"classes": classes, "train": classes * per_class[0], "val": None, "test": classes * per_class[1],
+            "first_train_label": 0}
+
+
+MAKERS = {"aircraft": make_aircraft, "caltech101": make_caltech101, "cars": make_cars, "cifar10": make_cifar10,
+          "cifar100": make_cifar100, "dtd": make_dtd, "flowers": make_flowers, "food": make_food, "pets": make_pets,
+          "sun397": make_sun397, "voc2007": make_voc2007, "cub": make_cub, "imagefolder": make_imagefolder}
+
+
+def test_every_registry_entry_has_a_synthetic_format():
+    assert set(MAKERS) == set(DATASETS)
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_parse_on_disk_format(name, tmp_path):
+    expect = MAKERS[name](str(tmp_path), np.random.default_rng(0))
+    parsed = DATASETS[name].load(str(tmp_path))
+    assert len(parsed.classes) == expect["classes"]
+    assert len(parsed.train) == expect["train"] and len(parsed.test) == expect["test"]
+    assert (parsed.val is None) == (expect["val"] is None)
+    if parsed.val is not None:
+        assert len(parsed.val) == expect["val"]
+    img, target = parsed.train[0]
+    assert img.size[0] > 0
+    if expect["first_train_label"] is not None:
+        assert int(target) == expect["first_train_label"]
+
+
+def test_voc_targets_treat_difficult_as_negative(tmp_path):
+    make_voc2007(str(tmp_path), np.random.default_rng(0))
+    parsed = DATASETS["voc2007"].load(str(tmp_path))
+    target = parsed.train[0][1]  # image 000000: class 0 positive, class 5 "difficult" (0) -> negative
+    assert target.shape == (20,) and target[0] == 1 and target.sum() == 1
+
+
+@pytest.mark.parametrize("name", ["aircraft", "cifar10", "voc2007", "imagefolder", "sun397"])
+def test_missing_root_names_the_layout(name, tmp_path):
+    with pytest.raises(DatasetLayoutError) as err:
+        DATASETS[name].load(str(tmp_path / "nowhere"))
+    msg = str(err.value)
+    assert "must look like" in msg and "How to obtain" in msg and "nothing is downloaded" in msg
+    assert DATASETS[name].layout.strip().split("/")[1] in msg
+
+
+def test_malformed_root_names_the_layout(tmp_path):
+    make_aircraft(str(tmp_path), np.random.default_rng(0))
+    os.remove(tmp_path / "fgvc-aircraft-2013b" / "data" / "images_variant_val.txt")
+    with pytest.raises(DatasetLayoutError, match="images_variant_val.txt"):
+        DATASETS["aircraft"].load(str(tmp_path))
+
+
+def test_holdout_split_is_the_seeded_80_20():
+    train, val = holdout_split(10)
+    idx = np.arange(10)
+    np.random.RandomState(0).shuffle(idx)
+    assert list(val) == list(idx[:2]) and list(train) == list(idx[2:])
+    assert sorted(np.concatenate([train, val])) == list(range(10))
+
+
+# ---------------------------------------------------------------------------------------------------
+# end to end
+# ---------------------------------------------------------------------------------------------------
+
+def run_main(tmp_path, dataset, root, *extra):
+    out = tmp_path / f"out_{dataset}"
+    argv = ["--dataset", dataset, "--data-root", str(root), "--arch", "vit_tiny", "--output-dir", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--image-size", "28", "--num-workers", "0",
+            "--model-kwargs", json.dumps(TINY), "--batch-size", "64", *extra]
+    results = fg_main.main(argv)
+    with open(out / "results.json") as f:
+        assert json.load(f)["test_score"] == pytest.approx(results["test_score"])
+    return results
+
+
+def test_colour_classes_random_init_and_feature_cache(tmp_path):
+    root = tmp_path / "colours"
+    make_imagefolder(str(root), np.random.default_rng(0), per_class=(20, 10), size=32, classes=4)
+    results = run_main(tmp_path, "imagefolder", root, "--pretrained", "none")
+    assert results["dataset"] == "imagefolder" and results["metric"] == "accuracy"
+    assert results["test_score"] >= 95.0
+    assert results["sizes"] == {"train": 64, "val": 16, "trainval": 80, "test": 40}
+    caches = sorted(os.listdir(tmp_path / "cache"))
+    assert len(caches) == 2  # train + test (val is 20 % of train)
+    stamp = {c: os.path.getmtime(tmp_path / "cache" / c) for c in caches}
+    again = run_main(tmp_path, "imagefolder", root, "--pretrained", "none")
+    assert again["test_score"] == results["test_score"]
+    assert {c: os.path.getmtime(tmp_path / "cache" / c) for c in caches} == stamp  # read, not rewritten
+
+
+def test_checkpoint_content_keys_the_cache(tmp_path):
+    root = tmp_path / "colours"
+    make_imagefolder(str(root), np.random.default_rng(0), per_class=(5, 2), size=28, classes=2)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = models.build_vit("vit_tiny", patch_size=14, img_size=28, **TINY)
+        paths.append(str(tmp_path / f"ckpt{seed}.pth"))
+        torch.save(model.state_dict(), paths[-1])
+    run_main(tmp_path, "imagefolder", root, "--pretrained", paths[0])
+    run_main(tmp_path, "imagefolder", root, "--pretrained", paths[1])
+    assert len(os.listdir(tmp_path / "cache")) == 4  # different weights -> different entries
+
+
+def test_voc_end_to_end_with_multiple_features(tmp_path):
+    root = tmp_path / "voc"
+    make_voc2007(str(root), np.random.default_rng(0), {"train": 18, "val": 9, "test": 9}, image_size=28)
+    results = run_main(tmp_path, "voc2007", root, "--pretrained", "none", "--multiple",
+                       "--model-kwargs", json.dumps({**TINY, "depth": 4}))
+    assert results["metric"] == "voc_map_11pt"
+    assert 0.0 <= results["test_score"] <= 100.0
+    assert len(results["val_scores"]) == 45
+
+
+def test_cli_missing_root_is_a_layout_error(tmp_path):
+    with pytest.raises(DatasetLayoutError, match="ROOT/train/<class>"):
+        fg_main.main(["--dataset", "imagefolder", "--data-root", str(tmp_path / "none"), "--output-dir",
+                      str(tmp_path / "o"), "--arch", "vit_tiny"])
