@@ -1,5 +1,5 @@
 """Evaluate a depth checkpoint: `python -m depth.test CONFIG CHECKPOINT [--cfg-options ...]`."""
-from common.mmseg_plugin.launch import test_main
+from common.mmseg_plugin.launch import run_test
 
 if __name__ == "__main__":
-    test_main("depth")
+    run_test("depth")

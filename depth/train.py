@@ -1,5 +1,5 @@
 """Train a depth config: `python -m depth.train CONFIG [--work-dir DIR] [--resume] [--cfg-options ...]`."""
-from common.mmseg_plugin.launch import train_main
+from common.mmseg_plugin.launch import run_train
 
 if __name__ == "__main__":
-    train_main("depth")
+    run_train("depth")

@@ -1,5 +1,5 @@
 """Evaluate a segmentation checkpoint: `python -m segmentation.test CONFIG CHECKPOINT [--cfg-options ...]`."""
-from common.mmseg_plugin.launch import test_main
+from common.mmseg_plugin.launch import run_test
 
 if __name__ == "__main__":
-    test_main("segmentation")
+    run_test("segmentation")

@@ -68,15 +68,17 @@ def install_mmcv_ops_shim() -> None:
 def allow_mmengine_checkpoints() -> None:
     """Allow-list the non-tensor types mmengine writes into its checkpoints for torch's safe loader.
 
-    Found by loading an mmengine checkpoint with `weights_only=True`: the message hub stores
-    `HistoryBuffer`s of numpy arrays and numpy scalars.
+    Found with `torch.serialization.get_unsafe_globals_in_checkpoint` on an mmengine checkpoint: the
+    message hub stores `HistoryBuffer`s of numpy arrays and numpy scalars, and each HistoryBuffer pickles
+    its statistics methods as `getattr(buffer, 'min')`. Allowing `getattr` only lets the unpickler
+    *look up* attributes: calling the result is still refused unless it is itself allow-listed.
     """
     import numpy as np
     from mmengine.logging import HistoryBuffer
 
     dtypes = {type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")}
     torch.serialization.add_safe_globals([
-        HistoryBuffer, np.ndarray, np.dtype, *dtypes,
+        HistoryBuffer, np.ndarray, np.dtype, *dtypes, getattr,
         np._core.multiarray._reconstruct, np._core.multiarray.scalar,
     ])
 

@@ -1,6 +1,6 @@
 """A DDP model wrapper that also works on CPU (gloo): see compat.py for why mmengine's does not."""
 from mmengine.model import MMDistributedDataParallel
-from mmseg.registry import MODEL_WRAPPERS
+from mmengine.registry import MODEL_WRAPPERS  # the root registry: Runner.wrap_model looks it up there
 
 
 @MODEL_WRAPPERS.register_module()

@@ -47,7 +47,7 @@ def load_config(args, task: str) -> Config:
     return cfg
 
 
-def train_main(task: str, argv=None) -> None:
+def run_train(task: str, argv=None) -> None:
     args = _parser(task, "train").parse_args(argv)
     cfg = load_config(args, task)
     if args.resume == "auto":
@@ -60,7 +60,7 @@ def train_main(task: str, argv=None) -> None:
     Runner.from_cfg(cfg).train()
 
 
-def test_main(task: str, argv=None) -> dict:
+def run_test(task: str, argv=None) -> dict:
     """Evaluate CHECKPOINT on the config's test set; writes `test_metrics.json` into the work dir."""
     args = _parser(task, "test").parse_args(argv)
     if not osp.isfile(args.checkpoint):
