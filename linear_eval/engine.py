@@ -1,0 +1,96 @@
+"""Training and evaluation loops of the linear probe (the grid itself lives in common.probe)."""
+import logging
+import time
+
+import torch
+
+from common import dist, probe
+from common.checkpoint import save_with_history
+
+log = logging.getLogger(__name__)
+
+
+def train_grid(backbone, grid, opt, sched, loader, device, start_iter: int, max_iter: int, eval_fn, save_fn,
+               eval_period: int, ckpt_period: int, autocast_dtype=None, metric_logger=None):
+    """Run iterations start_iter..max_iter of SGD on all heads; evaluate / checkpoint periodically.
+
+    `loader` is infinite (ResumableSampler) and yields collated (images, targets) or None when every
+    image of a batch was unreadable. eval_fn(it) -> dict is called every eval_period iterations and at
+    the end; save_fn(it) every ckpt_period iterations and at the end.
+    """
+    it, t0, history = start_iter, time.time(), []
+    data = iter(loader)
+    while it < max_iter:
+        batch = next(data)
+        if batch is not None:
+            images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            with torch.no_grad(), probe.autocast(device, autocast_dtype):
+                cls, patch_mean = probe.frozen_features(backbone, images, probe.max_blocks(grid))  # (B,n,D), (B,D)
+            grid.train()
+            loss = probe.grid_loss(grid(cls, patch_mean), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            loss = loss.detach()
+            opt.step()
+        sched.step()  # per iteration, even for a skipped batch, so the schedule length is fixed
+        it += 1
+        if it % 20 == 0 or it == max_iter:
+            loss_value = loss.item() if batch is not None else float("nan")
+            log.info("it %d/%d  loss (sum over heads) %.4f  %.2fs/it", it, max_iter, loss_value,
+                     (time.time() - t0) / max(it - start_iter, 1))
+            if metric_logger:
+                metric_logger.log(it, prefix="train/", loss=loss_value, lr_max=max(g["lr"] for g in opt.param_groups))
+        if it % eval_period == 0 or it == max_iter:
+            history.append({"iteration": it, **eval_fn(it)})
+        if it % ckpt_period == 0 or it == max_iter:
+            save_fn(it, history)
+    return history
+
+
+def best_head(scores: dict) -> str:
+    """Name of the head with the highest top-1 (first in grid order on ties)."""
+    return max(scores, key=lambda name: scores[name]["top1"])
+
+
+def save_state(output_dir: str, grid, opt, sched, it: int, history: list, meta: dict) -> None:
+    """Rank 0 writes {heads, optimizer, scheduler, iteration, eval history, run meta, RNG} atomically.
+
+    With the sampler restarting at the saved position and the RNG restored, a resumed run with
+    num_workers=0 trains exactly as the uninterrupted one (workers are re-seeded from that RNG).
+    """
+    if dist.is_main_process():
+        state = {"grid": probe.unwrap(grid).state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "iteration": it, "history": history, "meta": meta,
+                 # the augmentations draw from this RNG (in the main process when num_workers = 0)
+                 "rng": torch.get_rng_state()}
+        save_with_history(state, output_dir)
+    dist.barrier()
+
+
+def restore_state(state: dict, grid, opt, sched, meta: dict) -> int:
+    """Load a checkpoint written by save_state; refuse one from a different run set-up."""
+    for key in ("arch", "num_classes", "lrs", "n_last_blocks", "global_batch", "max_iter"):
+        if state["meta"].get(key) != meta.get(key):
+            raise ValueError(f"checkpoint in the output dir was made with {key}={state['meta'].get(key)!r}, "
+                             f"this run has {meta.get(key)!r}; use a new --output-dir or the same flags")
+    probe.unwrap(grid).load_state_dict(state["grid"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return int(state["iteration"])
+
+
+@torch.no_grad()
+def knn_eval(backbone, train_loader, test_loader, num_classes: int, device, ks=(10, 20), temperature=0.07,
+             autocast_dtype=None) -> dict:
+    """DINO's weighted kNN on the final normed CLS token: top-1/top-5 (%) for each k."""
+    train = probe.extract_features(backbone, train_loader, device, n_last_blocks=1, autocast_dtype=autocast_dtype)
+    test = probe.extract_features(backbone, test_loader, device, n_last_blocks=1, autocast_dtype=autocast_dtype)
+    bank, labels = train["cls"][:, -1].to(device), train["targets"].to(device)  # (N, D), (N,)
+    queries, targets = test["cls"][:, -1].to(device), test["targets"].to(device)
+    out = {}
+    for k in ks:
+        scores = probe.knn_classify(bank, labels, queries, num_classes, k=k, temperature=temperature)
+        top1, top5 = probe.topk_correct(scores, targets)
+        out[f"k{k}"] = {"top1": 100.0 * top1 / len(targets), "top5": 100.0 * top5 / len(targets)}
+    return out

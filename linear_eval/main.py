@@ -1,0 +1,234 @@
+"""ImageNet linear probe (DINOv2 protocol, spec §2.2), kNN, and robustness sets. torchrun-ready, resumable.
+
+    torchrun --nproc_per_node=4 -m linear_eval.main --train-root IN/train --val-root IN/val \
+        --arch vit_small --pretrained student_backbone.pth --output-dir output/linear
+
+Linear mode trains 52 heads at once on the frozen backbone (last 1 / 4 blocks' CLS, with / without the
+mean patch token, x 13 lrs) with SGD + cosine per iteration, evaluates them periodically and writes the
+best head's top-1/top-5 to results.json. `--selection val` picks the head on val and reports val (the
+DINOv2 protocol); `--selection train-holdout` picks it on a held-out part of train and reports val.
+A run directory with a checkpoint.pth resumes where it stopped. `--mode knn`: DINO's weighted kNN.
+"""
+import argparse
+import json
+import logging
+import os
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from common import dist, probe
+from common.checkpoint import load_latest
+from common.data import SafeImageFolder, collate_skip_bad, seed_worker
+from common.log import MetricLogger, setup_logging, write_json
+from linear_eval import engine, robustness
+from linear_eval.data import ResumableSampler, View, eval_transform, holdout_indices, train_transform
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+log = logging.getLogger("linear_eval")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Linear probe / kNN on frozen features", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--train-root", required=True, help="ImageFolder of training images (ImageNet: .../train)")
+    g.add_argument("--val-root", required=True, help="ImageFolder of val images in the same class folders")
+    g.add_argument("--image-size", type=int, default=224, help="crop size; eval resizes to size*256/224 first")
+    g.add_argument("--batch-size", type=int, default=128, help="per-process batch (lr scales with the global one)")
+    g.add_argument("--num-workers", type=int, default=8)
+    g.add_argument("--selection", default="val", choices=("val", "train-holdout"),
+                   help="pick the best head on val (DINOv2) or on a held-out part of train")
+    g.add_argument("--holdout-fraction", type=float, default=0.01, help="part of train held out for selection")
+    g = p.add_argument_group("backbone")
+    g.add_argument("--arch", default="vit_small")
+    g.add_argument("--patch-size", type=int, default=14)
+    g.add_argument("--pretrained", default="none", help="checkpoint path, or 'none' (random init)")
+    g.add_argument("--ema", action="store_true", help="evaluate the EMA student of a pretrain checkpoint")
+    g.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON size overrides for small models")
+    g.add_argument("--autocast", default="auto", choices=("auto", "fp16", "bf16", "none"),
+                   help="backbone precision (auto: fp16 on GPU as DINOv2, fp32 on CPU)")
+    g = p.add_argument_group("linear probe")
+    g.add_argument("--mode", default="linear", choices=("linear", "knn"))
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--epoch-length", type=int, default=None, help="iterations per epoch (default: one pass over train)")
+    g.add_argument("--lrs", type=float, nargs="+", default=list(probe.DEFAULT_LRS), help="base lrs (x global batch / 256)")
+    g.add_argument("--n-last-blocks", type=int, nargs="+", default=[1, 4])
+    g.add_argument("--eval-period", type=int, default=1250, help="evaluate all heads every N iterations")
+    g.add_argument("--checkpoint-period", type=int, default=1250, help="save heads + optimizer every N iterations")
+    g.add_argument("--knn-k", type=int, nargs="+", default=[10, 20])
+    g.add_argument("--knn-temperature", type=float, default=0.07)
+    g = p.add_argument_group("robustness (evaluated with the chosen head when given)")
+    for name in ("imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a", "imagenet-c"):
+        g.add_argument(f"--{name}", default=None, help=f"root of {name} (layouts: linear_eval/robustness.py)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", required=True)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def autocast_dtype(choice: str, device: torch.device):
+    if choice == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}[choice]
+
+
+def build_data(args, info):
+    """Train (augmented, infinite) / selection / val loaders; scans each folder once."""
+    train_folder, val_folder = SafeImageFolder(args.train_root), SafeImageFolder(args.val_root)
+    if val_folder.classes != train_folder.classes:
+        raise ValueError(f"{args.val_root} must have the same class folders as {args.train_root} "
+                         f"({len(val_folder.classes)} vs {len(train_folder.classes)})")
+    size = args.image_size
+    train_idx, held_idx = range(len(train_folder)), None
+    if args.selection == "train-holdout":
+        train_idx, held_idx = holdout_indices(len(train_folder), args.holdout_fraction, args.seed)
+    loaders = {"val": eval_loader(View(val_folder, range(len(val_folder)), eval_transform(size)), args)}
+    if held_idx is not None:
+        loaders["train-holdout"] = eval_loader(View(train_folder, held_idx, eval_transform(size)), args)
+    train_view = View(train_folder, train_idx, train_transform(size))
+    return train_folder.classes, train_view, loaders
+
+
+def eval_loader(dataset, args):
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=robustness.eval_sampler(dataset),
+                                       num_workers=args.num_workers, collate_fn=_drop_bad)
+
+
+def train_loader(dataset, args, info, start_iter):
+    sampler = ResumableSampler(len(dataset), info.rank, info.world_size, args.seed, start=start_iter * args.batch_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                       num_workers=args.num_workers, collate_fn=_drop_bad, worker_init_fn=seed_worker,
+                                       pin_memory=info.device.type == "cuda",
+                                       persistent_workers=args.num_workers > 0,
+                                       # own generator: creating the iterator must not draw from the global
+                                       # RNG, whose state the checkpoint restores for the augmentations
+                                       generator=torch.Generator().manual_seed(args.seed + start_iter))
+
+
+def _drop_bad(batch):
+    collated, n_bad = collate_skip_bad(batch)
+    if n_bad:
+        log.warning("skipped %d unreadable images in a batch", n_bad)
+    return collated
+
+
+def run_knn(args, info, backbone, classes, loaders, amp):
+    """kNN on train (eval transform) vs val; writes results.json."""
+    train_folder = SafeImageFolder(args.train_root)
+    bank = probe.IndexedDataset(View(train_folder, range(len(train_folder)), eval_transform(args.image_size)))
+    val = probe.IndexedDataset(loaders["val"].dataset)
+    res = engine.knn_eval(backbone, _indexed_loader(bank, args), _indexed_loader(val, args), len(classes),
+                          info.device, ks=args.knn_k, temperature=args.knn_temperature, autocast_dtype=amp)
+    for k, v in res.items():
+        log.info("kNN %s: top-1 %.2f  top-5 %.2f", k, v["top1"], v["top5"])
+    return {"mode": "knn", "temperature": args.knn_temperature, **res}
+
+
+def _indexed_loader(dataset, args):
+    """(image, target, index) batches for feature extraction; shards by rank under torchrun."""
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=robustness.eval_sampler(dataset),
+                                       num_workers=args.num_workers)
+
+
+def run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_logger):
+    """Train the grid (resuming if a checkpoint exists), then report the head chosen by --selection."""
+    grid = probe.LinearHeadGrid(backbone.embed_dim, len(classes), tuple(args.n_last_blocks), (False, True),
+                                tuple(args.lrs)).to(info.device)
+    global_batch = args.batch_size * info.world_size
+    epoch_length = args.epoch_length or max(len(train_view) // global_batch, 1)
+    max_iter = args.epochs * epoch_length
+    opt, sched = probe.build_grid_optimizer(grid, global_batch, max_iter)
+    meta = {"arch": args.arch, "num_classes": len(classes), "lrs": list(args.lrs), "global_batch": global_batch,
+            "n_last_blocks": list(args.n_last_blocks), "max_iter": max_iter, "selection": args.selection}
+    state, path = load_latest(args.output_dir)
+    start_iter, history = 0, []
+    if state is not None:
+        start_iter, history = engine.restore_state(state, grid, opt, sched, meta), state["history"]
+        log.info("resumed from %s at iteration %d / %d", path, start_iter, max_iter)
+    log.info("%d heads, global batch %d, %d iterations (%d per epoch), lr x %.3g", len(grid.configs), global_batch,
+             max_iter, epoch_length, global_batch / 256)
+    model = DistributedDataParallel(grid, device_ids=[info.device] if info.device.type == "cuda" else None) \
+        if info.distributed else grid
+
+    def evaluate(it):
+        scores = probe.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp)
+        name = engine.best_head(scores)
+        log.info("it %d: best head on %s %s top-1 %.2f", it, args.selection, name, scores[name]["top1"])
+        metric_logger.log(it, prefix=f"{args.selection}/", top1=scores[name]["top1"], top5=scores[name]["top5"])
+        return {"best_head": name, **scores[name]}
+
+    if start_iter < max_iter:
+        history += engine.train_grid(backbone, model, opt, sched, train_loader(train_view, args, info, start_iter),
+                                     info.device, start_iter, max_iter, evaluate,
+                                     lambda it, h: engine.save_state(args.output_dir, grid, opt, sched, it,
+                                                                     history + h, meta),
+                                     args.eval_period, args.checkpoint_period, amp, metric_logger)
+    return report(args, info, backbone, model, classes, loaders, amp, history)
+
+
+def report(args, info, backbone, model, classes, loaders, amp, history):
+    """Final selection (all heads on the selection set), the chosen head on val, robustness sets."""
+    selection_scores = probe.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp)
+    name = engine.best_head(selection_scores)
+    val_scores = selection_scores if args.selection == "val" else \
+        probe.evaluate_grid(backbone, model, loaders["val"], info.device, amp)
+    results = {"mode": "linear", "selection": args.selection, "best_head": name,
+               "top1": val_scores[name]["top1"], "top5": val_scores[name]["top5"],
+               "selection_top1": selection_scores[name]["top1"], "heads_val": val_scores, "history": history}
+    log.info("best head (selected on %s): %s  val top-1 %.2f  top-5 %.2f", args.selection, name,
+             results["top1"], results["top5"])
+    results["robustness"] = evaluate_robustness(args, info, backbone, model, classes, name, amp)
+    return results
+
+
+def evaluate_robustness(args, info, backbone, model, classes, head, amp) -> dict:
+    """Top-1 of `head` on each given -V2/-Sketch/-R/-A root; mCE on -C."""
+    transform, out = eval_transform(args.image_size), {}
+    for key in ("imagenet_v2", "imagenet_sketch", "imagenet_r", "imagenet_a"):
+        root = getattr(args, key)
+        if root:
+            loader, subset = robustness.build_robustness_loader(root, classes, transform, args.batch_size,
+                                                                args.num_workers)
+            out[key] = probe.evaluate_grid(backbone, model, loader, info.device, amp, class_subset=subset)[head]
+            log.info("%s: top-1 %.2f (%s classes)", key, out[key]["top1"], "all" if subset is None else len(subset))
+    if args.imagenet_c:
+        errors = {}
+        for (c, s), root in robustness.corruption_folders(args.imagenet_c).items():
+            loader, subset = robustness.build_robustness_loader(root, classes, transform, args.batch_size,
+                                                                args.num_workers)
+            top1 = probe.evaluate_grid(backbone, model, loader, info.device, amp, class_subset=subset)[head]["top1"]
+            errors[(c, s)] = 1.0 - top1 / 100.0
+        out["imagenet_c"] = robustness.mean_corruption_error(errors)
+        out["imagenet_c"]["errors"] = {f"{c}/{s}": 100.0 * e for (c, s), e in errors.items()}
+        log.info("imagenet_c: mCE %.2f", out["imagenet_c"]["mCE"])
+    return out
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    info = dist.init_distributed(args.device)
+    setup_logging(args.output_dir, info.rank, name="linear_eval")
+    if info.is_main:
+        write_json(os.path.join(args.output_dir, "config.json"), vars(args))
+    torch.manual_seed(args.seed)
+    amp = autocast_dtype(args.autocast, info.device)
+
+    classes, train_view, loaders = build_data(args, info)
+    backbone = probe.build_frozen_backbone(args.pretrained, args.arch, args.patch_size,
+                                           model_kwargs=args.model_kwargs, ema=args.ema).to(info.device)
+    metric_logger = MetricLogger(args.output_dir, enabled=info.is_main, tensorboard=False)
+    if args.mode == "knn":
+        results = run_knn(args, info, backbone, classes, loaders, amp)
+    else:
+        results = run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_logger)
+    results.update(arch=args.arch, pretrained=args.pretrained, image_size=args.image_size)
+    if info.is_main:
+        write_json(os.path.join(args.output_dir, "results.json"), results)
+    dist.cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main()
