@@ -107,7 +107,14 @@ class Trainer:
 
     def optimizer_step(self, loss: torch.Tensor, want_norm: bool):
         """Backward, optional clipping, (scaled) AdamW step, EMA. Returns (grad norm or None, skipped)."""
+        self.backward(loss)
+        return self.update(want_norm)
+
+    def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
+
+    def update(self, want_norm: bool):
+        """Optional clipping, (scaled) AdamW step, EMA. Returns (grad norm or None, step skipped)."""
         norm = None
         if self.cfg["clip_grad"] > 0 or want_norm:
             self.scaler.unscale_(self.optimizer)
