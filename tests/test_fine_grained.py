@@ -353,3 +353,16 @@ def test_cli_missing_root_is_a_layout_error(tmp_path):
     with pytest.raises(DatasetLayoutError, match="ROOT/train/<class>"):
         fg_main.main(["--dataset", "imagefolder", "--data-root", str(tmp_path / "none"), "--output-dir",
                       str(tmp_path / "o"), "--arch", "vit_tiny"])
+
+
+def test_summary_table_averages_the_12_datasets(tmp_path):
+    from fine_grained import summarize
+    from fine_grained.datasets import PAPER_DATASETS
+
+    for i, d in enumerate(PAPER_DATASETS):
+        os.makedirs(tmp_path / d)
+        with open(tmp_path / d / "results.json", "w") as f:
+            json.dump({"dataset": d, "metric": "accuracy", "test_score": float(i)}, f)
+    assert summarize.main([str(tmp_path)]) == pytest.approx(sum(range(12)) / 12)
+    os.remove(tmp_path / "cub" / "results.json")
+    assert summarize.main([str(tmp_path)]) is None  # no partial average
