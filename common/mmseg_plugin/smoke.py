@@ -12,13 +12,13 @@ _CHANNEL_KEYS = ("in_channels", "channels", "embed_dim", "embed_dims", "post_pro
 _REF_CROP = 518
 
 
-def _scale_channels(value, old_dim: int, new_dim: int):
-    """Scale channel counts tied to the ViT width (D, 4D, D/8 ...); leave independent ones (256) alone."""
+def _scale_channels(value, old_dim: int, new_dim: int, untied: int = 32):
+    """Scale channel counts tied to the ViT width (D, 4D, D/8 ...); fixed widths (DPT's 256) become `untied`."""
     if isinstance(value, (list, tuple)):
-        return type(value)(_scale_channels(v, old_dim, new_dim) for v in value)
+        return type(value)(_scale_channels(v, old_dim, new_dim, untied) for v in value)
     if isinstance(value, int) and (value * new_dim) % old_dim == 0:
         return value * new_dim // old_dim
-    return value
+    return min(value, untied) if isinstance(value, int) else value
 
 
 def _walk(node, fn):
