@@ -375,7 +375,8 @@ class SweepResult:
 
 
 def sweep_logreg(train: tuple, val: tuple, trainval: tuple, test: tuple, metric, num_classes: int,
-                 cs=C_SWEEP, device: torch.device | str = "cpu", max_iter: int = 1000, tol: float = 1e-4) -> SweepResult:
+                 cs=C_SWEEP, device: torch.device | str = "cpu", max_iter: int = 1000,
+                 tol: float = 1e-4) -> SweepResult:
     """The fine-grained protocol: z-score, pick C on val, refit on train+val, score on test.
 
     Each argument is (features (N, D), targets); `metric(scores (N, K), targets) -> float` (higher is

@@ -73,9 +73,16 @@ def main():
     p.add_argument("--tol", type=float, default=1e-4,
                    help="both solvers: stop when max |gradient| of the mean-loss objective <= tol")
     p.add_argument("--skip-sklearn", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for both solvers (torch and sklearn's BLAS); default: all")
     p.add_argument("--output", default=None, help="write the numbers as JSON here")
     args = p.parse_args()
 
+    if args.threads:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
     cs = C_SWEEP[::5] if args.quick else C_SWEEP
     xtr, ytr, xte, yte = make_features()
     print(f"features: train {xtr.shape}, test {xte.shape}, {len(cs)} C values, {torch.get_num_threads()} threads")

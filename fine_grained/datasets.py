@@ -155,7 +155,8 @@ def parse_cars(root):
     classes = [str(c) for c in _loadmat(os.path.join(base, "devkit", "cars_meta.mat"))["class_names"]]
     def split(mat, folder):
         annos = np.atleast_1d(_loadmat(mat)["annotations"])
-        return _files(os.path.join(base, folder), [str(a["fname"]) for a in annos], [int(a["class"]) - 1 for a in annos])
+        return _files(os.path.join(base, folder), [str(a["fname"]) for a in annos],
+                      [int(a["class"]) - 1 for a in annos])  # 1-based on disk
     return Parsed(classes, split(os.path.join(base, "devkit", "cars_train_annos.mat"), "cars_train"),
                   split(os.path.join(base, "cars_test_annos_withlabels.mat"), "cars_test"))
 

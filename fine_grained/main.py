@@ -37,7 +37,8 @@ def get_args_parser():
     p = argparse.ArgumentParser("Fine-grained logistic-regression transfer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="registry entry (fine_grained/datasets.py)")
+    g.add_argument("--dataset", required=True, choices=sorted(DATASETS),
+                   help="registry entry (fine_grained/datasets.py)")
     g.add_argument("--data-root", required=True, help="local root in the layout the dataset's error message shows")
     g.add_argument("--image-size", type=int, default=224, help="centre-crop size fed to the backbone")
     g.add_argument("--resize", type=int, default=None, help="short side before the crop (default: --image-size)")
@@ -74,7 +75,8 @@ def build_splits(args):
         if ds is not None:
             ds.transform = transform
     if spec.num_classes and len(parsed.classes) != spec.num_classes:
-        log.warning("%s has %d classes here, %d in the real dataset", args.dataset, len(parsed.classes), spec.num_classes)
+        log.warning("%s has %d classes here, %d in the real dataset", args.dataset, len(parsed.classes),
+                    spec.num_classes)
     return spec, parsed, {k: v for k, v in splits.items() if v is not None}, transform
 
 

@@ -52,7 +52,8 @@ def get_args_parser():
     g.add_argument("--mode", default="linear", choices=("linear", "knn"))
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--epoch-length", type=int, default=None, help="iterations per epoch (default: one pass over train)")
-    g.add_argument("--lrs", type=float, nargs="+", default=list(probe.DEFAULT_LRS), help="base lrs (x global batch / 256)")
+    g.add_argument("--lrs", type=float, nargs="+", default=list(probe.DEFAULT_LRS),
+                   help="base lrs (x global batch / 256)")
     g.add_argument("--n-last-blocks", type=int, nargs="+", default=[1, 4])
     g.add_argument("--eval-period", type=int, default=1250, help="evaluate all heads every N iterations")
     g.add_argument("--checkpoint-period", type=int, default=1250, help="save heads + optimizer every N iterations")
@@ -74,7 +75,7 @@ def autocast_dtype(choice: str, device: torch.device):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}[choice]
 
 
-def build_data(args, info):
+def build_data(args):
     """Train (augmented, infinite) / selection / val loaders; scans each folder once."""
     train_folder, val_folder = SafeImageFolder(args.train_root), SafeImageFolder(args.val_root)
     if val_folder.classes != train_folder.classes:
@@ -215,7 +216,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     amp = autocast_dtype(args.autocast, info.device)
 
-    classes, train_view, loaders = build_data(args, info)
+    classes, train_view, loaders = build_data(args)
     backbone = probe.build_frozen_backbone(args.pretrained, args.arch, args.patch_size,
                                            model_kwargs=args.model_kwargs, ema=args.ema).to(info.device)
     metric_logger = MetricLogger(args.output_dir, enabled=info.is_main, tensorboard=False)

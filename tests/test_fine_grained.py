@@ -14,7 +14,8 @@ from PIL import Image  # noqa: E402
 import models  # noqa: E402
 from fine_grained import main as fg_main  # noqa: E402
 from fine_grained.datasets import DATASETS, VOC_CLASSES, DatasetLayoutError, holdout_split  # noqa: E402
-from fine_grained.metrics import mean_per_class_accuracy, top1_accuracy, voc11_average_precision, voc_mean_ap  # noqa: E402
+from fine_grained.metrics import (mean_per_class_accuracy, top1_accuracy,  # noqa: E402
+                                  voc11_average_precision, voc_mean_ap)
 
 TINY = {"depth": 2, "embed_dim": 48, "num_heads": 2}
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (230, 220, 40)]
@@ -109,7 +110,8 @@ def make_cars(root, rng):
 
     base = os.path.join(root, "stanford_cars")
     os.makedirs(os.path.join(base, "devkit"))
-    savemat(os.path.join(base, "devkit", "cars_meta.mat"), {"class_names": np.array(["AM General", "Acura"], dtype=object)})
+    names = np.array(["AM General", "Acura"], dtype=object)
+    savemat(os.path.join(base, "devkit", "cars_meta.mat"), {"class_names": names})
     def annos(names, classes):
         rec = np.zeros(len(names), dtype=[("fname", object), ("class", np.int32)])
         rec["fname"], rec["class"] = names, classes
@@ -173,7 +175,8 @@ def make_flowers(root, rng):
 
 def make_food(root, rng):
     base = os.path.join(root, "food-101")
-    meta = {"train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "sushi": ["sushi/3"]}, "test": {"sushi": ["sushi/4"]}}
+    meta = {"train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "sushi": ["sushi/3"]},
+            "test": {"sushi": ["sushi/4"]}}
     for split, content in meta.items():
         os.makedirs(os.path.join(base, "meta"), exist_ok=True)
         with open(os.path.join(base, "meta", f"{split}.json"), "w") as f:

@@ -144,4 +144,5 @@ def test_sweep_selects_on_val_and_breaks_ties_to_the_first():
                              accuracy, num_classes=4)
     assert res.val_scores[int(np.argmax(res.val_scores))] == max(res.val_scores)
     assert res.best_C == probe.C_SWEEP[int(np.argmax(res.val_scores))] and res.test_score > 60.0
-    assert len(probe.C_SWEEP) == 45 and probe.C_SWEEP[0] == pytest.approx(1e6) and probe.C_SWEEP[-1] == pytest.approx(1e-5)
+    assert len(probe.C_SWEEP) == 45
+    assert probe.C_SWEEP[0] == pytest.approx(1e6) and probe.C_SWEEP[-1] == pytest.approx(1e-5)
