@@ -99,8 +99,3 @@ class ProteusViT(BaseModule):
         if self.output_cls_token:
             return tuple([fmap, cls] for fmap, cls in outs)  # [(B, D, h, w), (B, D)] per level
         return tuple(fmap for fmap, _ in outs)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.vit.blocks)
-

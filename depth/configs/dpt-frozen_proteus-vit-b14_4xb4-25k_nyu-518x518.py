@@ -5,6 +5,9 @@ _base_ = [
     'mmseg::_base_/default_runtime.py', './_base_/schedules/schedule_25k.py'
 ]
 model = dict(
-    backbone=dict(arch='vit_base', checkpoint='pretrained/proteus-vit-b14.pth', out_indices=[3, 5, 7, 11], frozen=True, drop_path_rate=0.0),
+    backbone=dict(
+        arch='vit_base',
+        checkpoint='pretrained/proteus-vit-b14.pth',
+        out_indices=[3, 5, 7, 11], frozen=True, drop_path_rate=0.0),
     decode_head=dict(in_channels=[768] * 4, embed_dims=768, post_process_channels=[96, 192, 384, 768]))
 optim_wrapper = dict(optimizer=dict(lr=0.0001))

@@ -5,6 +5,9 @@ _base_ = [
     'mmseg::_base_/default_runtime.py', './_base_/schedules/schedule_25k.py'
 ]
 model = dict(
-    backbone=dict(arch='vit_large', checkpoint='pretrained/proteus-vit-l14.pth', out_indices=[7, 11, 15, 23], frozen=True, drop_path_rate=0.0),
+    backbone=dict(
+        arch='vit_large',
+        checkpoint='pretrained/proteus-vit-l14.pth',
+        out_indices=[7, 11, 15, 23], frozen=True, drop_path_rate=0.0),
     decode_head=dict(in_channels=[1024] * 4, embed_dims=1024, post_process_channels=[128, 256, 512, 1024]))
 optim_wrapper = dict(optimizer=dict(lr=0.0001))

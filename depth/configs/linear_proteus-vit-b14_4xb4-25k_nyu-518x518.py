@@ -5,6 +5,9 @@ _base_ = [
     'mmseg::_base_/default_runtime.py', './_base_/schedules/schedule_25k.py'
 ]
 model = dict(
-    backbone=dict(arch='vit_base', checkpoint='pretrained/proteus-vit-b14.pth', out_indices=[3, 5, 7, 11]),
+    backbone=dict(
+        arch='vit_base',
+        checkpoint='pretrained/proteus-vit-b14.pth',
+        out_indices=[3, 5, 7, 11]),
     decode_head=dict(in_channels=[768] * 4))
 optim_wrapper = dict(optimizer=dict(lr=0.0001))

@@ -5,6 +5,9 @@ _base_ = [
     'mmseg::_base_/default_runtime.py', './_base_/schedules/schedule_25k.py'
 ]
 model = dict(
-    backbone=dict(arch='vit_large', checkpoint='pretrained/proteus-vit-l14.pth', out_indices=[7, 11, 15, 23]),
+    backbone=dict(
+        arch='vit_large',
+        checkpoint='pretrained/proteus-vit-l14.pth',
+        out_indices=[7, 11, 15, 23]),
     decode_head=dict(in_channels=[1024] * 4))
 optim_wrapper = dict(optimizer=dict(lr=0.0001))

@@ -5,7 +5,10 @@ _base_ = [
     'mmseg::_base_/default_runtime.py', './_base_/schedules/schedule_160k.py'
 ]
 model = dict(
-    backbone=dict(arch='vit_large', checkpoint='pretrained/proteus-vit-l14.pth', out_indices=[7, 11, 15, 23], drop_path_rate=0.2),
+    backbone=dict(
+        arch='vit_large',
+        checkpoint='pretrained/proteus-vit-l14.pth',
+        out_indices=[7, 11, 15, 23], drop_path_rate=0.2),
     neck=dict(embed_dim=1024),
     decode_head=dict(in_channels=[1024] * 4, channels=1024),
     auxiliary_head=dict(in_channels=1024))

@@ -5,7 +5,10 @@ _base_ = [
     'mmseg::_base_/default_runtime.py', './_base_/schedules/schedule_60k.py'
 ]
 model = dict(
-    backbone=dict(arch='vit_small', checkpoint='pretrained/proteus-vit-s14.pth', out_indices=[3, 5, 7, 11], drop_path_rate=0.1),
+    backbone=dict(
+        arch='vit_small',
+        checkpoint='pretrained/proteus-vit-s14.pth',
+        out_indices=[3, 5, 7, 11], drop_path_rate=0.1),
     neck=dict(embed_dim=384),
     decode_head=dict(in_channels=[384] * 4, channels=384),
     auxiliary_head=dict(in_channels=384))
