@@ -4,8 +4,8 @@
   single bounded depth channel and trains with SiLog on `gt_depth_map`.
 - `LinearDepthHead`: the "linear" depth probe: 4 layers resized + concatenated, BN, one 1x1 conv, bounded.
 - `ProteusDepthEstimator`: mmseg's DepthEstimator with its test-mode dispatch fixed: upstream runs
-  `if slide ... if slide_flip ... else whole`, so `mode='slide'` silently falls back to whole-image
-  inference. Every other behaviour is inherited.
+  `if slide ... if slide_flip ... else whole`, so with `mode='slide'` the sliding-window result is computed
+  and then overwritten by whole-image inference. Every other behaviour is inherited.
 """
 import torch
 from mmseg.models.decode_heads import DPTHead

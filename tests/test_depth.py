@@ -107,7 +107,8 @@ def test_depth_head_rejects_several_outputs():
 # ---------------------------------------------------------------- test-mode dispatch (mmseg's slide bug)
 @pytest.mark.parametrize("mode,expected_calls", [("whole", 1), ("slide", 3), ("slide_flip", 6)])
 def test_depth_estimator_really_slides(mode, expected_calls):
-    """mmseg 1.2.2's DepthEstimator runs whole-image inference for mode='slide'; ours slides."""
+    """mmseg 1.2.2's DepthEstimator slides and then overwrites the result with a whole-image pass for
+    mode='slide' (4 backbone calls here, whole-image output); ours returns the sliding-window result."""
     model, _ = tiny_model(LINEAR_S, test_cfg=dict(mode=mode, crop_size=(56, 56), stride=(14, 14)))
     model.eval()
     calls = []
