@@ -102,21 +102,23 @@ def backbone_state_dict(ckpt: dict, ema: bool = False) -> dict:
 EVAL_ALLOWED_MISSING = ("mask_token",)
 
 
-def load_backbone(path: str | None, arch: str, patch_size: int = 14, img_size: int = 224, ema: bool = False):
+def load_backbone(path: str | None, arch: str, patch_size: int = 14, img_size: int = 224, ema: bool = False,
+                  **overrides):
     """The one loader for evaluation: build `arch` and load any accepted checkpoint strictly.
 
     `path` None or "none" gives the random-init baseline. The position embedding is resampled to the
     model's grid (official DINOv2 files are 518 px). Registers are taken from the checkpoint.
+    `overrides` (e.g. depth=2, embed_dim=64, num_heads=2) change the size, for tiny test models.
     Returns the model in eval mode.
     """
     from .vit import build_vit  # local: vit imports this module's siblings only
 
     if path in (None, "", "none"):
-        model = build_vit(arch, patch_size=patch_size, img_size=img_size)
+        model = build_vit(arch, patch_size=patch_size, img_size=img_size, **overrides)
         return model.eval()
     sd = backbone_state_dict(read_checkpoint(path), ema=ema)
     regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
-    model = build_vit(arch, patch_size=patch_size, img_size=img_size, num_register_tokens=regs)
+    model = build_vit(arch, patch_size=patch_size, img_size=img_size, num_register_tokens=regs, **overrides)
     load_state_dict_checked(model, fit_pos_embed(sd, model), allowed_missing=EVAL_ALLOWED_MISSING,
                             what=f"{arch} (patch {patch_size}) from {path}")
     return model.eval()

@@ -63,9 +63,13 @@ def test_wrong_architecture_lists_the_problem(tmp_path, student):
         load_backbone(str(tmp_path / "odd.pth"), "vit_small")
 
 
-def test_random_init_baseline():
+def test_random_init_baseline_and_size_overrides(tmp_path):
     model = load_backbone("none", "vit_tiny", img_size=56)
     assert model.embed_dim == 192 and not model.training
+    tiny = _tiny(embed_dim=64, num_heads=2)
+    torch.save(tiny.state_dict(), tmp_path / "tiny.pth")
+    loaded = load_backbone(str(tmp_path / "tiny.pth"), "vit_tiny", img_size=56, depth=2, embed_dim=64, num_heads=2)
+    _same_features(loaded, tiny.eval())
 
 
 def test_timm_loads_our_export_with_its_own_converter(student):
