@@ -185,6 +185,9 @@ def test_backbone_loading_names_missing_and_unexpected_keys(tmp_path, vit_tiny_s
                           {k: v for k, v in vit_tiny_state.items() if k != "blocks.3.mlp.fc1.weight"})
     with pytest.raises(ValueError, match="missing keys: blocks.3.mlp.fc1.weight"):
         bb.init_weights()
+    bb.checkpoint = str(tmp_path / "absent.pth")
+    with pytest.raises(FileNotFoundError, match="model.backbone.checkpoint=PATH"):
+        bb.init_weights()
     tiny = ProteusViT(arch="vit_tiny", img_size=56, checkpoint=_save(str(tmp_path / "ok.pth"), vit_tiny_state),
                       out_indices=[1], overrides=TINY)
     with pytest.raises(ValueError, match="shape mismatches"):  # a tiny test backbone cannot take ViT-Ti weights

@@ -10,6 +10,8 @@ Design decisions (see segmentation/README.md):
 - Parameters that receive no gradient (mask token, final norm when unused, blocks after the last tapped
   one) are frozen, so DDP runs without `find_unused_parameters`.
 """
+import os
+
 import torch
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
@@ -78,6 +80,9 @@ class ProteusViT(BaseModule):
         if self.checkpoint in (None, "", "none"):
             print_log(f"ProteusViT: {self.arch} randomly initialised (no checkpoint)", logger="current")
             return
+        if not os.path.isfile(self.checkpoint):
+            raise FileNotFoundError(f"backbone checkpoint not found: {self.checkpoint}; put the Proteus backbone there "
+                                    f"or pass --cfg-options model.backbone.checkpoint=PATH (None = random init)")
         loaded = load_backbone(self.checkpoint, self.arch, patch_size=self.patch_size, img_size=self.img_size,
                                ema=self.ema)
         load_state_dict_checked(self.vit, loaded.state_dict(), what=f"ProteusViT({self.arch}) from "
