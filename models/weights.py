@@ -3,6 +3,7 @@
 Every load in the project goes through `load_state_dict_checked`: strict, or with an explicit set of
 keys that may be missing. Never a silent `strict=False`.
 """
+import logging
 import os
 import zipfile
 
@@ -119,6 +120,8 @@ def load_backbone(path: str | None, arch: str, patch_size: int = 14, img_size: i
     sd = backbone_state_dict(read_checkpoint(path), ema=ema)
     regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
     model = build_vit(arch, patch_size=patch_size, img_size=img_size, num_register_tokens=regs, **overrides)
-    load_state_dict_checked(model, fit_pos_embed(sd, model), allowed_missing=EVAL_ALLOWED_MISSING,
-                            what=f"{arch} (patch {patch_size}) from {path}")
+    absent = load_state_dict_checked(model, fit_pos_embed(sd, model), allowed_missing=EVAL_ALLOWED_MISSING,
+                                     what=f"{arch} (patch {patch_size}) from {path}")
+    if absent:  # allowed, but say so: e.g. timm exports carry no mask token (unused at evaluation)
+        logging.getLogger(__name__).info("%s: keys not in the checkpoint, left at init: %s", path, absent)
     return model.eval()
