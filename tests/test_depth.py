@@ -73,14 +73,8 @@ def depth_sample(h, w, value=2.0):
     return sample
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs that dominate on a shared 2-core CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 # ---------------------------------------------------------------- heads
 @pytest.mark.parametrize("config", [DPT_S, LINEAR_S], ids=["dpt", "linear"])

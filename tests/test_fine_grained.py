@@ -21,13 +21,7 @@ TINY = {"depth": 2, "embed_dim": 48, "num_heads": 2}
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (230, 220, 40)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation, and stall on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def colour_image(path, rgb, rng, size=32):

@@ -19,13 +19,7 @@ TINY = json.dumps({"depth": 4, "embed_dim": 32, "num_heads": 2})
 COLOURS = {"n01": (220, 30, 30), "n02": (30, 200, 40), "n03": (40, 40, 220), "n04": (230, 220, 40)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation, and stall on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_folder(root, per_class, classes=tuple(COLOURS), seed=0, size=32):

@@ -16,13 +16,7 @@ from common import probe  # noqa: E402
 TINY = {"depth": 4, "embed_dim": 32, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation, and stall on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_backbone_overrides_load_strictly_and_freeze(tmp_path):

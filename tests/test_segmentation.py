@@ -75,14 +75,8 @@ def read_scalars(work_dir):
     return [json.loads(line) for run in runs for line in open(run)]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs that dominate on a shared 2-core CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 # ---------------------------------------------------------------- compatibility shims
 def test_mmcv_ops_shim_provides_point_sample_and_clear_errors():
