@@ -39,7 +39,7 @@ DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "proteus", "d
 RECIPES = {
     "full": dict(size=56, distil_per_class=500, probe_train_per_class=100, test_per_class=200,
                  student="vit_tiny", student_depth=12, epochs=10, batch_size=64, lr=1e-3, warmup_epochs=1,
-                 precision="bf16", log_every=10, pca_size=112),
+                 precision="bf16", log_every=10, pca_size=112),  # measured best of 3 tried: see demo/README.md
     "quick": dict(size=56, distil_per_class=40, probe_train_per_class=20, test_per_class=20,
                   student="vit_tiny", student_depth=12, epochs=2, batch_size=32, lr=1e-3, warmup_epochs=1,
                   precision="bf16", log_every=2, pca_size=56),
@@ -315,49 +315,77 @@ def patch_features(ckpt: str, arch: str, model_kwargs: dict, images) -> "torch.T
         return model.forward_features(images)["patch"]
 
 
-def pca_maps(ckpts: dict, recipe: dict, path: str) -> None:
-    """The paper's Fig. 3: first three principal components of each model's patch features, as RGB."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
+def figure_images(probe_root: str, size: int) -> dict:
+    """{group: {name: PIL image}}: the skimage photos, and the first test image of 4 Fashion-MNIST classes."""
+    from PIL import Image
+
+    test = os.path.join(probe_root, "test")
+    fashion = {}
+    classes = sorted(e.name for e in os.scandir(test) if e.is_dir())
+    for folder in classes[::3]:  # classes 0, 3, 6, 9: t-shirt, dress, shirt, ankle boot
+        first = sorted(os.listdir(os.path.join(test, folder)))[0]
+        with Image.open(os.path.join(test, folder, first)) as img:
+            fashion[folder.split("_", 1)[1]] = img.convert("RGB")
+    return {"natural photos": assets.natural_photos(), "Fashion-MNIST test": fashion}
+
+
+def pca_columns(ckpts: dict, recipe: dict, photos: dict, size: int) -> dict:
+    """{model: (B, 3, size, size)} PCA maps; the PCA is fitted per model over this group of images only."""
     import torch.nn.functional as F
+    import torch
     from common.data import build_eval_transform
     from pretrain.visualise import pca_rgb  # the same PCA as the TensorBoard images of pretrain.main
 
-    size = recipe["pca_size"]
-    photos = assets.natural_photos()
-    tf = build_eval_transform(resize=size, crop=size)
-    images = torch.stack([tf(p) for p in photos.values()])
+    images = torch.stack([build_eval_transform(resize=size, crop=size)(p) for p in photos.values()])
     archs = {"teacher": (TEACHER_ARCH, {}), "distilled": (recipe["student"], student_kwargs(recipe)),
              "random_init": (recipe["student"], student_kwargs(recipe))}
-    cols = {name: F.interpolate(pca_rgb(patch_features(ckpts[name], *archs[name], images), size // PATCH),
+    return {name: F.interpolate(pca_rgb(patch_features(ckpts[name], *archs[name], images), size // PATCH),
                                 size=(size, size), mode="nearest") for name in ("teacher", "distilled", "random_init")}
-    fig, axes = plt.subplots(len(photos), 4, figsize=(8, 2 * len(photos)), squeeze=False)
-    titles = ["photo", "teacher", "distilled student", "random-init student"]
-    for i, (name, photo) in enumerate(photos.items()):
-        shown = [photo.resize((size, size))] + [c[i].permute(1, 2, 0).numpy() for c in cols.values()]
-        for j, img in enumerate(shown):
-            axes[i, j].imshow(img)
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-            if i == 0:
-                axes[i, j].set_title(titles[j], fontsize=9)
-        axes[i, 0].set_ylabel(name, fontsize=9)
-    fig.suptitle(f"PCA of patch features (first 3 components as RGB), {size} px, {size // PATCH}x{size // PATCH} patches",
-                 fontsize=9)
+
+
+def pca_maps(ckpts: dict, recipe: dict, probe_root: str, path: str) -> None:
+    """The paper's Fig. 3: first three principal components of each model's patch features, as RGB.
+
+    Natural photos (out of domain for a student distilled on Fashion-MNIST only) and Fashion-MNIST test
+    images get separate PCAs: fitted jointly, the domain difference would take the first components.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = recipe["pca_size"]
+    groups = figure_images(probe_root, size)
+    n_rows = sum(len(g) for g in groups.values())
+    fig, axes = plt.subplots(n_rows, 4, figsize=(7, 1.8 * n_rows), squeeze=False)
+    titles = ["input", "teacher", "distilled student", "random-init student"]
+    row = 0
+    for group, photos in groups.items():
+        cols = pca_columns(ckpts, recipe, photos, size)
+        for i, (name, photo) in enumerate(photos.items()):
+            shown = [photo.resize((size, size))] + [c[i].permute(1, 2, 0).numpy() for c in cols.values()]
+            for j, img in enumerate(shown):
+                ax = axes[row, j]
+                ax.imshow(img)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(titles[j], fontsize=9)
+            axes[row, 0].set_ylabel(f"{name}\n({group})" if i == 0 else name, fontsize=8)
+            row += 1
+    fig.suptitle(f"PCA of patch features, first 3 components as RGB ({size} px, {size // PATCH}x{size // PATCH} "
+                 f"patches; one PCA per model and group)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def make_figures(out_dir: str, acc: dict, rows: list[dict], ckpts: dict, recipe: dict) -> dict:
+def make_figures(out_dir: str, acc: dict, rows: list[dict], ckpts: dict, recipe: dict, probe_root: str) -> dict:
     paths = {"accuracy_png": os.path.join(out_dir, "accuracy.png"),
              "loss_png": os.path.join(out_dir, "loss_curve.png"),
              "pca_png": os.path.join(out_dir, "pca_patch_features.png")}
     accuracy_bars(acc, paths["accuracy_png"])
     loss_curve(rows, paths["loss_png"])
-    pca_maps(ckpts, recipe, paths["pca_png"])
+    pca_maps(ckpts, recipe, probe_root, paths["pca_png"])
     return paths
 
 
@@ -380,7 +408,7 @@ def main(argv=None) -> dict:
 
     rows = read_log(os.path.join(run_dir, "log.txt"))
     ckpts = {"teacher": teacher_ckpt, "distilled": student_ckpt, "random_init": "none"}
-    paths = timer.run("figures", make_figures, out, acc, rows, ckpts, recipe)
+    paths = timer.run("figures", make_figures, out, acc, rows, ckpts, recipe, data["probe"])
     print_table(acc, recipe)
     results = write_results(out, acc, recipe, loss_summary(rows), timer, args, {"teacher": teacher_ckpt, **paths})
     print(f"\n{out}/results.json, {', '.join(results['figures'].values())}; "
