@@ -106,17 +106,17 @@ DEIT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 def build_train_transform(input_size: int = 224, auto_augment: str | None = DEIT_AUTO_AUGMENT,
                           re_prob: float = 0.25, interpolation: str = "bicubic", mean=IMAGENET_MEAN,
-                          std=IMAGENET_STD):
+                          std=IMAGENET_STD, scale: tuple[float, float] = (0.08, 1.0)):
     """DeiT's training view via timm's factory.
 
-    RandomResizedCrop(scale 0.08-1, bicubic) -> hflip -> RandAugment (timm disables ColorJitter whenever
+    RandomResizedCrop(scale 0.08-1 by default, bicubic) -> hflip -> RandAugment (timm disables ColorJitter whenever
     auto_augment is set) -> ToTensor -> Normalize -> RandomErasing(p=re_prob, mode "pixel", 1 region).
     """
     from timm.data import create_transform
 
     return create_transform(input_size, is_training=True, auto_augment=auto_augment or None,
                             color_jitter=0.3, interpolation=interpolation, re_prob=re_prob, re_mode="pixel",
-                            re_count=1, mean=mean, std=std)
+                            re_count=1, mean=mean, std=std, scale=tuple(scale))
 
 
 class SingleImageDataset(torch.utils.data.Dataset):

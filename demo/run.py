@@ -39,10 +39,10 @@ DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "proteus", "d
 RECIPES = {
     "full": dict(size=56, distil_per_class=500, probe_train_per_class=100, test_per_class=200,
                  student="vit_tiny", student_depth=12, epochs=10, batch_size=64, lr=1e-3, warmup_epochs=1,
-                 precision="bf16", log_every=10, pca_size=112),  # measured best of 3 tried: see demo/README.md
+                 crop_scale_min=0.35, precision="bf16", log_every=10, pca_size=112),  # measured best of 3 tried: see demo/README.md
     "quick": dict(size=56, distil_per_class=40, probe_train_per_class=20, test_per_class=20,
                   student="vit_tiny", student_depth=12, epochs=2, batch_size=32, lr=1e-3, warmup_epochs=1,
-                  precision="bf16", log_every=2, pca_size=56),
+                  crop_scale_min=0.35, precision="bf16", log_every=2, pca_size=56),
 }
 RECIPE_HELP = {
     "size": "image side in px (multiple of 14): images, distillation and probes",
@@ -55,6 +55,7 @@ RECIPE_HELP = {
     "batch_size": "distillation batch size",
     "lr": "AdamW learning rate at this batch size (no rescaling)",
     "warmup_epochs": "linear warm-up epochs",
+    "crop_scale_min": "smallest RandomResizedCrop area (ImageNet: 0.08; a 28-px garment wants whole views)",
     "precision": "pretrain.main --precision: bf16 autocast (fast on CPUs with AVX512-BF16) or fp32",
     "log_every": "log.txt / loss-curve point every N steps",
     "pca_size": "input side for the PCA figure's natural photos",
@@ -201,7 +202,8 @@ def distil(out_dir: str, data: str, teacher_ckpt: str, recipe: dict, args) -> st
            "--seed", str(args.seed), "--log-every", str(recipe["log_every"]),
            # short CPU run: no EMA (0.99996 would barely move in a few hundred steps), no step checkpoints,
            # no repeated augmentation (a DDP feature), DeiT's RandAugment/erasing off (they slow a tiny run)
-           "--ema-decay", "0", "--save-every-steps", "0", "--repeated-aug", "1", "--aa", "", "--reprob", "0"]
+           "--ema-decay", "0", "--save-every-steps", "0", "--repeated-aug", "1", "--aa", "", "--reprob", "0",
+           "--crop-scale", str(recipe["crop_scale_min"]), "1.0"]
     run_logged(cmd, os.path.join(out_dir, "demo_stdout.log"), echo=lambda line: " done: " in line)
     return out_dir
 

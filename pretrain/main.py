@@ -51,6 +51,7 @@ CONFIG = {
         "aa": ("rand-m9-mstd0.5-inc1", "timm RandAugment policy (DeiT); '' disables it (and enables ColorJitter)"),
         "reprob": (0.25, "random erasing probability (mode pixel, 1 region)"),
         "train_interpolation": ("bicubic", "RandomResizedCrop / RandAugment interpolation"),
+        "crop_scale": ([0.08, 1.0], "RandomResizedCrop area range LO HI (DeiT: 0.08 1; small images want more)"),
     },
     "models": {
         "teacher": ("dinov2_vitb14", f"frozen teacher: {', '.join(models.TEACHERS)} or timm:<name>"),
@@ -161,6 +162,9 @@ def validate_config(cfg: dict, world_size: int) -> None:
     if tp is not None:
         check_grids(cfg, tp)
     validate_mask_config(cfg["mask_probability"], cfg["mask_ratio"])
+    lo_hi = cfg["crop_scale"]
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+        raise ValueError(f"--crop-scale takes LO HI with 0 < LO <= HI <= 1 (share of the image area), got {lo_hi}")
     select_objectives(cfg["teacher"], lambdas_of(cfg), cfg["mask_probability"])
     if cfg["batch_size"] < 1:
         raise ValueError(f"--batch-size must be >= 1, got {cfg['batch_size']}")
@@ -257,7 +261,7 @@ def build_model(cfg: dict, teacher: models.Teacher, info: DistInfo):
 def build_data(cfg: dict, info: DistInfo):
     """(loader, loader generator, steps per epoch, fixed PCA batch)."""
     transform = cdata.build_train_transform(cfg["input_size"], cfg["aa"] or None, cfg["reprob"],
-                                            cfg["train_interpolation"])
+                                            cfg["train_interpolation"], scale=cfg["crop_scale"])
     dataset = cdata.build_pretrain_dataset(cfg["data_path"], transform, cfg["on_bad_image"], cfg["class_fraction"],
                                            cfg["images_per_class"], cfg["single_image"],
                                            cfg["single_image_length"], cfg["seed"])
