@@ -57,7 +57,7 @@ CONFIG = {
         "teacher": ("dinov2_vitb14", f"frozen teacher: {', '.join(models.TEACHERS)} or timm:<name>"),
         "teacher_checkpoint": ("", "teacher weights in the official format (DINOv2: downloaded if empty)"),
         "student": ("vit_small", "student size: vit_tiny, vit_small, vit_base, vit_large"),
-        "student_kwargs": ("", "size overrides, e.g. depth=2,embed_dim=64,num_heads=2 (quick experiments)"),
+        "student_kwargs": ("", "size overrides: depth=2,embed_dim=64,num_heads=2 or JSON as --model-kwargs of the evals"),
         "patch_size": (14, "student patch size; must equal the teacher's for the patch/feature objectives"),
         "drop_path": (0.0, "student stochastic depth (original: flag 0.1 but never applied, so 0)"),
     },
@@ -129,12 +129,22 @@ def parse_config(argv=None) -> dict:
 
 
 def parse_student_kwargs(text: str) -> dict:
-    """'depth=2,embed_dim=64' -> {'depth': 2, 'embed_dim': 64}."""
+    """'depth=2,embed_dim=64' or the JSON the evaluation entry points take ('{"depth": 2}') -> dict of ints."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--student-kwargs is not valid JSON ({e}): {text!r}") from e
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in out.values()):
+            raise ValueError(f"--student-kwargs values must be integers, got {out}")
+        return out
     out = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"--student-kwargs expects key=int pairs such as depth=2,embed_dim=64; got {item!r}")
+            raise ValueError(f"--student-kwargs expects key=int pairs such as depth=2,embed_dim=64 (or JSON); "
+                             f"got {item!r}")
         out[key.strip()] = int(value)
     return out
 

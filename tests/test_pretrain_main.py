@@ -39,6 +39,19 @@ def test_defaults_are_the_paper_recipe():
     assert cfg["lambda_token"] == cfg["lambda_fea"] == cfg["lambda_patch"] == 1.0
 
 
+def test_student_kwargs_accept_pairs_or_the_evals_json():
+    want = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+    assert pretrain_main.parse_student_kwargs("depth=2, embed_dim=64,num_heads=2") == want
+    assert pretrain_main.parse_student_kwargs(json.dumps(want)) == want
+    assert pretrain_main.parse_student_kwargs("") == {}
+    with pytest.raises(ValueError, match="key=int pairs"):
+        pretrain_main.parse_student_kwargs("depth=two")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        pretrain_main.parse_student_kwargs("{depth: 2}")
+    with pytest.raises(ValueError, match="must be integers"):
+        pretrain_main.parse_student_kwargs('{"depth": 2.5}')
+
+
 def test_overrides_config_json_and_exports(tmp_path, tiny_data, teacher_ckpt):
     import timm
 
