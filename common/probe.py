@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +22,7 @@ import torch.nn.functional as F
 
 import models
 from common import dist
-from common.checkpoint import file_sha256
-from models.weights import EVAL_ALLOWED_MISSING, fit_pos_embed
+from common.checkpoint import atomic_save, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +40,15 @@ def build_frozen_backbone(pretrained: str | None, arch: str, patch_size: int = 1
                           model_kwargs: dict | None = None, ema: bool = False, seed: int = 0) -> nn.Module:
     """Load the evaluation backbone (eval mode, no grads) through `models.load_backbone`.
 
-    `model_kwargs` (e.g. {"depth": 2, "embed_dim": 64, "num_heads": 2}) overrides the size of `arch`;
-    `load_backbone` always builds the standard size, so with overrides we build here and load with
-    the same strict checks it uses. Random init ("none") is seeded so its feature cache stays valid.
+    `model_kwargs` (e.g. {"depth": 2, "embed_dim": 64, "num_heads": 2}, optionally "img_size") overrides
+    the size of `arch`. Random init ("none") is seeded so its feature cache stays valid; the seeding runs
+    on a forked RNG so the caller's own random stream (its --seed) is left untouched.
     """
-    torch.manual_seed(seed)
-    if not model_kwargs:
-        model = models.load_backbone(pretrained, arch, patch_size=patch_size, img_size=img_size, ema=ema)
-    else:
-        kwargs = dict(model_kwargs)
-        img_size = kwargs.pop("img_size", img_size)
-        sd = None
-        if pretrained not in (None, "", "none"):
-            sd = models.backbone_state_dict(models.read_checkpoint(pretrained), ema=ema)
-            if "register_tokens" in sd:
-                kwargs.setdefault("num_register_tokens", sd["register_tokens"].shape[1])
-        model = models.build_vit(arch, patch_size=patch_size, img_size=img_size, **kwargs)
-        if sd is not None:
-            models.load_state_dict_checked(model, fit_pos_embed(sd, model), allowed_missing=EVAL_ALLOWED_MISSING,
-                                           what=f"{arch} {model_kwargs} (patch {patch_size}) from {pretrained}")
+    kwargs = dict(model_kwargs or {})
+    img_size = kwargs.pop("img_size", img_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = models.load_backbone(pretrained, arch, patch_size=patch_size, img_size=img_size, ema=ema, **kwargs)
     model.requires_grad_(False)
     return model.eval()
 
@@ -402,7 +390,4 @@ def sweep_logreg(train: tuple, val: tuple, trainval: tuple, test: tuple, metric,
 
 def save_features(path: str, feats: dict) -> None:
     """Feature caches are plain tensors, written atomically (a killed run never leaves half a cache)."""
-    from common.checkpoint import atomic_save
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_save(feats, path)

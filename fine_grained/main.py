@@ -23,12 +23,13 @@ from common.dist import resolve_device
 from common.log import setup_logging, write_json
 from fine_grained.datasets import DATASETS, holdout_split
 from fine_grained.metrics import METRICS
+from models.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger("fine_grained")
 
 # The original normalised fine-grained inputs with CLIP's statistics (Q10); kept as the default.
-NORMS = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+NORMS = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
          "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
          "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
@@ -83,13 +84,17 @@ def build_splits(args):
 def split_features(args, backbone, splits, transform, device) -> dict:
     """Features of each split, from the cache when its key matches: {split: dict(cls, patch_mean, targets)}."""
     n_last = 4 if args.multiple else 1
-    fingerprint = probe.backbone_fingerprint(args.pretrained, args.arch, args.patch_size, args.model_kwargs, args.ema)
+    # the fingerprint hashes the checkpoint file: only worth it when the cache is used
+    fingerprint = None if args.no_cache else probe.backbone_fingerprint(args.pretrained, args.arch, args.patch_size,
+                                                                         args.model_kwargs, args.ema)
     out = {}
     for name, ds in splits.items():
-        key = probe.cache_key(fingerprint, args.dataset, os.path.abspath(args.data_root), name, len(ds),
-                              repr(transform), n_last)
-        path = os.path.join(args.cache_dir, f"{args.dataset}_{name}_{key}.pt")
-        if os.path.isfile(path) and not args.no_cache:
+        path = None
+        if fingerprint is not None:
+            key = probe.cache_key(fingerprint, args.dataset, os.path.abspath(args.data_root), name, len(ds),
+                                  repr(transform), n_last)
+            path = os.path.join(args.cache_dir, f"{args.dataset}_{name}_{key}.pt")
+        if path is not None and os.path.isfile(path):
             log.info("features of %s/%s from cache %s", args.dataset, name, path)
             out[name] = torch.load(path, map_location="cpu", weights_only=True)
             continue
@@ -98,7 +103,7 @@ def split_features(args, backbone, splits, transform, device) -> dict:
         t0 = time.time()
         out[name] = probe.extract_features(backbone, loader, device, n_last_blocks=n_last)
         log.info("extracted %s/%s: %d images in %.1fs", args.dataset, name, len(ds), time.time() - t0)
-        if not args.no_cache:
+        if path is not None:
             probe.save_features(path, out[name])
     return out
 

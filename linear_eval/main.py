@@ -115,9 +115,9 @@ def _drop_bad(batch):
     return collated
 
 
-def run_knn(args, info, backbone, classes, loaders, amp):
+def run_knn(args, info, backbone, classes, train_view, loaders, amp):
     """kNN on train (eval transform) vs val; writes results.json."""
-    train_folder = SafeImageFolder(args.train_root)
+    train_folder = train_view.folder  # already scanned by build_data: no second pass over the train tree
     bank = probe.IndexedDataset(View(train_folder, range(len(train_folder)), eval_transform(args.image_size)))
     val = probe.IndexedDataset(loaders["val"].dataset)
     res = engine.knn_eval(backbone, _indexed_loader(bank, args), _indexed_loader(val, args), len(classes),
@@ -221,7 +221,7 @@ def main(argv=None):
                                            model_kwargs=args.model_kwargs, ema=args.ema).to(info.device)
     metric_logger = MetricLogger(args.output_dir, enabled=info.is_main, tensorboard=False)
     if args.mode == "knn":
-        results = run_knn(args, info, backbone, classes, loaders, amp)
+        results = run_knn(args, info, backbone, classes, train_view, loaders, amp)
     else:
         results = run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_logger)
     results.update(arch=args.arch, pretrained=args.pretrained, image_size=args.image_size)

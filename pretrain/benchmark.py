@@ -17,7 +17,6 @@ Peak memory: CUDA max allocated; CPU: the process's peak resident set size (incl
 for the whole batch as a second pass, foreach AdamW) and adds one speed-up at a time.
 """
 import argparse
-import json
 import os
 import resource
 import tempfile
@@ -27,8 +26,9 @@ from contextlib import contextmanager
 import torch
 
 import models
+from models.teachers import DINOV2_SIZES, SYNCLR
 from common.dist import DistInfo, resolve_device
-from common.log import MetricLogger
+from common.log import MetricLogger, write_json
 from common import optim
 from .engine import Trainer
 from .losses import ProteusDistiller, select_objectives
@@ -78,9 +78,8 @@ class TwoPassDistiller(ProteusDistiller):
 def random_teacher(name: str, checkpoint: str, size: int, tmp: str) -> models.Teacher:
     """The named teacher; DINOv2 / SynCLR without a checkpoint get random weights in the official format."""
     if not checkpoint and name.startswith(("dinov2_", "synclr_")):
-        arch = {"s": "vit_small", "b": "vit_base", "l": "vit_large", "g": "vit_giant2"}[name[len("dinov2_vit")]] \
-            if name.startswith("dinov2_") else {"synclr_vitb16": "vit_base", "synclr_vitl14": "vit_large"}[name]
-        patch = 16 if name.endswith("16") else 14
+        # the name -> architecture tables of models/teachers.py, so a new teacher needs no change here
+        arch, patch = ((DINOV2_SIZES[name[len("dinov2_vit")]], 14) if name.startswith("dinov2_") else SYNCLR[name])
         vit = models.build_vit(arch, patch_size=patch, img_size=518 if name.startswith("dinov2_") else 224,
                                num_register_tokens=4 if name.endswith("_reg") else 0,
                                init_values=1.0 if name.startswith("dinov2_") else None)
@@ -245,8 +244,7 @@ def main(argv=None) -> dict:
                "threads": torch.get_num_threads(),
                "config": {k: v for k, v in vars(a).items() if k != "json"}}
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(a.json, summary)
     return summary
 
 

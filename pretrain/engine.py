@@ -162,10 +162,10 @@ class Trainer:
             window.add(images.shape[0] * self.dist_info.world_size)
             if log_now:
                 self.log_progress(epoch, values, window)
+            if stop:
+                self.stop_preempted()  # checkpoints itself: no mid-epoch save of the same state first
             self._maybe_save_mid_epoch()
             self._test_hooks()
-            if stop:
-                self.stop_preempted()
         if n_seen:
             avg = dict(zip(LOSS_KEYS, (sums / n_seen).tolist()))
             self.metrics.log(self.progress.global_step, prefix="epoch/", epoch=epoch,

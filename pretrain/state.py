@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from common.checkpoint import atomic_save, load_latest, save_with_history
-from common.dist import is_dist
+from common.dist import all_gather_object
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +55,6 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def gather_from_ranks(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a list of one without torch.distributed)."""
-    if not is_dist():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def build_checkpoint(distiller, ema, optimizer, scheduler, scaler, progress: Progress, mask_gen,
                      config: dict) -> dict:
     """Collective (every rank calls it: RNG states are gathered); the result is only saved on rank 0."""
@@ -75,7 +65,7 @@ def build_checkpoint(distiller, ema, optimizer, scheduler, scaler, progress: Pro
             "heads": heads, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             **asdict(progress),
-            "rng": gather_from_ranks(capture_rng()), "mask_rng": gather_from_ranks(mask_gen.state_dict()),
+            "rng": all_gather_object(capture_rng()), "mask_rng": all_gather_object(mask_gen.state_dict()),
             "config": config}
 
 
@@ -90,7 +80,7 @@ def save_checkpoint(ckpt: dict, output_dir: str, keep_last: int, is_main: bool) 
         return None
 
 
-def load_resume_checkpoint(output_dir: str, keep_last: int):
+def load_resume_checkpoint(output_dir: str, keep_last: int):  # the one place naming the file for resume
     """(checkpoint, path) of the newest readable checkpoint in output_dir, or (None, None)."""
     return load_latest(output_dir, "checkpoint.pth", keep_last)
 

@@ -8,7 +8,7 @@ then registers into mmseg's registries:
 Configs load it with `custom_imports = dict(imports=['common.mmseg_plugin'])`; the entry points import
 it before anything else.
 """
-from .compat import allow_mmengine_checkpoints, init_distributed, install_mmcv_ops_shim
+from .compat import allow_mmengine_checkpoints, install_mmcv_ops_shim
 
 install_mmcv_ops_shim()
 allow_mmengine_checkpoints()
@@ -19,4 +19,4 @@ from .heads import LinearProbeHead  # noqa: E402
 from .optim import ViTLayerDecayOptimWrapperConstructor, vit_layer_id  # noqa: E402
 
 __all__ = ["DeviceAwareDDP", "LinearProbeHead", "ProteusViT", "ViTLayerDecayOptimWrapperConstructor",
-           "init_distributed", "install_mmcv_ops_shim", "vit_layer_id"]
+           "install_mmcv_ops_shim", "vit_layer_id"]

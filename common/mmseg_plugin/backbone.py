@@ -10,14 +10,14 @@ Design decisions (see segmentation/README.md):
 - Parameters that receive no gradient (mask token, final norm when unused, blocks after the last tapped
   one) are frozen, so DDP runs without `find_unused_parameters`.
 """
-import os
 
 import torch
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 
-from models import build_student, load_backbone, load_state_dict_checked
+from models import backbone_state_dict, build_student, load_state_dict_checked, read_checkpoint
+from models.weights import EVAL_ALLOWED_MISSING, fit_pos_embed
 
 
 @MODELS.register_module()
@@ -74,21 +74,21 @@ class ProteusViT(BaseModule):
         """Load the backbone checkpoint (called by the Runner before training, not before testing).
 
         Overridden on purpose: mmengine's default would call `DinoVisionTransformer.init_weights` and
-        re-randomise the ViT. Loading goes through models.load_backbone (strict, clear errors naming the
-        missing / unexpected keys), then a strict copy into this ViT, which has drop path / overrides.
+        re-randomise the ViT. Loading uses the pieces of models.load_backbone (strict, clear errors naming
+        the missing / unexpected keys) directly on this ViT, which has drop path / overrides.
         """
         if self.checkpoint in (None, "", "none"):
             print_log(f"ProteusViT: {self.arch} randomly initialised (no checkpoint)", logger="current")
             return
-        if not os.path.isfile(self.checkpoint):
-            raise FileNotFoundError(f"backbone checkpoint not found: {self.checkpoint}; put the Proteus backbone there "
-                                    f"or pass --cfg-options model.backbone.checkpoint=PATH (None = random init)")
-        loaded = load_backbone(self.checkpoint, self.arch, patch_size=self.patch_size, img_size=self.img_size,
-                               ema=self.ema)
-        load_state_dict_checked(self.vit, loaded.state_dict(), what=f"ProteusViT({self.arch}) from "
-                                f"{self.checkpoint} (the dense backbone must match the checkpoint's size)")
+        hint = "put the Proteus backbone there or pass --cfg-options model.backbone.checkpoint=PATH (None = random init)"
+        sd = backbone_state_dict(read_checkpoint(self.checkpoint, hint=hint), ema=self.ema)
+        # straight into this ViT (it carries drop path / size overrides), with load_backbone's own rules:
+        # strict, pos-embed resampled to the crop, only the unused mask token may be absent
+        absent = load_state_dict_checked(self.vit, fit_pos_embed(sd, self.vit), allowed_missing=EVAL_ALLOWED_MISSING,
+                                         what=f"ProteusViT({self.arch}) from {self.checkpoint} (the dense backbone "
+                                              f"must match the checkpoint's size)")
         print_log(f"ProteusViT: loaded {self.checkpoint} into {self.arch}/{self.patch_size} at {self.img_size} px "
-                  f"({len(loaded.state_dict())} tensors)", logger="current")
+                  f"({len(sd)} tensors; left at init: {absent or 'none'})", logger="current")
 
     def train(self, mode: bool = True):
         super().train(mode)

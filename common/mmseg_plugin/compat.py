@@ -8,8 +8,9 @@ Each shim is measured in ../shared/reference/environment.md (OpenMMLab section):
   scalars/arrays (message hub), so resume and test-from-checkpoint fail. We allow-list exactly those
   types instead of turning the safe loader off.
 - mmengine's pytorch launcher calls `torch.cuda.set_device` unconditionally and passes `device_ids` to
-  DDP, so it cannot run on CPU. We initialise the process group ourselves (gloo on CPU, nccl on GPU)
-  and register a DDP wrapper that drops `device_ids` for CPU modules.
+  DDP, so it cannot run on CPU. The entry points initialise the process group with
+  `common.dist.init_distributed` (gloo on CPU, nccl on GPU) and we register a DDP wrapper that drops
+  `device_ids` for CPU modules.
 """
 import importlib.util
 import os
@@ -81,20 +82,3 @@ def allow_mmengine_checkpoints() -> None:
         HistoryBuffer, np.ndarray, np.dtype, *dtypes, getattr,
         np._core.multiarray._reconstruct, np._core.multiarray.scalar,
     ])
-
-
-def init_distributed() -> bool:
-    """Initialise torch.distributed from torchrun's environment; returns True when running distributed.
-
-    Done here rather than by mmengine's launcher because that one cannot run on CPU (see module doc).
-    mmengine skips its own initialisation when a process group already exists.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return False
-    if not torch.distributed.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return True
-

@@ -7,7 +7,6 @@
 The plugin package is imported first, so the mmcv.ops shim precedes every mmseg model import.
 """
 import argparse
-import json
 import os
 import os.path as osp
 
@@ -15,7 +14,8 @@ from mmengine.config import Config, DictAction
 from mmengine.dist import is_main_process
 from mmengine.runner import Runner
 
-from .compat import init_distributed
+from common.dist import init_distributed
+from common.log import write_json
 
 
 def _parser(task: str, mode: str) -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def load_config(args, task: str) -> Config:
     cfg.merge_from_dict(args.cfg_options)
     name = osp.splitext(osp.basename(args.config))[0]
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("work_dirs", task, name)
-    if init_distributed():
+    if init_distributed().distributed:
         cfg.launcher = "pytorch"  # the process group already exists, so mmengine does not init it again
         if cfg.get("model_wrapper_cfg") is None:
             cfg.model_wrapper_cfg = dict(type="DeviceAwareDDP",
@@ -72,6 +72,6 @@ def run_test(task: str, argv=None) -> dict:
     metrics = {k: float(v) for k, v in metrics.items()}  # numpy float32 is not JSON serialisable
     if is_main_process():
         os.makedirs(cfg.work_dir, exist_ok=True)
-        with open(osp.join(cfg.work_dir, "test_metrics.json"), "w") as f:
-            json.dump(dict(config=args.config, checkpoint=args.checkpoint, metrics=metrics), f, indent=2)
+        write_json(osp.join(cfg.work_dir, "test_metrics.json"),
+                   dict(config=args.config, checkpoint=args.checkpoint, metrics=metrics))
     return metrics
