@@ -6,7 +6,6 @@ optimizer recipe, and for the DPT and linear families: train 2 iterations -> val
 abs_rel with the NYU crop) -> save -> resume -> test from the saved checkpoint.
 """
 import glob
-import json
 import os
 
 import numpy as np
@@ -18,8 +17,8 @@ pytest.importorskip("mmseg")
 
 import common.mmseg_plugin  # noqa: E402,F401  (installs the mmcv.ops shim before mmseg.models)
 import depth.heads  # noqa: E402,F401  (registers DepthDPTHead, LinearDepthHead, ProteusDepthEstimator)
-from common.mmseg_plugin.launch import run_test, run_train  # noqa: E402
 from common.mmseg_plugin.smoke import shrink_config  # noqa: E402
+from mmseg_helpers import train_resume_test  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
@@ -155,34 +154,12 @@ def test_depth_recipe_lrs_and_post_process_channels():
 
 
 # ---------------------------------------------------------------- train / val / save / resume / test
-def read_scalars(work_dir):
-    runs = sorted(glob.glob(os.path.join(work_dir, "*", "vis_data", "scalars.json")))
-    return [json.loads(line) for run in runs for line in open(run)]
-
-
 def run_family(config, nyu_root, tmp_path):
-    cfg = shrink_config(Config.fromfile(config), data_root=nyu_root)
-    cfg_path = str(tmp_path / "tiny_config.py")
-    cfg.dump(cfg_path)
-    work, name = str(tmp_path / "work"), os.path.basename(config)[:16]
-    run_train("depth", [cfg_path, "--work-dir", work, "--cfg-options", f"experiment_name={name}-train"])
-    val = {r["step"]: r for r in read_scalars(work) if "rmse" in r}
-    assert list(val) == [2]
-    assert 0.0 < val[2]["rmse"] < 10.0 and 0.0 <= val[2]["d1"] <= 1.0 and np.isfinite(val[2]["abs_rel"])
-
-    run_train("depth", [cfg_path, "--work-dir", work, "--resume", "--cfg-options", "train_cfg.max_iters=3",
-                        f"experiment_name={name}-resume"])
-    records = read_scalars(work)
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # resumed at 3, not restarted at 1
-    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
-    assert torch.load(os.path.join(work, "iter_3.pth"), map_location="cpu")["meta"]["iter"] == 3
-
-    metrics = run_test("depth", [cfg_path, os.path.join(work, "iter_2.pth"), "--work-dir", str(tmp_path / "test"),
-                                 "--cfg-options", f"experiment_name={name}-test"])
+    val, metrics = train_resume_test("depth", config, nyu_root, tmp_path, "rmse", name_len=16)
+    assert 0.0 < val["rmse"] < 10.0 and 0.0 <= val["d1"] <= 1.0 and np.isfinite(val["abs_rel"])
     # the same weights on the same image must reproduce the validation numbers of iteration 2 exactly
-    assert metrics["rmse"] == pytest.approx(val[2]["rmse"], rel=1e-6)
-    assert metrics["d1"] == pytest.approx(val[2]["d1"]) and metrics["abs_rel"] == pytest.approx(val[2]["abs_rel"])
-    assert json.load(open(tmp_path / "test" / "test_metrics.json"))["metrics"]["rmse"] == pytest.approx(metrics["rmse"])
+    assert metrics["rmse"] == pytest.approx(val["rmse"], rel=1e-6)
+    assert metrics["d1"] == pytest.approx(val["d1"]) and metrics["abs_rel"] == pytest.approx(val["abs_rel"])
 
 
 def test_dpt_family_end_to_end(nyu_root, tmp_path):

@@ -6,7 +6,6 @@ families: train 2 iterations -> validate -> save -> resume -> test from the save
 one 2-process gloo torchrun run.
 """
 import glob
-import json
 import os
 import socket
 import subprocess
@@ -21,7 +20,6 @@ pytest.importorskip("mmseg")
 
 import common.mmseg_plugin  # noqa: E402,F401  (installs the mmcv.ops shim before mmseg.models)
 from common.mmseg_plugin import ProteusViT  # noqa: E402
-from common.mmseg_plugin.launch import run_test, run_train  # noqa: E402
 from common.mmseg_plugin.smoke import shrink_config  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
@@ -29,6 +27,7 @@ from mmengine.registry import init_default_scope  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 
 import models  # noqa: E402
+from mmseg_helpers import tiny_config_file, train_resume_test  # noqa: E402
 
 init_default_scope("mmseg")  # registry look-ups outside a Runner (optimizer constructor)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,19 +59,6 @@ def write_ade20k(root, n_train=2, n_val=1, h=64, w=80):
 @pytest.fixture(scope="module")
 def ade_root(tmp_path_factory):
     return write_ade20k(str(tmp_path_factory.mktemp("ade")))
-
-
-def tiny_config_file(config, data_root, tmp_path, **kw):
-    cfg = shrink_config(Config.fromfile(config), data_root=data_root, **kw)
-    path = str(tmp_path / "tiny_config.py")
-    cfg.dump(path)
-    return path
-
-
-def read_scalars(work_dir):
-    """Every JSON line mmengine logged in work_dir (runs started in the same second share a folder)."""
-    runs = sorted(glob.glob(os.path.join(work_dir, "*", "vis_data", "scalars.json")))
-    return [json.loads(line) for run in runs for line in open(run)]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -249,28 +235,9 @@ def test_config_recipes_match_the_paper_settings():
 
 # ---------------------------------------------------------------- train / val / save / resume / test
 def run_family(config, ade_root, tmp_path):
-    cfg_path = tiny_config_file(config, ade_root, tmp_path)
-    work = str(tmp_path / "work")
-    name = os.path.basename(config)[:20]  # unique experiment names: mmengine keys loggers/hubs by them
-    run_train("segmentation", [cfg_path, "--work-dir", work, "--cfg-options", f"experiment_name={name}-train"])
-    assert os.path.isfile(os.path.join(work, "iter_2.pth"))
-    val = {r["step"]: r["mIoU"] for r in read_scalars(work) if "mIoU" in r}
-    assert list(val) == [2] and 0.0 <= val[2] <= 100.0
-
-    run_train("segmentation", [cfg_path, "--work-dir", work, "--resume", "--cfg-options", "train_cfg.max_iters=3",
-                               f"experiment_name={name}-resume"])
-    records = read_scalars(work)
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # resumed at 3, not restarted at 1
-    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
-    ckpt = torch.load(os.path.join(work, "iter_3.pth"), map_location="cpu")  # safe loader (allow-listed)
-    assert ckpt["meta"]["iter"] == 3 and ckpt["optimizer"]["state"]
-
-    metrics = run_test("segmentation", [cfg_path, os.path.join(work, "iter_2.pth"),
-                                        "--work-dir", str(tmp_path / "test"), "--cfg-options",
-                                        f"experiment_name={name}-test"])
-    assert metrics["mIoU"] == pytest.approx(val[2])  # same weights, same data as validation at step 2
-    written = json.load(open(tmp_path / "test" / "test_metrics.json"))
-    assert written["metrics"]["mIoU"] == pytest.approx(metrics["mIoU"])
+    val, metrics = train_resume_test("segmentation", config, ade_root, tmp_path, "mIoU")
+    assert 0.0 <= val["mIoU"] <= 100.0
+    assert metrics["mIoU"] == pytest.approx(val["mIoU"])  # same weights, same data as validation at step 2
 
 
 def test_linear_probe_family_end_to_end(ade_root, tmp_path):

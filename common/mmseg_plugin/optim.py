@@ -18,7 +18,10 @@ from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmseg.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
-_EMBED_NAMES = ("cls_token", "pos_embed", "register_tokens", "mask_token")
+from common.optim import TOKEN_PARAM_PATTERNS
+
+# the token parameters (one list for the whole project: common.optim decides what counts as a token)
+_EMBED_NAMES = tuple(p.lstrip("*") for p in TOKEN_PARAM_PATTERNS)
 _BLOCK_RE = re.compile(r"^backbone\.vit\.blocks\.(\d+)\.")
 
 
