@@ -153,8 +153,10 @@ def run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_l
     model = DistributedDataParallel(grid, device_ids=[info.device] if info.device.type == "cuda" else None) \
         if info.distributed else grid
 
+    scores_at = {}  # iteration -> all heads' selection scores (the final one is reused by report)
+
     def evaluate(it):
-        scores = probe.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp)
+        scores = scores_at[it] = probe.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp)
         name = engine.best_head(scores)
         log.info("it %d: best head on %s %s top-1 %.2f", it, args.selection, name, scores[name]["top1"])
         metric_logger.log(it, prefix=f"{args.selection}/", top1=scores[name]["top1"], top5=scores[name]["top5"])
@@ -166,12 +168,17 @@ def run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_l
                                      lambda it, h: engine.save_state(args.output_dir, grid, opt, sched, it,
                                                                      history + h, meta),
                                      args.eval_period, args.checkpoint_period, amp, metric_logger)
-    return report(args, info, backbone, model, classes, loaders, amp, history)
+    return report(args, info, backbone, model, classes, loaders, amp, history, scores_at.get(max_iter))
 
 
-def report(args, info, backbone, model, classes, loaders, amp, history):
-    """Final selection (all heads on the selection set), the chosen head on val, robustness sets."""
-    selection_scores = probe.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp)
+def report(args, info, backbone, model, classes, loaders, amp, history, selection_scores=None):
+    """Final selection (all heads on the selection set), the chosen head on val, robustness sets.
+
+    `selection_scores`: the final iteration's evaluation when training just ran it (a run resumed at the
+    end has none), so the selection set is not passed over twice.
+    """
+    if selection_scores is None:
+        selection_scores = probe.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp)
     name = engine.best_head(selection_scores)
     val_scores = selection_scores if args.selection == "val" else \
         probe.evaluate_grid(backbone, model, loaders["val"], info.device, amp)
