@@ -38,6 +38,15 @@ def check_image_folder(root: str, what: str = "dataset") -> None:
     raise ValueError(f"{what} root {root!r} has {len(classes)} class folders but no image files; {LAYOUT_HELP}")
 
 
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for broken or truncated files
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open and fully decode an image as RGB: a truncated file fails here, not later in a transform."""
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
 class SafeImageFolder(datasets.ImageFolder):
     """ImageFolder whose unreadable images yield None instead of crashing the epoch.
 
@@ -55,10 +64,8 @@ class SafeImageFolder(datasets.ImageFolder):
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
-            with open(path, "rb") as f:
-                img = Image.open(f)
-                img = img.convert("RGB")  # forces the full decode: truncated files fail here
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+            img = load_rgb(path)
+        except BAD_IMAGE_ERRORS as e:
             if self.on_bad_image == "fail":
                 raise RuntimeError(f"unreadable image {path}: {e} (use --on-bad-image skip to skip it)") from e
             warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=1)
@@ -125,8 +132,7 @@ class SingleImageDataset(torch.utils.data.Dataset):
     def __init__(self, path: str, length: int, transform=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"single image {path!r} does not exist")
-        with open(path, "rb") as f:
-            self.image = Image.open(f).convert("RGB")
+        self.image = load_rgb(path)
         self.length, self.transform = length, transform
 
     def __len__(self) -> int:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from common.data import check_image_folder
+from common.data import check_image_folder, load_rgb
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -40,8 +40,7 @@ class FileSamples(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        with open(self.paths[i], "rb") as f:
-            img = Image.open(f).convert("RGB")
+        img = load_rgb(self.paths[i])
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 

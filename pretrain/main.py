@@ -295,8 +295,6 @@ def fixed_pca_batch(dataset, cfg: dict) -> torch.Tensor | None:
     """PCA_IMAGES evenly spaced training images, centre-cropped (deterministic, no training RNG)."""
     if not cfg["pca_every_epochs"]:
         return None
-    from PIL import Image
-
     tf = cdata.build_eval_transform(resize=cfg["input_size"] * 256 // 224, crop=cfg["input_size"])
     if cfg["single_image"]:
         paths = [cfg["single_image"]]
@@ -307,9 +305,8 @@ def fixed_pca_batch(dataset, cfg: dict) -> torch.Tensor | None:
     images = []
     for path in dict.fromkeys(paths):
         try:
-            with open(path, "rb") as f:
-                images.append(tf(Image.open(f).convert("RGB")))
-        except (OSError, ValueError, SyntaxError):
+            images.append(tf(cdata.load_rgb(path)))
+        except cdata.BAD_IMAGE_ERRORS:
             continue  # unreadable images are reported by the training loader
     return torch.stack(images) if images else None
 
