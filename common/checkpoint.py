@@ -9,11 +9,22 @@ the new file into place, so at every instant at least one complete checkpoint ex
 a full disk or a kill -9 during a save never damages the previous checkpoint.
 Checkpoints hold plain types only (tensors, numbers, strings, lists, dicts) so they load with
 `torch.load(weights_only=True)`.
+
+Files the project did not write are never deleted:
+- every checkpoint we write is recorded by (inode, size, mtime_ns) in `.checkpoints.json` beside it (a
+  rename keeps all three); a save that would overwrite a file not recorded there first moves it aside
+  to `<name>.foreign-<time>`;
+- a checkpoint that cannot be read (corrupt, or another program's format) is moved aside to
+  `<name>.unreadable-<time>` and reported, then the previous one is tried.
+Temporary files of an interrupted save (`<name>.<random>.tmp`) are removed by `remove_orphan_temps`.
 """
 import hashlib
+import json
 import logging
 import os
+import re
 import tempfile
+import time
 
 import torch
 
@@ -72,12 +83,66 @@ def save_with_history(obj, output_dir: str, name: str = "checkpoint.pth", keep_l
     stem, ext = os.path.splitext(name)
     staged = os.path.join(output_dir, f"{stem}.new{ext}")
     atomic_save(obj, staged)  # complete on disk before any existing file moves
+    ours = _read_manifest(output_dir)
+
+    def move(src: str, dst: str) -> None:  # a rotation only ever overwrites a file we wrote
+        if os.path.exists(dst) and _fingerprint(dst) not in ours:
+            set_aside(dst, "foreign", "it was not written by this project's checkpointing")
+        os.replace(src, dst)
+
     for older, newer in zip(reversed(paths[1:]), reversed(paths[:-1])):
         if os.path.exists(newer):
-            os.replace(newer, older)
-    os.replace(staged, paths[0])
+            move(newer, older)
+    move(staged, paths[0])
     _fsync_dir(output_dir)
+    _write_manifest(output_dir, [_fingerprint(p) for p in paths if os.path.exists(p)])
     return paths[0]
+
+
+MANIFEST = ".checkpoints.json"
+_TEMP_RE = re.compile(r".+\.pth\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_save's mkstemp names
+
+
+def _fingerprint(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _read_manifest(output_dir: str) -> set[tuple[int, int, int]]:
+    try:
+        with open(os.path.join(output_dir, MANIFEST)) as f:
+            return {tuple(x) for x in json.load(f)["written"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _write_manifest(output_dir: str, fingerprints: list) -> None:
+    path = os.path.join(output_dir, MANIFEST)
+    with open(path + ".part", "w") as f:
+        json.dump({"written": [list(fp) for fp in fingerprints]}, f)
+    os.replace(path + ".part", path)
+
+
+def set_aside(path: str, why: str, reason: str) -> str:
+    """Rename `path` to `<path>.<why>-<time>` (never delete it) and say so; returns the new name."""
+    new = f"{path}.{why}-{time.strftime('%Y%m%d-%H%M%S')}"
+    while os.path.exists(new):
+        new += "_"
+    os.replace(path, new)
+    log.warning("%s: %s; moved aside to %s (not deleted)", path, reason, new)
+    return new
+
+
+def remove_orphan_temps(output_dir: str) -> list[str]:
+    """Delete the temporary files of saves that were killed mid-write (only our own naming pattern)."""
+    removed = []
+    for entry in os.scandir(output_dir) if os.path.isdir(output_dir) else ():
+        if entry.is_file() and _TEMP_RE.fullmatch(entry.name):
+            os.remove(entry.path)
+            removed.append(entry.path)
+    if removed:
+        log.info("removed %d temporary file(s) of interrupted saves: %s", len(removed), ", ".join(removed))
+    return removed
 
 
 def load_checkpoint(path: str) -> dict:
@@ -85,15 +150,17 @@ def load_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "this file is not usable"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
-                         f"{type(e).__name__}: {e}") from e
+                         f"{type(e).__name__}: {first_line}") from e
 
 
-def load_latest(output_dir: str, name: str = "checkpoint.pth", keep_last: int = 2):
+def load_latest(output_dir: str, name: str = "checkpoint.pth", keep_last: int = 2, accept=None):
     """Newest readable checkpoint in `output_dir` as (state, path), or (None, None) if there is none.
 
-    An unreadable newest file is reported and skipped in favour of the previous one; the staged
-    `.new` file of a save interrupted between its two renames counts as the newest if it is complete.
+    An unreadable file, or one `accept(state)` rejects (it returns a reason string, or None to accept),
+    is moved aside (never deleted) and the previous one is tried; the staged `.new` file of a save
+    interrupted between its two renames counts as the newest if it is complete.
     """
     stem, ext = os.path.splitext(name)
     candidates = [os.path.join(output_dir, f"{stem}.new{ext}")] + history_paths(output_dir, name, keep_last)
@@ -102,9 +169,16 @@ def load_latest(output_dir: str, name: str = "checkpoint.pth", keep_last: int = 
     existing.sort(key=lambda p: os.path.getmtime(p), reverse=True)
     for path in existing:
         try:
-            return load_checkpoint(path), path
+            state = load_checkpoint(path)
         except ValueError as e:
             log.warning("%s -- falling back to an older checkpoint", e)
+            set_aside(path, "unreadable", "cannot be read with torch.load(weights_only=True)")
+            continue
+        reason = accept(state) if accept is not None else None
+        if reason is None:
+            return state, path
+        log.warning("checkpoint %s is not usable here: %s -- falling back to an older checkpoint", path, reason)
+        set_aside(path, "unreadable", reason)
     if existing:
         log.warning("no readable checkpoint among %s; starting from scratch", existing)
     return None, None

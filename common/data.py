@@ -41,6 +41,11 @@ def check_image_folder(root: str, what: str = "dataset") -> None:
 BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for broken or truncated files
 
 
+def set_max_image_pixels(n: int) -> None:
+    """Images with more pixels are refused as decompression bombs (PIL raises; datasets count them as bad)."""
+    Image.MAX_IMAGE_PIXELS = int(n)
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open and fully decode an image as RGB: a truncated file fails here, not later in a transform."""
     with open(path, "rb") as f:

@@ -98,3 +98,12 @@ def all_gather_object(obj) -> list:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (identity in a world of one)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

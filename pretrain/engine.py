@@ -46,13 +46,20 @@ class StopTraining(Exception):
 
 
 class PreemptionFlag:
-    """Records SIGTERM / SIGUSR1 instead of dying; the loop checks `requested` after each step."""
+    """Records preemption signals instead of dying; the loop checks `signum` after each step.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGINT is one of them (Ctrl-C signals the whole process group, as SLURM and `timeout` do with SIGTERM).
+    A signal the process inherited as ignored (SIGHUP under nohup) stays ignored.
+    """
 
-    def __init__(self):
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, signals=SIGNALS):
         self.signum = 0
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self._previous = {}
+        for s in signals:
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
         self.signum = signum
@@ -88,6 +95,8 @@ class Trainer:
     last_good: str = "none written yet"
     preempt: PreemptionFlag | None = None
     _bad_streak: int = 0
+    _save_failures: int = 0  # consecutive failed checkpoint writes
+    _save_error: str = ""
 
     # ---- one step, in three parts (the benchmark times them separately) --------------------------------
     def autocast(self):
@@ -229,12 +238,23 @@ class Trainer:
     def save_checkpoint(self) -> None:
         ckpt = ckpt_state.build_checkpoint(self.distiller, self.ema, self.optimizer, self.scheduler, self.scaler,
                                            self.progress, self.mask_gen, self.cfg)
-        path = ckpt_state.save_checkpoint(ckpt, self.cfg["output_dir"], self.cfg["keep_checkpoints"],
-                                          self.dist_info.is_main)
+        path, error = ckpt_state.save_checkpoint(ckpt, self.cfg["output_dir"], self.cfg["keep_checkpoints"],
+                                                 self.dist_info.is_main)
         if path:
             self.last_good = f"{path} (step {self.progress.global_step})"
+            self._save_failures, self._save_error = 0, ""
             log.info("saved %s at step %d (epoch %d, %d/%d)", path, self.progress.global_step, self.progress.epoch,
                      self.progress.step_in_epoch, self.steps_per_epoch)
+        elif error:
+            self._save_failures, self._save_error = self._save_failures + 1, error
+            limit = self.cfg["max_save_failures"]
+            if self._save_failures >= limit:
+                raise StopTraining(f"{self._save_failures} checkpoint writes in a row failed (last: {error}). "
+                                   f"Last good checkpoint: {self.last_good}. Free disk space (or fix the "
+                                   f"output dir) and rerun the same command to resume from it.",
+                                   ckpt_state.EXIT_SAVE_FAILED)
+            log.warning("training continues; the next save retries (%d of %d failures allowed in a row)",
+                        self._save_failures, limit)
 
     def _maybe_save_mid_epoch(self) -> None:
         every = self.cfg["save_every_steps"]
@@ -242,8 +262,13 @@ class Trainer:
             self.save_checkpoint()  # the epoch-end save covers the last step of an epoch
 
     def stop_preempted(self) -> None:
+        self._save_failures = -10**9  # the final save must not raise: its outcome goes into the message
         self.save_checkpoint()
         barrier()
+        if self._save_error and self.dist_info.is_main:
+            raise StopTraining(f"stopped by a signal after step {self.progress.global_step}, but the checkpoint "
+                               f"could not be written ({self._save_error}); the last good one is "
+                               f"{self.last_good}. Run the same command to continue from it.", EXIT_PREEMPTED)
         raise StopTraining(f"stopped by a signal after step {self.progress.global_step}; checkpoint written "
                            f"({self.last_good}). Run the same command to continue.", EXIT_PREEMPTED)
 

@@ -5,11 +5,16 @@
 
 Single process (CPU or one GPU) or torchrun (NCCL on GPU, gloo on CPU, multi-node from torchrun's env).
 Running the same command again resumes from `--output-dir/checkpoint.pth` (mid-epoch, exactly).
-Exit codes: 0 done, 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (rerun), 3 non-finite loss, 2 bad config.
+Rerunning with a different configuration is refused (the differing keys are listed) unless the keys
+are named in --allow-resume-change (e.g. `--epochs 400 --allow-resume-change epochs` extends a run).
+Exit codes: 0 done, 2 bad input (one message, nothing written), 3 non-finite loss, 74 checkpoints could
+not be written, 75 stopped by SIGTERM/SIGINT/SIGUSR1/SIGHUP after a checkpoint (rerun the same command).
 """
 import json
 import logging
+import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,8 +24,13 @@ import torch
 import models
 from common import data as cdata
 from common import optim
-from common.dist import DistInfo, cleanup, init_distributed
+from common.checkpoint import remove_orphan_temps
+from common.dist import DistInfo, broadcast_object, cleanup, init_distributed, resolve_device
+from common.errors import ConfigError, UserError, cli
 from common.log import MetricLogger, setup_logging, write_json
+from common.precision import resolve_precision
+from common.rundir import claim_run_dir
+from common.runlock import RunDirLock
 from .engine import EXIT_PREEMPTED, PreemptionFlag, StopTraining, Trainer
 from .losses import ProteusDistiller, select_objectives
 from .masking import MaskGenerator, validate_mask_config
@@ -41,6 +51,7 @@ CONFIG = {
         "num_workers": (10, "DataLoader worker processes per rank"),
         "pin_mem": (True, "pinned host memory for faster host-to-GPU copies"),
         "on_bad_image": ("skip", "unreadable images: skip (warn + count) or fail"),
+        "max_image_pixels": (89_478_485, "larger images are bad images (decompression-bomb guard; PIL's limit)"),
         "repeated_aug": (3, "DeiT repeated augmentation under DDP: copies of each image per epoch (1 = off)"),
         "class_fraction": (1.0, "proxy data: keep this fraction of the classes (paper §5, Table 10)"),
         "images_per_class": (0.0, "proxy data: 0 = all, (0,1) = fraction, >= 1 = count per class"),
@@ -56,6 +67,8 @@ CONFIG = {
     "models": {
         "teacher": ("dinov2_vitb14", f"frozen teacher: {', '.join(models.TEACHERS)} or timm:<name>"),
         "teacher_checkpoint": ("", "teacher weights in the official format (DINOv2: downloaded if empty)"),
+        "teacher_dtype": ("auto", "teacher weights: auto (bf16 on GPU under bf16/fp16, else fp32), fp32 (the "
+                                  "original), bf16"),
         "student": ("vit_small", "student size: vit_tiny, vit_small, vit_base, vit_large"),
         "student_kwargs": ("", "size overrides: depth=2,embed_dim=64,num_heads=2 or JSON as --model-kwargs of the evals"),
         "patch_size": (14, "student patch size; must equal the teacher's for the patch/feature objectives"),
@@ -82,7 +95,8 @@ CONFIG = {
         "clip_grad": (0.0, "max gradient norm (0 = no clipping, as the original)"),
         "fused_adamw": ("auto", "fused AdamW kernel: auto (on for CUDA), on, off"),
         "ema_decay": (0.99996, "EMA of the student per step (0 = no EMA; then no student_backbone_ema.pth)"),
-        "precision": ("bf16", "bf16 autocast (default), fp16 autocast + GradScaler, or fp32"),
+        "precision": ("auto", "auto (bf16 on GPUs and CPUs with native bf16, else fp32), bf16 autocast, fp16 "
+                              "autocast + GradScaler, or fp32"),
         "compile": (False, "torch.compile the student and teacher forward"),
     },
     "runtime": {
@@ -91,16 +105,50 @@ CONFIG = {
         "output_dir": ("output/pretrain", "checkpoints, log.txt, TensorBoard, exported backbones"),
         "save_every_steps": (500, "also checkpoint every N steps (0 = only at epoch ends)"),
         "keep_checkpoints": (2, "checkpoints kept (checkpoint.pth, checkpoint.1.pth, ...): a corrupt one falls back"),
+        "max_save_failures": (3, "consecutive failed checkpoint writes (disk full, ...) before the run stops"),
+        "allow_resume_change": ("", "comma list of keys a resume may change, e.g. epochs or epochs,lr "
+                                    "(see RESUME_CHANGEABLE); any other change is refused"),
         "log_every": (10, "progress line, log.txt and TensorBoard every N steps"),
         "pca_every_epochs": (5, "TensorBoard PCA image of student vs teacher patch features (0 = off)"),
         "max_bad_steps": (20, "fp16: consecutive scaler-skipped / non-finite steps tolerated before stopping"),
         "dist_timeout_min": (30, "collective timeout in minutes"),
     },
 }
-CHOICES = {"on_bad_image": ("skip", "fail"), "precision": ("bf16", "fp16", "fp32"),
-           "fused_adamw": ("auto", "on", "off")}
+CHOICES = {"on_bad_image": ("skip", "fail"), "precision": ("auto", "bf16", "fp16", "fp32"),
+           "fused_adamw": ("auto", "on", "off"), "teacher_dtype": ("auto", "fp32", "bf16"),
+           "train_interpolation": ("bicubic", "bilinear", "nearest", "random")}
+STUDENTS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+# Allowed range of every numeric knob: (low, high, low inclusive, high inclusive); None = unbounded.
+# A test checks that every int/float knob of CONFIG has an entry, so a new knob cannot skip validation.
+LIMITS = {
+    "input_size": (1, None, True, True), "batch_size": (1, None, True, True),
+    "global_batch_size": (0, None, True, True), "num_workers": (0, None, True, True),
+    "max_image_pixels": (1, None, True, True), "repeated_aug": (1, None, True, True),
+    "class_fraction": (0, 1, False, True), "images_per_class": (0, None, True, True),
+    "single_image_length": (1, None, True, True), "reprob": (0, 1, True, True),
+    "patch_size": (1, None, True, True), "drop_path": (0, 1, True, False),
+    "mask_probability": (0, 1, True, True), "lambda_token": (0, None, True, True),
+    "lambda_fea": (0, None, True, True), "lambda_patch": (0, None, True, True),
+    "epochs": (1, None, True, True), "warmup_epochs": (0, None, True, True), "lr": (0, None, False, True),
+    "lr_reference_batch": (1, None, True, True), "min_lr": (0, None, True, True),
+    "warmup_lr": (0, None, True, True), "weight_decay": (0, None, True, True), "opt_eps": (0, None, False, True),
+    "clip_grad": (0, None, True, True), "ema_decay": (0, 1, True, False), "seed": (0, 2**31 - 1, True, True),
+    "save_every_steps": (0, None, True, True), "keep_checkpoints": (1, None, True, True),
+    "max_save_failures": (1, None, True, True), "log_every": (1, None, True, True),
+    "pca_every_epochs": (0, None, True, True), "max_bad_steps": (0, None, True, True),
+    "dist_timeout_min": (1, None, True, True),
+}
+# Resume: keys that never change results (free), and keys a rerun may change when named in
+# --allow-resume-change (the schedule is rebuilt from the new values). Every other key must match.
+RESUME_FREE = ("output_dir", "num_workers", "pin_mem", "log_every", "pca_every_epochs", "save_every_steps",
+               "keep_checkpoints", "max_save_failures", "dist_timeout_min", "max_bad_steps", "device",
+               "compile", "allow_resume_change", "world_size")
+RESUME_CHANGEABLE = ("epochs", "lr", "min_lr", "warmup_lr", "clip_grad", "data_path", "teacher_checkpoint",
+                     "precision", "teacher_dtype", "on_bad_image", "max_image_pixels", "fused_adamw")
 EXIT_BAD_CONFIG = 2
+RUN_FILES = ("config.json", "checkpoint.pth", "log.txt", "student_backbone.pth")  # what a run writes at its top
 PCA_IMAGES = 4  # images in the fixed PCA batch
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
 
 # ==========================================================================================================
@@ -158,39 +206,107 @@ def teacher_patch_size(name: str) -> int | None:
 
 
 def validate_config(cfg: dict, world_size: int) -> None:
-    """Every configuration error we can detect without loading a model or a dataset."""
-    student_names = ("vit_tiny", "vit_small", "vit_base", "vit_large")
-    if cfg["student"] not in student_names:
-        raise ValueError(f"unknown student {cfg['student']!r}; expected one of {student_names}")
+    """Every configuration error we can detect without loading a model or a dataset (ConfigError)."""
+    try:
+        _validate(cfg, world_size)
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # the checks below and the helpers they call
+        raise ConfigError(str(e)) from e
+
+
+def _validate(cfg: dict, world_size: int) -> None:
+    check_limits(cfg)
+    if cfg["student"] not in STUDENTS:
+        raise ValueError(f"unknown student {cfg['student']!r}; expected one of {STUDENTS}")
     if cfg["teacher"] not in models.TEACHERS and not cfg["teacher"].startswith("timm:"):
         raise ValueError(f"unknown teacher {cfg['teacher']!r}; expected one of {models.TEACHERS} or timm:<name>")
     size, p = cfg["input_size"], cfg["patch_size"]
-    if p < 1 or size % p:
+    if size % p:
         raise ValueError(f"--patch-size {p} does not divide --input-size {size}; pick a multiple, e.g. "
                          f"--input-size {max(p, size // p * p)}")
     tp = teacher_patch_size(cfg["teacher"])
     if tp is not None:
         check_grids(cfg, tp)
     validate_mask_config(cfg["mask_probability"], cfg["mask_ratio"])
-    lo_hi = cfg["crop_scale"]
-    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
-        raise ValueError(f"--crop-scale takes LO HI with 0 < LO <= HI <= 1 (share of the image area), got {lo_hi}")
-    select_objectives(cfg["teacher"], lambdas_of(cfg), cfg["mask_probability"])
-    if cfg["batch_size"] < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {cfg['batch_size']}")
-    if cfg["global_batch_size"] and cfg["global_batch_size"] % world_size:
-        raise ValueError(f"--global-batch-size {cfg['global_batch_size']} is not divisible by the {world_size} "
-                         f"processes; use a multiple of {world_size}")
-    if cfg["epochs"] < 1 or not 0 <= cfg["warmup_epochs"] <= cfg["epochs"]:
-        raise ValueError(f"need --epochs >= 1 and 0 <= --warmup-epochs <= --epochs, got {cfg['epochs']} / "
-                         f"{cfg['warmup_epochs']}")
-    parse_student_kwargs(cfg["student_kwargs"])
+    check_optimisation(cfg, world_size)
+    check_student_kwargs(parse_student_kwargs(cfg["student_kwargs"]), cfg["student"])
+    check_augmentation(cfg)
+    parse_resume_changes(cfg["allow_resume_change"])
+    resolve_device(cfg["device"])  # --device cuda without a GPU fails here, not after the teacher loaded
     if cfg["single_image"]:
         if not os.path.isfile(cfg["single_image"]):
             raise FileNotFoundError(f"--single-image {cfg['single_image']!r} does not exist")
     else:
         for root in cfg["data_path"]:
             cdata.check_image_folder(root, "--data-path")
+    if cfg["teacher_checkpoint"] and not os.path.isfile(cfg["teacher_checkpoint"]):
+        raise FileNotFoundError(f"--teacher-checkpoint {cfg['teacher_checkpoint']!r} does not exist")
+
+
+def check_limits(cfg: dict) -> None:
+    """Each numeric knob within its LIMITS range (and finite)."""
+    for name, (lo, hi, lo_in, hi_in) in LIMITS.items():
+        v = cfg[name]
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{flag} must be a finite number, got {v}")
+        if (lo is not None and (v < lo if lo_in else v <= lo)) or (hi is not None and (v > hi if hi_in else v >= hi)):
+            span = (f"{'[' if lo_in else '('}{lo}, {hi if hi is not None else 'inf'}{']' if hi_in else ')'}")
+            raise ValueError(f"{flag} must be in {span}, got {v}")
+
+
+def check_optimisation(cfg: dict, world_size: int) -> None:
+    if cfg["global_batch_size"] and cfg["global_batch_size"] % world_size:
+        raise ValueError(f"--global-batch-size {cfg['global_batch_size']} is not divisible by the {world_size} "
+                         f"processes; use a multiple of {world_size}")
+    if cfg["warmup_epochs"] > cfg["epochs"]:
+        raise ValueError(f"need 0 <= --warmup-epochs <= --epochs, got {cfg['warmup_epochs']} / {cfg['epochs']}")
+    global_batch = cfg["global_batch_size"] or cfg["batch_size"] * world_size
+    peak = optim.scaled_lr(cfg["lr"], global_batch, cfg["lr_reference_batch"])
+    if cfg["min_lr"] > peak:
+        raise ValueError(f"--min-lr {cfg['min_lr']} is above the peak learning rate {peak:.3g} (--lr {cfg['lr']} x "
+                         f"global batch {global_batch} / --lr-reference-batch {cfg['lr_reference_batch']})")
+    betas = cfg["opt_betas"]
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"--opt-betas takes two values in [0, 1), got {betas}")
+    lo_hi = cfg["crop_scale"]
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+        raise ValueError(f"--crop-scale takes LO HI with 0 < LO <= HI <= 1 (share of the image area), got {lo_hi}")
+    select_objectives(cfg["teacher"], lambdas_of(cfg), cfg["mask_probability"])
+
+
+def check_student_kwargs(kwargs: dict, student: str) -> None:
+    allowed = ("depth", "embed_dim", "num_heads", "num_register_tokens")
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"--student-kwargs: unknown key(s) {unknown}; allowed: {list(allowed)}")
+    low = {k: v for k, v in kwargs.items() if v < (0 if k == "num_register_tokens" else 1)}
+    if low:
+        raise ValueError(f"--student-kwargs values must be >= 1 (num_register_tokens >= 0), got {low}")
+    dim, _, heads = models.VIT_SIZES[student]
+    dim, heads = kwargs.get("embed_dim", dim), kwargs.get("num_heads", heads)
+    if dim % heads:
+        raise ValueError(f"--student-kwargs: embed_dim {dim} is not divisible by num_heads {heads}")
+
+
+def check_augmentation(cfg: dict) -> None:
+    """Build the training transform once: timm rejects unknown RandAugment policies here, not in a worker."""
+    try:
+        cdata.build_train_transform(cfg["input_size"], cfg["aa"] or None, cfg["reprob"], cfg["train_interpolation"],
+                                    scale=cfg["crop_scale"])
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"--aa {cfg['aa']!r} is not a timm augmentation policy such as rand-m9-mstd0.5-inc1 "
+                         f"(or '' for none): {type(e).__name__}: {e}") from e
+
+
+def parse_resume_changes(text: str) -> set[str]:
+    keys = {k.strip().lstrip("-").replace("-", "_") for k in text.split(",") if k.strip()}
+    bad = sorted(keys - set(RESUME_CHANGEABLE))
+    if bad:
+        raise ValueError(f"--allow-resume-change: {bad} cannot change on resume; changeable: "
+                         f"{', '.join(RESUME_CHANGEABLE)} (anything else needs a new --output-dir)")
+    return keys
 
 
 def check_grids(cfg: dict, teacher_patch: int) -> None:
@@ -213,7 +329,13 @@ def lambdas_of(cfg: dict) -> dict:
 
 def resolve_derived(cfg: dict, info: DistInfo) -> dict:
     """Quantities computed from the knobs (printed and stored in config.json, never configured)."""
-    cfg = dict(cfg)
+    cfg = dict(cfg, tool="pretrain")
+    for key in ("teacher_checkpoint", "single_image"):  # absolute: config.json must name the files it used
+        cfg[key] = os.path.abspath(cfg[key]) if cfg[key] else ""
+    cfg["data_path"] = [os.path.abspath(p) for p in cfg["data_path"]]
+    cfg["precision_requested"] = cfg["precision"]
+    cfg["precision"], cfg["precision_reason"] = resolve_precision(cfg["precision"], info.device)
+    log.info("precision %s (%s)", cfg["precision"], cfg["precision_reason"])
     if cfg["global_batch_size"]:
         cfg["batch_size"] = cfg["global_batch_size"] // info.world_size
     cfg["world_size"] = info.world_size
@@ -241,12 +363,23 @@ def build_teacher(cfg: dict, device: torch.device) -> models.Teacher:
     teacher = models.build_teacher(cfg["teacher"], cfg["teacher_checkpoint"] or None, img_size=cfg["input_size"])
     check_grids(cfg, teacher.patch_size)  # timm:<name> teachers are only known once built
     teacher.to(device)
-    if device.type == "cuda" and cfg["precision"] != "fp32":
-        # a frozen teacher needs no fp32 master weights: bf16 halves its memory and bandwidth
-        teacher.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    dtype = teacher_weight_dtype(cfg, device)
+    if dtype != torch.float32:
+        teacher.to(dtype)
     if cfg["compile"]:
         teacher.backbone.compile()
     return teacher
+
+
+def teacher_weight_dtype(cfg: dict, device: torch.device) -> torch.dtype:
+    """auto: on GPU under bf16/fp16 a frozen teacher needs no fp32 master weights (bf16 halves its memory and
+    bandwidth; the targets move by about 1 % relative); fp32 keeps the original's fp32 weights under autocast."""
+    choice = cfg["teacher_dtype"]
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice == "auto" and device.type == "cuda" and cfg["precision"] != "fp32":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 def build_model(cfg: dict, teacher: models.Teacher, info: DistInfo):
@@ -270,6 +403,7 @@ def build_model(cfg: dict, teacher: models.Teacher, info: DistInfo):
 
 def build_data(cfg: dict, info: DistInfo):
     """(loader, loader generator, steps per epoch, fixed PCA batch)."""
+    cdata.set_max_image_pixels(cfg["max_image_pixels"])
     transform = cdata.build_train_transform(cfg["input_size"], cfg["aa"] or None, cfg["reprob"],
                                             cfg["train_interpolation"], scale=cfg["crop_scale"])
     dataset = cdata.build_pretrain_dataset(cfg["data_path"], transform, cfg["on_bad_image"], cfg["class_fraction"],
@@ -284,11 +418,19 @@ def build_data(cfg: dict, info: DistInfo):
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
         pin_memory=cfg["pin_mem"] and info.device.type == "cuda", drop_last=True,
-        collate_fn=cdata.collate_skip_bad, worker_init_fn=cdata.seed_worker, generator=generator,
+        collate_fn=cdata.collate_skip_bad, worker_init_fn=_worker_init, generator=generator,
         persistent_workers=False)
     log.info("data: %d images, %d steps/epoch of %d x %d processes", len(dataset), steps_per_epoch,
              cfg["batch_size"], info.world_size)
     return loader, generator, steps_per_epoch, fixed_pca_batch(dataset, cfg)
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers ignore the preemption signals: SLURM, `timeout`, container runtimes and Ctrl-C signal
+    the whole process group, and a worker that dies of it takes the main process down before it can save."""
+    for s in PREEMPT_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    cdata.seed_worker(worker_id)
 
 
 def fixed_pca_batch(dataset, cfg: dict) -> torch.Tensor | None:
@@ -324,82 +466,197 @@ def build_optimisation(cfg: dict, distiller, steps_per_epoch: int):
     return optimizer, scheduler, scaler, ema
 
 
-def resume_if_possible(trainer: Trainer, cfg: dict, info: DistInfo) -> None:
-    """Continue from the newest readable checkpoint in output_dir (falls back to older ones)."""
-    ckpt, path = ckpt_state.load_resume_checkpoint(cfg["output_dir"], cfg["keep_checkpoints"])
+# ==========================================================================================================
+# The output directory: one run at a time, never another tool's, resumed only with the same configuration
+# ==========================================================================================================
+def claim_output_dir(cfg: dict, info: DistInfo) -> RunDirLock | None:
+    """Rank 0 locks the output dir, checks that no other tool owns it and removes temp files of killed saves.
+
+    Every rank learns the outcome, so a refused run stops on all ranks with the same message.
+    """
+    lock, error = None, ""
+    if info.is_main:
+        try:
+            claim_run_dir(cfg["output_dir"], "pretrain", files=RUN_FILES)
+            lock = RunDirLock(cfg["output_dir"]).acquire()
+            remove_orphan_temps(cfg["output_dir"])
+        except UserError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise UserError(error)
+    return lock
+
+
+def find_resume_checkpoint(cfg: dict, info: DistInfo):
+    """(checkpoint, path) to resume from, or (None, None). Rank 0 picks the file (unusable ones are moved
+    aside, never deleted), every rank loads that same file."""
+    ckpt, path = None, None
+    if info.is_main:
+        ckpt, path = ckpt_state.load_resume_checkpoint(cfg["output_dir"], cfg["keep_checkpoints"])
+    path = broadcast_object(path)
+    if path and not info.is_main:
+        ckpt = ckpt_state.read_checkpoint(path)
+    return ckpt, path
+
+
+def check_resume_config(cfg: dict, ckpt: dict | None, path: str | None) -> dict:
+    """Refuse to resume with a configuration that differs from the checkpoint's, except for the keys named in
+    --allow-resume-change; record the allowed changes. Returns cfg (with `resume_changes`)."""
     if ckpt is None:
-        log.info("no checkpoint in %s: starting from scratch", cfg["output_dir"])
+        return cfg
+    old = ckpt.get("config") or {}
+    diffs = config_diff(old, cfg)
+    refused = {k: v for k, v in diffs.items() if k not in parse_resume_changes(cfg["allow_resume_change"])}
+    if refused:
+        lines = "\n".join(f"  {k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in refused.items())
+        changeable = sorted(set(refused) & set(RESUME_CHANGEABLE))
+        hint = (f" If the change is intended, pass --allow-resume-change {','.join(changeable)}." if changeable
+                else "")
+        raise ConfigError(f"{cfg['output_dir']} holds a run with a different configuration ({path}, step "
+                          f"{ckpt.get('global_step')}):\n{lines}\nRerun with the checkpoint's values or use a new "
+                          f"--output-dir.{hint}")
+    if old.get("precision") and old["precision"] != cfg["precision"] and "precision" not in diffs:
+        log.warning("precision resolved to %s here (%s); the checkpoint was trained with %s", cfg["precision"],
+                    cfg["precision_reason"], old["precision"])
+    history = list(old.get("resume_changes", []))
+    if diffs:
+        log.warning("resuming with changed %s (allowed by --allow-resume-change; schedule rebuilt from the new "
+                    "values)", ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items()))
+        history.append({"step": ckpt.get("global_step"), "changes": {k: list(v) for k, v in diffs.items()}})
+    return {**cfg, "resume_changes": history}
+
+
+def config_diff(old: dict, new: dict) -> dict:
+    """{key: (old, new)} over every result-changing key (knobs + the global batch), paths made absolute."""
+    keys = [k for group in CONFIG.values() for k in group if k not in RESUME_FREE]
+    keys = [k for k in keys if k not in ("batch_size", "global_batch_size")] + ["global_batch"]
+    out = {}
+    for k in keys:
+        if k == "precision" and "precision_requested" in old:
+            a, b = old["precision_requested"], new["precision_requested"]
+        else:
+            a, b = old.get(k, _default(k)), new.get(k)
+        a, b = _normalise(k, a), _normalise(k, b)
+        if a != b:
+            out[k] = (a, b)
+    return out
+
+
+def _default(key: str):
+    return next((knobs[key][0] for knobs in CONFIG.values() if key in knobs), None)
+
+
+def _normalise(key: str, value):
+    if key in ("data_path", "teacher_checkpoint", "single_image"):
+        if isinstance(value, (list, tuple)):
+            return [os.path.abspath(v) for v in value]
+        return os.path.abspath(value) if value else ""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def resume(trainer: Trainer, ckpt: dict | None, path: str | None, info: DistInfo) -> None:
+    if ckpt is None:
+        log.info("no checkpoint in %s: starting from scratch", trainer.cfg["output_dir"])
         return
-    trainer.progress = ckpt_state.restore(ckpt, trainer.distiller, trainer.ema, trainer.optimizer,
-                                          trainer.scheduler, trainer.scaler, trainer.mask_gen, info.rank,
-                                          info.world_size)
+    trainer.progress = ckpt_state.restore(ckpt, trainer.distiller, trainer.ema, trainer.optimizer, trainer.scaler,
+                                          trainer.mask_gen, info.rank, info.world_size)
     trainer.last_good = f"{path} (step {trainer.progress.global_step})"
     p = trainer.progress
     log.info("resumed from %s: epoch %d, batch %d/%d, step %d", path, p.epoch, p.step_in_epoch,
              trainer.steps_per_epoch, p.global_step)
 
 
-def write_run_config(cfg: dict, info: DistInfo, steps_per_epoch: int) -> None:
+def check_steps_per_epoch(cfg: dict, ckpt: dict | None, steps_per_epoch: int) -> None:
+    """A resumed epoch continues at a batch offset: the data must give the same number of batches."""
+    old = (ckpt or {}).get("config", {}).get("steps_per_epoch")
+    if old is not None and old != steps_per_epoch:
+        raise ConfigError(f"the data now gives {steps_per_epoch} steps per epoch, the checkpoint's run had {old} "
+                          f"(images added or removed under --data-path?): a resume would replay or skip images. "
+                          f"Restore the data or use a new --output-dir")
+
+
+def write_run_config(cfg: dict, info: DistInfo, resumed_from: str | None) -> None:
     if not info.is_main:
         return
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
-    os.makedirs(cfg["output_dir"], exist_ok=True)
     write_json(os.path.join(cfg["output_dir"], "config.json"),
-               {**cfg, "steps_per_epoch": steps_per_epoch, "total_steps": steps_per_epoch * cfg["epochs"],
+               {**cfg, "total_steps": cfg["steps_per_epoch"] * cfg["epochs"], "resumed_from": resumed_from,
                 "git_sha": sha, "torch": torch.__version__, "argv": sys.argv})
     log.info("config: %s", json.dumps({k: cfg[k] for k in ("teacher", "student", "global_batch", "lr_scaled",
                                                              "epochs", "precision", "objectives")}))
 
 
 def finish(trainer: Trainer, cfg: dict, info: DistInfo) -> None:
-    if info.is_main:
+    if not info.is_main:
+        return
+    try:
         paths = ckpt_state.export_backbones(trainer.distiller, trainer.ema, cfg["output_dir"])
-        log.info("exported %s (DINOv2 keys; models.load_backbone or timm vit_*_patch14_dinov2)", ", ".join(paths))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        raise StopTraining(f"training finished but the backbone export failed: {e}. The checkpoint "
+                           f"({trainer.last_good}) holds the weights: free space and rerun the same command to "
+                           f"export.", ckpt_state.EXIT_SAVE_FAILED) from e
+    log.info("exported %s (DINOv2 keys; models.load_backbone or timm vit_*_patch14_dinov2)", ", ".join(paths))
 
 
 # ==========================================================================================================
 # main: a table of contents
 # ==========================================================================================================
+@cli("pretrain.main")
 def main(argv=None) -> int:
     cfg = parse_config(argv)
-    try:
-        validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pretrain.main: configuration error: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     info = init_distributed(cfg["device"], cfg["dist_timeout_min"])
-    setup_logging(cfg["output_dir"], info.rank, name="pretrain")
-    cfg = resolve_derived(cfg, info)
-    seed_everything(cfg["seed"] + info.rank)
+    lock = None
+    try:
+        lock = claim_output_dir(cfg, info)
+        setup_logging(cfg["output_dir"], info.rank, name="pretrain")
+        return train(resolve_derived(cfg, info), info)
+    finally:
+        if lock is not None:
+            lock.release()
+        cleanup()
 
-    teacher = build_teacher(cfg, info.device)
-    distiller, model = build_model(cfg, teacher, info)
-    loader, loader_gen, steps_per_epoch, pca_batch = build_data(cfg, info)
-    optimizer, scheduler, scaler, ema = build_optimisation(cfg, distiller, steps_per_epoch)
-    grid = cfg["input_size"] // cfg["patch_size"]
-    mask_gen = MaskGenerator(grid * grid, cfg["mask_probability"] if "patch" in cfg["objectives"] else 0.0,
-                             cfg["mask_ratio"], seed=cfg["seed"] + info.rank)
-    metrics = MetricLogger(cfg["output_dir"], enabled=info.is_main)
-    trainer = Trainer(cfg, info, distiller, model, teacher, ema, optimizer, scheduler, scaler, mask_gen, loader,
-                      loader_gen, steps_per_epoch, metrics, pca_batch=pca_batch, preempt=PreemptionFlag())
-    resume_if_possible(trainer, cfg, info)
-    write_run_config(cfg, info, steps_per_epoch)
 
-    exit_code = 0
+def train(cfg: dict, info: DistInfo) -> int:
+    preempt = PreemptionFlag(PREEMPT_SIGNALS)  # from here on a signal means "checkpoint, then exit 75"
+    try:
+        ckpt, ckpt_path = find_resume_checkpoint(cfg, info)
+        cfg = check_resume_config(cfg, ckpt, ckpt_path)
+        seed_everything(cfg["seed"] + info.rank)
+        loader, loader_gen, steps_per_epoch, pca_batch = build_data(cfg, info)
+        check_steps_per_epoch(cfg, ckpt, steps_per_epoch)
+        cfg["steps_per_epoch"] = steps_per_epoch
+        teacher = build_teacher(cfg, info.device)
+        distiller, model = build_model(cfg, teacher, info)
+        optimizer, scheduler, scaler, ema = build_optimisation(cfg, distiller, steps_per_epoch)
+        grid = cfg["input_size"] // cfg["patch_size"]
+        mask_gen = MaskGenerator(grid * grid, cfg["mask_probability"] if "patch" in cfg["objectives"] else 0.0,
+                                 cfg["mask_ratio"], seed=cfg["seed"] + info.rank)
+        metrics = MetricLogger(cfg["output_dir"], enabled=info.is_main)
+        trainer = Trainer(cfg, info, distiller, model, teacher, ema, optimizer, scheduler, scaler, mask_gen, loader,
+                          loader_gen, steps_per_epoch, metrics, pca_batch=pca_batch, preempt=preempt)
+        resume(trainer, ckpt, ckpt_path, info)
+        del ckpt
+        write_run_config(cfg, info, ckpt_path)
+        return run(trainer, cfg, info)
+    finally:
+        preempt.restore()
+
+
+def run(trainer: Trainer, cfg: dict, info: DistInfo) -> int:
     try:
         trainer.train()
         finish(trainer, cfg, info)
+        return 0
     except StopTraining as stop:
         (log.warning if stop.exit_code == EXIT_PREEMPTED else log.error)("%s", stop)
-        exit_code = stop.exit_code
+        return stop.exit_code
     finally:
-        metrics.close()
-        trainer.preempt.restore()
-        cleanup()
-    return exit_code
+        trainer.metrics.close()
 
 
 if __name__ == "__main__":

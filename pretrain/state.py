@@ -19,10 +19,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from common.checkpoint import atomic_save, load_latest, save_with_history
+from common.checkpoint import atomic_save, load_checkpoint, load_latest, save_with_history
 from common.dist import all_gather_object
 
 log = logging.getLogger(__name__)
+
+EXIT_SAVE_FAILED = 74  # EX_IOERR: checkpoints could not be written (disk full, quota, permissions)
+REQUIRED_KEYS = ("student", "heads", "optimizer", "global_step", "epoch", "step_in_epoch", "rng", "config")
 
 
 @dataclass
@@ -69,25 +72,46 @@ def build_checkpoint(distiller, ema, optimizer, scheduler, scaler, progress: Pro
             "config": config}
 
 
-def save_checkpoint(ckpt: dict, output_dir: str, keep_last: int, is_main: bool) -> str | None:
-    """Atomic save with history on rank 0. A failed write is reported and the previous file kept."""
+def save_checkpoint(ckpt: dict, output_dir: str, keep_last: int, is_main: bool) -> tuple[str | None, str]:
+    """Atomic save with history on rank 0: (path, "") or, when the write failed, (None, why).
+
+    A failed write (a full disk raises RuntimeError inside torch.save, a quota OSError) leaves the previous
+    checkpoint intact; the caller decides how many failures in a row it tolerates.
+    """
     if not is_main:
-        return None
+        return None, ""
     try:
-        return save_with_history(ckpt, output_dir, "checkpoint.pth", keep_last)
-    except OSError as e:
-        log.error("checkpoint not written: %s. Training continues; the previous checkpoint is intact.", e)
-        return None
+        return save_with_history(ckpt, output_dir, "checkpoint.pth", keep_last), ""
+    except (OSError, RuntimeError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.error("checkpoint not written: %s. The previous checkpoint is intact.", why)
+        return None, why
+
+
+def is_resumable(ckpt) -> str | None:
+    """None if `ckpt` is a pretrain.main checkpoint, else why not (used to set foreign files aside)."""
+    if not isinstance(ckpt, dict):
+        return f"it holds a {type(ckpt).__name__}, not a pretrain.main checkpoint"
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    return f"not a pretrain.main checkpoint (no {', '.join(missing)})" if missing else None
 
 
 def load_resume_checkpoint(output_dir: str, keep_last: int):  # the one place naming the file for resume
-    """(checkpoint, path) of the newest readable checkpoint in output_dir, or (None, None)."""
-    return load_latest(output_dir, "checkpoint.pth", keep_last)
+    """(checkpoint, path) of the newest usable checkpoint in output_dir, or (None, None)."""
+    return load_latest(output_dir, "checkpoint.pth", keep_last, accept=is_resumable)
 
 
-def restore(ckpt: dict, distiller, ema, optimizer, scheduler, scaler, mask_gen, rank: int,
-            world_size: int) -> Progress:
-    """Load everything `build_checkpoint` stored; RNG streams only if the world size is unchanged."""
+def read_checkpoint(path: str) -> dict:
+    return load_checkpoint(path)
+
+
+def restore(ckpt: dict, distiller, ema, optimizer, scaler, mask_gen, rank: int, world_size: int) -> Progress:
+    """Load everything `build_checkpoint` stored; RNG streams only if the world size is unchanged.
+
+    The LR schedule is not restored: it is a function of the configuration and the step, rebuilt from the
+    current configuration (so an allowed change of --epochs or --lr takes effect, and an unchanged one
+    gives exactly the saved schedule). The checkpoint's `scheduler` entry is kept for inspection.
+    """
     distiller.student.load_state_dict(ckpt["student"])
     for name, sd in ckpt["heads"].items():
         head = getattr(distiller, name, None)
@@ -98,7 +122,6 @@ def restore(ckpt: dict, distiller, ema, optimizer, scheduler, scaler, mask_gen, 
     if ema is not None and ckpt.get("student_ema") is not None:
         ema.module.load_state_dict(ckpt["student_ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) == world_size:

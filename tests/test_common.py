@@ -14,7 +14,8 @@ from common.log import MetricLogger, write_json
 def test_history_keeps_last_k_and_falls_back_on_corruption(tmp_path, caplog):
     for i in range(4):
         save_with_history({"step": i, "w": torch.full((3,), float(i))}, str(tmp_path), keep_last=3)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.1.pth", "checkpoint.2.pth", "checkpoint.pth"]
+    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".")) == [
+        "checkpoint.1.pth", "checkpoint.2.pth", "checkpoint.pth"]
     state, path = load_latest(str(tmp_path), keep_last=3)
     assert state["step"] == 3 and path.endswith("checkpoint.pth")
     with open(tmp_path / "checkpoint.pth", "r+b") as f:  # a save that died half-way (or bit rot)
