@@ -1,0 +1,335 @@
+"""Issue #10 for pretrain.main, tested the way the world behaves: signals to the process group (with
+DataLoader workers, and under torchrun), a changed flag on resume, two runs on one directory, foreign and
+unreadable checkpoints, a full disk (RLIMIT_FSIZE: the kernel refuses the write), orphan temp files and
+every knob validated before any work."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common.checkpoint import save_with_history
+from common.runlock import RunDirLock
+from pretrain import main as pretrain_main
+from pretrain.engine import EXIT_PREEMPTED
+from pretrain.state import EXIT_SAVE_FAILED
+from test_pretrain_fixtures import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
+                                    train_losses)
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def _sha(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _ckpt(out: str, name: str = "checkpoint.pth") -> dict:
+    return torch.load(os.path.join(out, name), weights_only=True)
+
+
+def _stopped_run(tiny_data, teacher_ckpt, out, monkeypatch, at_step: int = 2, **overrides):
+    """A tiny run stopped by an in-process SIGTERM after step `at_step` (checkpoint at that step + 0..1)."""
+    monkeypatch.setenv("PROTEUS_SIGNAL_AT_STEP", str(at_step))
+    argv = tiny_args(tiny_data, teacher_ckpt, out, **overrides)
+    assert pretrain_main.main(argv) == EXIT_PREEMPTED
+    monkeypatch.delenv("PROTEUS_SIGNAL_AT_STEP")
+    return argv
+
+
+# ---- resume refuses a changed configuration --------------------------------------------------------------
+@pytest.mark.parametrize("change,key", [
+    (dict(lr=0.1), "lr"), (dict(seed=7), "seed"), (dict(mask_ratio=[0.3]), "mask_ratio"),
+    (dict(batch_size=3), "global_batch"), (dict(epochs=3), "epochs"),
+])
+def test_resume_with_a_changed_flag_is_refused_before_any_work(change, key, tmp_path, tiny_data, teacher_ckpt,
+                                                               monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    _stopped_run(tiny_data, teacher_ckpt, out, monkeypatch)
+    before = {n: _sha(os.path.join(out, n)) for n in ("checkpoint.pth", "config.json", "log.txt")}
+    capsys.readouterr()
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out, **change)) == 2
+    err = capsys.readouterr().err
+    assert f"  {key}: checkpoint" in err and "Traceback" not in err, err
+    assert {n: _sha(os.path.join(out, n)) for n in before} == before  # nothing rewritten
+
+
+def test_changed_data_path_is_refused(tmp_path, tiny_data, teacher_ckpt, monkeypatch, capsys):
+    from test_pretrain_fixtures import write_image_folder
+
+    out = str(tmp_path / "run")
+    _stopped_run(tiny_data, teacher_ckpt, out, monkeypatch)
+    other = write_image_folder(tmp_path / "other", seed=1)
+    assert pretrain_main.main(tiny_args(other, teacher_ckpt, out)) == 2
+    assert "  data_path: checkpoint" in capsys.readouterr().err
+
+
+def test_extending_epochs_with_allow_resume_change_rebuilds_the_schedule(tmp_path, tiny_data, teacher_ckpt):
+    from common.optim import cosine_lr_at
+
+    out = str(tmp_path / "run")
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out, epochs=1, warmup_epochs=0)) == 0  # 6 steps
+    argv = tiny_args(tiny_data, teacher_ckpt, out, epochs=2, warmup_epochs=0, allow_resume_change="epochs")
+    assert pretrain_main.main(argv) == 0
+    assert _ckpt(out)["global_step"] == 12
+    lrs = {r["step"]: r["train/lr"] for r in read_log(out) if "train/lr" in r}
+    peak = 0.05 * 4 / 512
+    for step in range(7, 13):  # logged after step index step-1, on the new 12-step cosine
+        assert lrs[step] == pytest.approx(cosine_lr_at(step - 1, peak, 12, 0, 1e-5, 1e-6), rel=1e-6)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["epochs"] == 2 and cfg["resume_changes"] == [{"step": 6, "changes": {"epochs": [1, 2]}}]
+    assert cfg["tool"] == "pretrain" and cfg["resumed_from"].endswith("checkpoint.pth")
+
+
+def test_allow_resume_change_rejects_keys_that_cannot_change(tmp_path, tiny_data, teacher_ckpt, capsys):
+    argv = tiny_args(tiny_data, teacher_ckpt, str(tmp_path / "run"), allow_resume_change="seed")
+    assert pretrain_main.main(argv) == 2
+    assert "cannot change on resume" in capsys.readouterr().err
+
+
+# ---- one run per directory -------------------------------------------------------------------------------
+HOLDER = ("import sys; from common.runlock import RunDirLock; l = RunDirLock(sys.argv[1]).acquire(); "
+          "print('locked', flush=True); sys.stdin.read()")
+
+
+def test_second_run_on_a_directory_fails_naming_the_holder_and_a_killed_holder_does_not_block(
+        tmp_path, tiny_data, teacher_ckpt):
+    out = str(tmp_path / "run")
+    holder = subprocess.Popen([PYTHON, "-c", HOLDER, out], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run([PYTHON, "-m", "pretrain.main", *tiny_args(tiny_data, teacher_ckpt, out, epochs=1)],
+                                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert f"PID {holder.pid} on host" in second.stderr and "Traceback" not in second.stderr
+        assert not os.path.exists(os.path.join(out, "config.json"))
+    finally:
+        holder.kill()  # kill -9: the kernel drops the lock with the process
+        holder.wait()
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out, epochs=1)) == 0
+
+
+def test_lock_is_exclusive_in_process(tmp_path):
+    with RunDirLock(str(tmp_path)):
+        with pytest.raises(Exception, match=f"PID {os.getpid()}"):
+            RunDirLock(str(tmp_path)).acquire()
+    RunDirLock(str(tmp_path)).acquire().release()  # free again
+
+
+# ---- foreign and unreadable checkpoints are set aside, never deleted ----------------------------------------
+def test_original_proteus_checkpoint_in_the_run_dir_is_set_aside_not_deleted(tmp_path, tiny_data, teacher_ckpt,
+                                                                               monkeypatch):
+    import argparse
+
+    out = str(tmp_path / "run")
+    argv = _stopped_run(tiny_data, teacher_ckpt, out, monkeypatch, at_step=4)  # checkpoint.pth @6, .1 @4
+    foreign = os.path.join(out, "checkpoint.pth")
+    torch.save({"model": {"student.backbone.cls_token": torch.zeros(1, 1, 8)}, "optimizer": {},
+                "args": argparse.Namespace(lr=5e-4), "epoch": 3}, foreign)  # weights_only refuses Namespace
+    digest = _sha(foreign)
+    assert pretrain_main.main(argv) == 0
+    aside = [n for n in os.listdir(out) if n.startswith("checkpoint.pth.unreadable-")]
+    assert len(aside) == 1 and _sha(os.path.join(out, aside[0])) == digest
+    assert "moved aside" in text_log(out) and "step 4" in text_log(out)  # resumed from checkpoint.1.pth
+    assert _ckpt(out)["global_step"] == 12
+
+
+def test_rotation_never_overwrites_a_file_it_did_not_write(tmp_path):
+    out = str(tmp_path)
+    save_with_history({"step": 0}, out, keep_last=2)
+    torch.save({"precious": torch.ones(3)}, os.path.join(out, "checkpoint.1.pth"))  # a user's file in the slot
+    digest = _sha(os.path.join(out, "checkpoint.1.pth"))
+    save_with_history({"step": 1}, out, keep_last=2)  # rotates checkpoint.pth onto checkpoint.1.pth
+    aside = [n for n in os.listdir(out) if n.startswith("checkpoint.1.pth.foreign-")]
+    assert len(aside) == 1 and _sha(os.path.join(out, aside[0])) == digest
+    save_with_history({"step": 2}, out, keep_last=2)  # our own files rotate as before
+    assert torch.load(os.path.join(out, "checkpoint.1.pth"))["step"] == 1
+    assert len([n for n in os.listdir(out) if ".foreign-" in n]) == 1
+
+
+def test_orphan_temp_files_of_killed_saves_are_removed_at_start(tmp_path, tiny_data, teacher_ckpt):
+    out = tmp_path / "run"
+    out.mkdir()
+    orphan, mine = out / "checkpoint.new.pth.k3x_9a2b.tmp", out / "notes.tmp"
+    orphan.write_bytes(b"x" * 1000)
+    mine.write_text("keep me")
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, str(out), epochs=1)) == 0
+    assert not orphan.exists() and mine.read_text() == "keep me"
+
+
+# ---- a full disk: saves fail, training goes on, the run stops after N failures in a row --------------------
+FSIZE_RUNNER = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG, as on a full disk
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from pretrain.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_disk_full_keeps_previous_checkpoint_and_stops_after_n_failures(tmp_path, tiny_data, teacher_ckpt,
+                                                                          monkeypatch):
+    out = str(tmp_path / "run")
+    argv = _stopped_run(tiny_data, teacher_ckpt, out, monkeypatch, pca_every_epochs=0)  # good checkpoint @2
+    good = _sha(os.path.join(out, "checkpoint.pth"))
+    limit = os.path.getsize(os.path.join(out, "checkpoint.pth")) // 2  # logs fit, a checkpoint does not
+    run = subprocess.run([PYTHON, "-c", FSIZE_RUNNER, str(limit), *argv, "--max-save-failures", "3"], cwd=REPO,
+                         env=ENV, capture_output=True, text=True, timeout=180)
+    text = run.stdout + run.stderr
+    assert run.returncode == EXIT_SAVE_FAILED, text[-3000:]
+    assert "3 checkpoint writes in a row failed" in text and "Traceback" not in text
+    assert text.count("training continues; the next save retries") == 2
+    assert _sha(os.path.join(out, "checkpoint.pth")) == good  # the previous checkpoint is intact
+    assert max(train_losses(out)) >= 6  # training went on past the first failed save (step 4)
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+# ---- signals to the whole process group ----------------------------------------------------------------------
+def _start_in_own_group(cmd, out):
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not (os.path.exists(os.path.join(out, "log.txt")) and len(read_log(out)) >= 3):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError("training did not start: " + proc.communicate()[0][-3000:])
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_process_group_with_workers_checkpoints_and_exits_75(sig, tmp_path, tiny_data, teacher_ckpt):
+    out = str(tmp_path / "run")
+    argv = tiny_args(tiny_data, teacher_ckpt, out, epochs=200, save_every_steps=0, num_workers=2,
+                     pca_every_epochs=0)
+    proc = _start_in_own_group([PYTHON, "-m", "pretrain.main", *argv], out)
+    seen = max(r["step"] for r in read_log(out))
+    os.killpg(proc.pid, sig)  # what SLURM, `timeout`, container runtimes and Ctrl-C do
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert "ConnectionResetError" not in output and "Traceback" not in output
+    assert _ckpt(out)["global_step"] >= seen  # nothing since the last log line is lost
+    assert "Run the same command to continue" in output
+
+
+def test_sigterm_to_a_torchrun_process_group_checkpoints_and_resumes(tmp_path, tiny_data, teacher_ckpt):
+    out = str(tmp_path / "ddp")
+    argv = tiny_args(tiny_data, teacher_ckpt, out, epochs=200, save_every_steps=0, num_workers=1,
+                     pca_every_epochs=0)
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "pretrain.main",
+           *argv]
+    proc = _start_in_own_group(cmd, out)
+    seen = max(r["step"] for r in read_log(out))
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=90)
+    ckpt = _ckpt(out)
+    assert ckpt["global_step"] >= seen and len(ckpt["rng"]) == 2, output[-3000:]
+    assert "exitcode: 75" in output or "exit code 75" in output.lower() or "75" in output, output[-3000:]
+    # the same command (shortened to the step reached + 1 epoch) continues from that checkpoint
+    done = ckpt["global_step"]
+    epochs = done // 3 + 1  # 3 steps per epoch per rank on 2 ranks with batch 4 and 24 images (repeated aug 3)
+    resumed = subprocess.run(cmd[:-len(argv)] + tiny_args(tiny_data, teacher_ckpt, out, epochs=epochs,
+                                                          save_every_steps=0, num_workers=1, pca_every_epochs=0,
+                                                          allow_resume_change="epochs"),
+                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"step {done}" in text_log(out)
+
+
+# ---- every knob is validated before any work ----------------------------------------------------------------
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(keep_checkpoints=0), "--keep-checkpoints must be in [1, inf]"),
+    (dict(ema_decay=1.5), "--ema-decay must be in [0, 1)"),
+    (dict(reprob=5), "--reprob must be in [0, 1]"),
+    (dict(min_lr=1.0), "--min-lr 1.0 is above the peak learning rate"),
+    (dict(weight_decay=-1), "--weight-decay must be in [0, inf]"),
+    (dict(student_kwargs="depth=0"), "--student-kwargs values must be >= 1"),
+    (dict(student_kwargs="depht=2"), "unknown key(s) ['depht']"),
+    (dict(input_size=0), "--input-size must be in [1, inf]"),
+    (dict(input_size=-14), "--input-size must be in [1, inf]"),
+    (dict(log_every=0), "--log-every must be in [1, inf]"),
+    (dict(lr_reference_batch=0), "--lr-reference-batch must be in [1, inf]"),
+    (dict(lr=-0.5), "--lr must be in (0, inf]"),
+    (dict(lr="nan"), "--lr must be a finite number"),
+    (dict(num_workers=-1), "--num-workers must be in [0, inf]"),
+    (dict(opt_betas=[0.9, 1.0]), "--opt-betas takes two values in [0, 1)"),
+    (dict(aa="rand-m9-foo3"), "--aa 'rand-m9-foo3' is not a timm augmentation policy"),
+    (dict(aa="autoaug"), "--aa 'autoaug' is not a timm augmentation policy"),
+    (dict(device="cuda"), "no GPU is visible"),
+    (dict(teacher_checkpoint="missing.pth"), "--teacher-checkpoint"),
+])
+def test_bad_knobs_fail_before_any_work(overrides, needle, tmp_path, tiny_data, teacher_ckpt, capsys):
+    out = tmp_path / "out"
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, str(out), **overrides)) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith("pretrain.main: error:") and "Traceback" not in err, err
+    assert not out.exists()  # before the output dir, the teacher or the data loader
+
+
+def test_every_numeric_knob_has_a_range():
+    numeric = {name for group in pretrain_main.CONFIG.values() for name, (default, _) in group.items()
+               if isinstance(default, (int, float)) and not isinstance(default, bool)}
+    assert numeric <= set(pretrain_main.LIMITS), sorted(numeric - set(pretrain_main.LIMITS))
+
+
+def test_unwritable_output_dir_is_a_clear_error(tmp_path, tiny_data, teacher_ckpt, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, str(blocker / "run"))) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "output dir" in err, err
+
+
+def test_writing_into_another_tools_dir_is_refused(tmp_path, tiny_data, teacher_ckpt, capsys):
+    out = tmp_path / "probe"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"tool": "linear_eval", "lr": 1}))
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, str(out))) == 2
+    assert "linear_eval" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text()) == {"tool": "linear_eval", "lr": 1}
+
+
+# ---- precision: auto picks bf16 only where it is native ----------------------------------------------------
+@pytest.mark.parametrize("native,want", [("0", "fp32"), ("1", "bf16")])
+def test_auto_precision_follows_the_cpu_and_is_recorded(native, want, tmp_path, tiny_data, teacher_ckpt,
+                                                       monkeypatch):
+    monkeypatch.setenv("PROTEUS_CPU_BF16", native)
+    out = str(tmp_path / "run")
+    argv = tiny_args(tiny_data, teacher_ckpt, out, epochs=1, precision="auto", pca_every_epochs=0)
+    assert pretrain_main.main(argv) == 0
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["precision"] == want and cfg["precision_requested"] == "auto"
+    assert f"precision {want} (auto:" in text_log(out)
+
+
+def test_cpu_capability_decision_reads_the_flags(monkeypatch, tmp_path, caplog):
+    from common import precision
+
+    monkeypatch.delenv("PROTEUS_CPU_BF16", raising=False)
+    avx2 = tmp_path / "cpuinfo_avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    amx = tmp_path / "cpuinfo_spr"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    real = precision.cpu_flags
+    monkeypatch.setattr(precision, "cpu_flags", lambda: real(str(avx2)))
+    assert precision.resolve_precision("auto", "cpu")[0] == "fp32"
+    assert "no native bf16" in precision.resolve_precision("auto", "cpu")[1]
+    assert precision.resolve_precision("bf16", "cpu")[0] == "bf16" and "emulated" in caplog.text
+    monkeypatch.setattr(precision, "cpu_flags", lambda: real(str(amx)))
+    assert precision.resolve_precision("auto", "cpu") == ("bf16", "auto: CPU has native bf16 (avx512_bf16, amx_bf16)")
+
+
+def test_teacher_dtype_choices():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    dt = pretrain_main.teacher_weight_dtype
+    assert dt({"teacher_dtype": "auto", "precision": "bf16"}, cpu) == torch.float32  # CPU: autocast casts
+    assert dt({"teacher_dtype": "fp32", "precision": "bf16"}, cuda) == torch.float32  # the original
+    assert dt({"teacher_dtype": "bf16", "precision": "fp32"}, cpu) == torch.bfloat16
+    assert dt({"teacher_dtype": "auto", "precision": "fp32"}, cuda) == torch.float32
