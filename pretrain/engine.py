@@ -269,8 +269,9 @@ class Trainer:
             raise StopTraining(f"stopped by a signal after step {self.progress.global_step}, but the checkpoint "
                                f"could not be written ({self._save_error}); the last good one is "
                                f"{self.last_good}. Run the same command to continue from it.", EXIT_PREEMPTED)
+        where = self.last_good if self.dist_info.is_main else "by rank 0"
         raise StopTraining(f"stopped by a signal after step {self.progress.global_step}; checkpoint written "
-                           f"({self.last_good}). Run the same command to continue.", EXIT_PREEMPTED)
+                           f"({where}). Run the same command to continue.", EXIT_PREEMPTED)
 
     def _is_log_step(self) -> bool:
         return (self.progress.global_step + 1) % self.cfg["log_every"] == 0

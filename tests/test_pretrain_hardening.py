@@ -231,7 +231,7 @@ def test_sigterm_to_a_torchrun_process_group_checkpoints_and_resumes(tmp_path, t
     output, _ = proc.communicate(timeout=90)
     ckpt = _ckpt(out)
     assert ckpt["global_step"] >= seen and len(ckpt["rng"]) == 2, output[-3000:]
-    assert "exitcode: 75" in output or "exit code 75" in output.lower() or "75" in output, output[-3000:]
+    assert "rank0] stopped by a signal after step" in output and "checkpoint written (" in output, output[-3000:]
     # the same command (shortened to the step reached + 1 epoch) continues from that checkpoint
     done = ckpt["global_step"]
     epochs = done // 3 + 1  # 3 steps per epoch per rank on 2 ranks with batch 4 and 24 images (repeated aug 3)
