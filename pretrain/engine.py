@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from common.dist import DistInfo, barrier
+from common.errors import DataError
 from common.log import MetricLogger
 from . import state as ckpt_state
 from .visualise import pca_figure
@@ -161,8 +162,9 @@ class Trainer:
         window, sums, n_seen = _Window(), torch.zeros(len(LOSS_KEYS)), 0
         for batch, n_bad in self.loader:
             if batch is None:
-                raise RuntimeError(f"every image of a batch in epoch {epoch} was unreadable: the dataset at "
-                                   f"{cfg['data_path']} looks broken (see the warnings above)")
+                raise DataError(f"every image of a batch in epoch {epoch} was unreadable: the dataset at "
+                                f"{cfg['data_path']} looks broken (see the warnings above); the last checkpoint "
+                                f"is {self.last_good}")
             images = batch[0].to(dev, non_blocking=True)  # (B, 3, H, W)
             log_now = self._is_log_step()
             values, stop = self.train_step(images, n_bad, epoch, want_norm=log_now)

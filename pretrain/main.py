@@ -221,6 +221,11 @@ def _validate(cfg: dict, world_size: int) -> None:
         raise ValueError(f"unknown student {cfg['student']!r}; expected one of {STUDENTS}")
     if cfg["teacher"] not in models.TEACHERS and not cfg["teacher"].startswith("timm:"):
         raise ValueError(f"unknown teacher {cfg['teacher']!r}; expected one of {models.TEACHERS} or timm:<name>")
+    if cfg["teacher"].startswith("timm:"):
+        import timm
+
+        if not timm.is_model(cfg["teacher"][len("timm:"):]):
+            raise ValueError(f"--teacher {cfg['teacher']}: timm has no model of that name (see timm.list_models())")
     size, p = cfg["input_size"], cfg["patch_size"]
     if size % p:
         raise ValueError(f"--patch-size {p} does not divide --input-size {size}; pick a multiple, e.g. "
@@ -237,6 +242,10 @@ def _validate(cfg: dict, world_size: int) -> None:
     if cfg["single_image"]:
         if not os.path.isfile(cfg["single_image"]):
             raise FileNotFoundError(f"--single-image {cfg['single_image']!r} does not exist")
+        try:
+            cdata.load_rgb(cfg["single_image"])
+        except cdata.BAD_IMAGE_ERRORS as e:
+            raise ValueError(f"--single-image {cfg['single_image']!r} is not a readable image: {e}") from e
     else:
         for root in cfg["data_path"]:
             cdata.check_image_folder(root, "--data-path")
