@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 import models
 from common import dist
 from common.checkpoint import atomic_save, file_sha256
+from common.errors import CheckpointError, ConfigError, DataError, MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +44,81 @@ def build_frozen_backbone(pretrained: str | None, arch: str, patch_size: int = 1
 
     `model_kwargs` (e.g. {"depth": 2, "embed_dim": 64, "num_heads": 2}, optionally "img_size") overrides
     the size of `arch`. Random init ("none") is seeded so its feature cache stays valid; the seeding runs
-    on a forked RNG so the caller's own random stream (its --seed) is left untouched.
+    on a forked RNG so the caller's own random stream (its --seed) is left untouched. A checkpoint that
+    is missing, unreadable or of another architecture raises a UserError (MissingFileError /
+    CheckpointError) saying so.
     """
+    check_pretrained(pretrained)
+    check_model_kwargs(arch, model_kwargs)
     kwargs = dict(model_kwargs or {})
     img_size = kwargs.pop("img_size", img_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = models.load_backbone(pretrained, arch, patch_size=patch_size, img_size=img_size, ema=ema, **kwargs)
+        try:
+            model = models.load_backbone(pretrained, arch, patch_size=patch_size, img_size=img_size, ema=ema,
+                                         **kwargs)
+        except UserError:
+            raise
+        except TypeError as e:
+            if "unexpected keyword argument" not in str(e):
+                raise
+            raise ConfigError(f"--model-kwargs {model_kwargs}: {e}; use the ViT's size keys (depth, embed_dim, "
+                              f"num_heads, img_size, ...)") from e
+        except FileNotFoundError as e:  # models/ raising plain errors: they are the user's, say so
+            raise MissingFileError(str(e)) from e
+        except ValueError as e:
+            if is_random_init(pretrained):
+                raise ConfigError(f"cannot build {arch} (patch {patch_size}, {img_size} px, model kwargs "
+                                  f"{model_kwargs or {}}): {e}") from e
+            raise CheckpointError(f"--pretrained {pretrained} cannot be used as {arch} (patch {patch_size}"
+                                  f"{', EMA' if ema else ''}): {e}") from e
     model.requires_grad_(False)
     return model.eval()
 
 
-def backbone_fingerprint(pretrained: str | None, arch: str, patch_size: int, model_kwargs: dict | None,
-                         ema: bool = False, seed: int = 0) -> str:
-    """What a feature cache must be keyed on: the weights' content hash (not their path) and the build."""
-    weights = f"random-init-seed{seed}" if pretrained in (None, "", "none") else file_sha256(pretrained)
-    return json.dumps({"weights": weights, "arch": arch, "patch": patch_size, "ema": ema,
-                       "kwargs": model_kwargs or {}}, sort_keys=True)
+def check_model_kwargs(arch: str, model_kwargs) -> None:
+    """--model-kwargs must be a JSON object whose sizes build a ViT (positive, width divisible by heads)."""
+    if arch not in models.VIT_SIZES:
+        raise ConfigError(f"unknown --arch {arch!r}; expected one of {sorted(models.VIT_SIZES)}")
+    if model_kwargs is None:
+        return
+    if not isinstance(model_kwargs, dict):
+        raise ConfigError(f"--model-kwargs must be a JSON object such as '{{\"depth\": 2}}', got {model_kwargs!r}")
+    dim, depth, heads = models.VIT_SIZES[arch]
+    sizes = {"embed_dim": dim, "depth": depth, "num_heads": heads, **model_kwargs}
+    for key in ("embed_dim", "depth", "num_heads", "img_size"):
+        value = sizes.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--model-kwargs {key} must be a positive integer, got {value!r}")
+    if sizes["embed_dim"] % sizes["num_heads"]:
+        raise ConfigError(f"--model-kwargs: embed_dim {sizes['embed_dim']} is not divisible by num_heads "
+                          f"{sizes['num_heads']}")
+
+
+def is_random_init(pretrained: str | None) -> bool:
+    return pretrained in (None, "", "none")
+
+
+def check_pretrained(pretrained: str | None) -> None:
+    """Fail fast (before data or hashing) when --pretrained names no file."""
+    if not is_random_init(pretrained) and not os.path.isfile(pretrained):
+        raise MissingFileError(f"--pretrained {pretrained}: no such file; pass a checkpoint written by "
+                               f"pretrain.main (checkpoint.pth / student_backbone.pth), an official DINOv2 "
+                               f"file, or 'none' for the random-init baseline")
+
+
+def backbone_identity(pretrained: str | None, arch: str, patch_size: int, model_kwargs: dict | None,
+                      ema: bool = False, seed: int = 0, img_size: int | None = None) -> dict:
+    """Everything that decides the backbone's features: the weights' content hash (not their path, so a
+    moved file still matches) and the build (arch, patch, EMA, size overrides, input size)."""
+    weights = f"random-init-seed{seed}" if is_random_init(pretrained) else file_sha256(pretrained)
+    return {"weights": weights, "arch": arch, "patch": patch_size, "ema": bool(ema),
+            "kwargs": model_kwargs or {}, "img_size": img_size}
+
+
+def backbone_fingerprint(*args, **kwargs) -> str:
+    """`backbone_identity` as one stable string (feature-cache keys)."""
+    return json.dumps(backbone_identity(*args, **kwargs), sort_keys=True)
 
 
 def cache_key(*parts) -> str:
@@ -74,7 +134,7 @@ def frozen_features(model: nn.Module, images: torch.Tensor, n_last_blocks: int =
     """
     depth = len(model.blocks)
     if n_last_blocks > depth:
-        raise ValueError(f"{n_last_blocks} last blocks requested from a {depth}-block backbone; "
+        raise ConfigError(f"{n_last_blocks} last blocks requested from a {depth}-block backbone; "
                          f"use a deeper model or fewer blocks (fine_grained: drop --multiple)")
     outs = model.get_intermediate_layers(images, n=n_last_blocks, return_class_token=True, norm=True)
     cls = torch.stack([c for _, c in outs], dim=1)  # (B, n, D)
@@ -148,7 +208,7 @@ class IndexedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.dataset[i]
         if item is None:  # SafeImageFolder's unreadable image: features must stay aligned with indices
-            raise RuntimeError(f"sample {i} of {type(self.dataset).__name__} is unreadable; remove or replace it")
+            raise DataError(f"sample {i} of {type(self.dataset).__name__} is unreadable; remove or replace it")
         image, target = item
         return image, torch.as_tensor(target), i
 
@@ -236,7 +296,7 @@ def evaluate_grid(backbone: nn.Module, grid: nn.Module, loader, device, autocast
                               for v in logits.values()], dtype=torch.float64, device=device)  # (H, 3)
         counts = batch if counts is None else counts + batch
     if counts is None:
-        raise ValueError("evaluation loader is empty")
+        raise DataError("the evaluation set is empty (no readable images): check the val / selection root")
     if dist.get_world_size() > 1:
         counts = dist.all_reduce_mean(counts) * dist.get_world_size()  # sum over ranks
     names = list(unwrap(grid).heads.keys())
