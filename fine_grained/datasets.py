@@ -7,6 +7,7 @@ arrays, not torchvision datasets, so there are no md5 checks and no download cod
 
     python -m fine_grained.datasets make-caltech101-splits ROOT   # writes ROOT/{train,test}.txt
 """
+import hashlib
 import json
 import os
 import pickle
@@ -19,11 +20,12 @@ import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from common.data import check_image_folder, load_rgb
+from common.data import BAD_IMAGE_ERRORS, check_image_folder, load_rgb
+from common.errors import DataError, MissingFileError
 
 
-class DatasetLayoutError(FileNotFoundError):
-    pass
+class DatasetLayoutError(MissingFileError):
+    """The dataset root is missing or not in the expected layout (the message shows the layout)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -40,8 +42,25 @@ class FileSamples(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        img = load_rgb(self.paths[i])
+        try:
+            img = load_rgb(self.paths[i])
+        except BAD_IMAGE_ERRORS as e:  # features must stay aligned with the file list: no skipping here
+            raise DataError(f"unreadable image {self.paths[i]} ({type(e).__name__}: {e}); remove it from the "
+                            f"split lists or replace it") from e
         return (self.transform(img) if self.transform else img), self.targets[i]
+
+    def fingerprint(self) -> str:
+        """Changes whenever any image or label does: per file its path, size, mtime, ctime and inode.
+
+        The inode catches what the timestamps miss: swapping two class folders by renames keeps every
+        path, every label and every file's mtime and ctime, but each path then names another file.
+        """
+        h = hashlib.sha256()
+        for path, target in zip(self.paths, self.targets):
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0"
+                     f"{_label_text(target)}\n".encode())
+        return h.hexdigest()
 
 
 class ArraySamples(torch.utils.data.Dataset):
@@ -56,6 +75,19 @@ class ArraySamples(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img = Image.fromarray(self.images[i])
         return (self.transform(img) if self.transform else img), self.targets[i]
+
+    def fingerprint(self) -> str:
+        """Content hash of the pixels and the labels (the arrays are in memory: hashing them is cheap)."""
+        h = hashlib.sha256(np.ascontiguousarray(self.images).tobytes())
+        h.update(repr([_label_text(t) for t in self.targets]).encode())
+        return h.hexdigest()
+
+
+def _label_text(target) -> str:
+    """An int class id, or a VOC (K,) 0/1 row, as text for hashing."""
+    if isinstance(target, torch.Tensor):
+        return ",".join(str(v) for v in target.int().tolist()) if target.dim() else str(int(target))
+    return str(int(target))
 
 
 @dataclass
@@ -78,7 +110,8 @@ class DatasetSpec:
     def load(self, root: str) -> Parsed:
         try:
             return self.parse(root)
-        except (FileNotFoundError, KeyError, ValueError, IndexError, pickle.UnpicklingError) as e:
+        # what a missing, truncated or malformed file raises in the parsers (a truncated pickle: EOFError)
+        except (OSError, KeyError, ValueError, IndexError, EOFError, pickle.UnpicklingError) as e:
             if isinstance(e, DatasetLayoutError):
                 problem = str(e)
             else:

@@ -4,8 +4,10 @@
         --pretrained output/pretrain/student_backbone.pth --output-dir output/fg/cub
 
 Features (final-block CLS after the final norm; `--multiple`: last 4 CLS + mean patch token) are
-extracted once per split and cached under --cache-dir, keyed by the checkpoint's content hash, the
-dataset, its root and the transform. The classifier is L2 multinomial logistic regression (per-class
+extracted once per split and cached under --cache-dir (default ~/.cache/proteus/fine_grained), keyed
+on everything that changes them or their labels: the checkpoint's content hash and build, every
+image file's fingerprint (path, size, mtime, ctime, inode) and label, the transform, the image size
+and the precision. The classifier is L2 multinomial logistic regression (per-class
 binary for VOC) with z-scored features; C is swept over 45 values and chosen on val, then refit on
 train+val and scored on test. `results.json` holds dataset, metric and test_score (percent).
 """
@@ -13,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 
 import torch
@@ -20,13 +23,17 @@ import torch
 from common import probe
 from common.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from common.dist import resolve_device
+from common.errors import ConfigError, DataError, cli
 from common.log import setup_logging, write_json
+from common.precision import CHOICES as PRECISIONS, autocast_dtype, resolve_precision
+from common.rundir import claim_run_dir, write_config
 from fine_grained.datasets import DATASETS, holdout_split
 from fine_grained.metrics import METRICS
 from models.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger("fine_grained")
+TOOL = "fine_grained"
 
 # The original normalised fine-grained inputs with CLIP's statistics (Q10); kept as the default.
 NORMS = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
@@ -54,15 +61,41 @@ def get_args_parser():
     g.add_argument("--model-kwargs", type=json.loads, default=None,
                    help='JSON size overrides for small models, e.g. \'{"depth": 2, "embed_dim": 64, "num_heads": 2}\'')
     g.add_argument("--multiple", action="store_true", help="features = last 4 CLS tokens + mean patch token (5D)")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="feature-extraction precision (auto: bf16 where it is native, else fp32 on CPU)")
     g = p.add_argument_group("classifier")
     g.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (original: 1000)")
     g.add_argument("--tol", type=float, default=1e-4, help="L-BFGS stops when max |gradient| <= tol")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", required=True)
-    g.add_argument("--cache-dir", default="cache_features", help="feature cache directory (shared between runs)")
+    g.add_argument("--cache-dir", default=None,
+                   help="feature cache directory, shared between runs (default: $XDG_CACHE_HOME or "
+                        "~/.cache, then proteus/fine_grained)")
     g.add_argument("--no-cache", action="store_true", help="always re-extract features")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command line, checked before any work: every bad value is a ConfigError naming the flag."""
+    args = get_args_parser().parse_args(argv)
+    for flag in ("image_size", "batch_size", "max_iter", "patch_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.resize is not None and args.resize < args.image_size:
+        raise ConfigError(f"--resize {args.resize} is smaller than the --image-size {args.image_size} crop")
+    if args.num_workers < 0 or not args.tol > 0:
+        raise ConfigError(f"need --num-workers >= 0 and --tol > 0, got {args.num_workers} and {args.tol}")
+    probe.check_model_kwargs(args.arch, args.model_kwargs)
+    probe.check_pretrained(args.pretrained)
+    args.cache_dir = args.cache_dir or default_cache_dir()
+    return args
+
+
+def default_cache_dir() -> str:
+    """Outside the repository: ~/.cache/proteus/fine_grained (XDG_CACHE_HOME honoured)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "proteus", "fine_grained")
 
 
 def build_splits(args):
@@ -78,34 +111,83 @@ def build_splits(args):
     if spec.num_classes and len(parsed.classes) != spec.num_classes:
         log.warning("%s has %d classes here, %d in the real dataset", args.dataset, len(parsed.classes),
                     spec.num_classes)
-    return spec, parsed, {k: v for k, v in splits.items() if v is not None}, transform
+    splits = {k: v for k, v in splits.items() if v is not None}
+    check_splits(args, parsed, splits)
+    return spec, parsed, splits, transform
 
 
-def split_features(args, backbone, splits, transform, device) -> dict:
+def check_splits(args, parsed, splits) -> None:
+    """A probe needs two classes and a non-empty train / val / test: anything else is a DataError, not a score."""
+    where = f"--dataset {args.dataset} --data-root {args.data_root}"
+    for name, ds in splits.items():
+        if len(ds) == 0:
+            raise DataError(f"{where}: the {name} split is empty; check the split lists / class folders")
+    if "val" not in splits and int(0.2 * len(splits["train"])) == 0:
+        raise DataError(f"{where}: {len(splits['train'])} training images leave none for the 20 % validation "
+                        f"split that chooses C; use at least 5")
+    train_targets = splits["train"].targets
+    multilabel = bool(train_targets) and isinstance(train_targets[0], torch.Tensor) and train_targets[0].dim() > 0
+    present = len(parsed.classes) if multilabel else len({int(t) for t in train_targets})
+    if len(parsed.classes) < 2 or present < 2:
+        raise DataError(f"{where}: the training split has {present} class(es) ({len(parsed.classes)} in the "
+                        f"dataset); a classifier needs at least 2, and one class would score 100 % trivially")
+
+
+def split_features(args, backbone, splits, transform, device, precision: str) -> dict:
     """Features of each split, from the cache when its key matches: {split: dict(cls, patch_mean, targets)}."""
     n_last = 4 if args.multiple else 1
     # the fingerprint hashes the checkpoint file: only worth it when the cache is used
     fingerprint = None if args.no_cache else probe.backbone_fingerprint(args.pretrained, args.arch, args.patch_size,
-                                                                         args.model_kwargs, args.ema)
+                                                                         args.model_kwargs, args.ema, img_size=224)
     out = {}
     for name, ds in splits.items():
-        path = None
-        if fingerprint is not None:
-            key = probe.cache_key(fingerprint, args.dataset, os.path.abspath(args.data_root), name, len(ds),
-                                  repr(transform), n_last)
-            path = os.path.join(args.cache_dir, f"{args.dataset}_{name}_{key}.pt")
-        if path is not None and os.path.isfile(path):
+        path = None if fingerprint is None else cache_path(args, fingerprint, name, ds, transform, n_last, precision)
+        cached = read_cache(path)
+        if cached is not None:
             log.info("features of %s/%s from cache %s", args.dataset, name, path)
-            out[name] = torch.load(path, map_location="cpu", weights_only=True)
+            out[name] = cached
             continue
         loader = torch.utils.data.DataLoader(probe.IndexedDataset(ds), batch_size=args.batch_size, shuffle=False,
                                              num_workers=args.num_workers, pin_memory=device.type == "cuda")
         t0 = time.time()
-        out[name] = probe.extract_features(backbone, loader, device, n_last_blocks=n_last)
+        out[name] = probe.extract_features(backbone, loader, device, n_last_blocks=n_last,
+                                           autocast_dtype=autocast_dtype(precision))
         log.info("extracted %s/%s: %d images in %.1fs", args.dataset, name, len(ds), time.time() - t0)
-        if path is not None:
-            probe.save_features(path, out[name])
+        write_cache(path, out[name])
     return out
+
+
+def cache_path(args, fingerprint: str, name: str, ds, transform, n_last: int, precision: str) -> str:
+    """The cache file of one split, keyed on everything that changes its features or labels.
+
+    ds.fingerprint() covers every image (path, size, mtime, ctime, inode) and every label. Anything
+    else about the files (a copy, a move, a rewrite) changes a fingerprint: a cache miss, never a stale hit.
+    """
+    key = probe.cache_key(fingerprint, args.dataset, name, ds.fingerprint(), repr(transform), args.image_size,
+                          n_last, precision)
+    return os.path.join(args.cache_dir, f"{args.dataset}_{name}_{key}.pt")
+
+
+def read_cache(path: str | None) -> dict | None:
+    """The cached features, or None (no cache, no file, or an unreadable file: then it is re-extracted)."""
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a broken cache file is a cache miss, not a failure
+        log.warning("ignoring unreadable feature cache %s (%s: %s); extracting again", path, type(e).__name__, e)
+        return None
+
+
+def write_cache(path: str | None, feats: dict) -> None:
+    """Best effort: a cache that cannot be written costs the next run time, not this run its result."""
+    if path is None:
+        return
+    try:
+        probe.save_features(path, feats)
+    except (OSError, RuntimeError) as e:
+        log.warning("could not write the feature cache %s (%s); continuing without it (--cache-dir DIR to "
+                    "choose another place, --no-cache to skip)", path, e)
 
 
 def feature_matrix(feats: dict, multiple: bool) -> torch.Tensor:
@@ -131,18 +213,22 @@ def protocol_sets(feats: dict, multiple: bool) -> dict:
     return sets
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    os.makedirs(args.output_dir, exist_ok=True)
-    setup_logging(args.output_dir, name="fine_grained")
-    write_json(os.path.join(args.output_dir, "config.json"), vars(args))
-    device = resolve_device(args.device)
-
+def run(argv=None) -> dict:
+    """The whole evaluation; returns the results (also written to results.json). Raises UserError on bad input."""
+    args = parse_args(argv)
+    device = resolve_eval_device(args.device)
+    setup_logging(None)  # console only until every check passed: a refused run leaves its dir as it was
+    output_dir = claim_run_dir(args.output_dir, TOOL)
     spec, parsed, splits, transform = build_splits(args)
+
+    setup_logging(output_dir, name=TOOL)
+    precision, reason = resolve_precision(args.precision, device)
+    log.info("precision %s (%s)", precision, reason)
+    write_config(output_dir, TOOL, {**vars(args), "precision_resolved": precision, "precision_reason": reason})
     backbone = probe.build_frozen_backbone(args.pretrained, args.arch, args.patch_size, img_size=224,
                                            model_kwargs=args.model_kwargs, ema=args.ema)
     t0 = time.time()
-    feats = split_features(args, backbone, splits, transform, device)
+    feats = split_features(args, backbone, splits, transform, device, precision)
     t_feat = time.time() - t0
     sets = protocol_sets(feats, args.multiple)
     log.info("train %d / val %d / trainval %d / test %d samples, %d-d features", *(len(sets[k][1]) for k in
@@ -156,13 +242,27 @@ def main(argv=None):
                "val_scores": dict(zip((f"{c:.4g}" for c in probe.C_SWEEP), result.val_scores)),
                "arch": args.arch, "pretrained": args.pretrained, "multiple": args.multiple,
                "num_classes": len(parsed.classes), "image_size": args.image_size,
+               "precision": precision, "precision_reason": reason,
                "sizes": {k: len(v[1]) for k, v in sets.items()},
                "feature_seconds": t_feat, "classifier_seconds": time.time() - t0}
-    write_json(os.path.join(args.output_dir, "results.json"), results)
+    write_json(os.path.join(output_dir, "results.json"), results)
     log.info("Final %s for %s on %s: %.2f%% (C=%.3g)", spec.metric, args.arch, args.dataset, result.test_score,
              result.best_C)
     return results
 
 
+def resolve_eval_device(requested: str) -> torch.device:
+    try:
+        return resolve_device(requested)
+    except (RuntimeError, ValueError) as e:  # common.dist's plain errors: a bad --device is the user's
+        raise ConfigError(str(e)) from e
+
+
+@cli("fine_grained.main")
+def main(argv=None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -301,7 +301,7 @@ def run_main(tmp_path, dataset, root, *extra):
     argv = ["--dataset", dataset, "--data-root", str(root), "--arch", "vit_tiny", "--output-dir", str(out),
             "--cache-dir", str(tmp_path / "cache"), "--image-size", "28", "--num-workers", "0",
             "--model-kwargs", json.dumps(TINY), "--batch-size", "64", *extra]
-    results = fg_main.main(argv)
+    results = fg_main.run(argv)
     with open(out / "results.json") as f:
         assert json.load(f)["test_score"] == pytest.approx(results["test_score"])
     return results
@@ -348,7 +348,7 @@ def test_voc_end_to_end_with_multiple_features(tmp_path):
 
 def test_cli_missing_root_is_a_layout_error(tmp_path):
     with pytest.raises(DatasetLayoutError, match="ROOT/train/<class>"):
-        fg_main.main(["--dataset", "imagefolder", "--data-root", str(tmp_path / "none"), "--output-dir",
+        fg_main.run(["--dataset", "imagefolder", "--data-root", str(tmp_path / "none"), "--output-dir",
                       str(tmp_path / "o"), "--arch", "vit_tiny"])
 
 
@@ -363,3 +363,96 @@ def test_summary_table_averages_the_12_datasets(tmp_path):
     assert summarize.main([str(tmp_path)]) == pytest.approx(sum(range(12)) / 12)
     os.remove(tmp_path / "cub" / "results.json")
     assert summarize.main([str(tmp_path)]) is None  # no partial average
+
+
+# ---------------------------------------------------------------------------------------------------
+# the feature cache never serves stale features or labels
+# ---------------------------------------------------------------------------------------------------
+
+def file_facts(root):
+    """(relative path, size, mtime_ns) of every test file, and the parsed labels: what the renames keep."""
+    parsed = DATASETS["imagefolder"].load(str(root))
+    stats = [(os.path.relpath(p, root), os.stat(p)) for p in parsed.test.paths]
+    return [(p, st.st_size, st.st_mtime_ns) for p, st in stats], parsed.test.targets
+
+
+def test_cache_misses_when_two_class_folders_swap_names(tmp_path):
+    root, rng = tmp_path / "colours", np.random.default_rng(0)
+    for split, n in (("train", 10), ("test", 4)):
+        for c in range(2):  # BMP: every file the same size; one timestamp for all, as a tar extraction leaves
+            for i in range(n):
+                path = os.path.join(root, split, f"class{c}", f"{i}.bmp")
+                colour_image(path, COLOURS[c], rng, 28)
+                os.utime(path, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    assert run_main(tmp_path, "imagefolder", root, "--pretrained", "none")["test_score"] == 100.0
+    before = file_facts(root)
+    test = root / "test"
+    os.rename(test / "class0", test / "tmp")  # the trap: mv a tmp; mv b a; mv tmp b
+    os.rename(test / "class1", test / "class0")
+    os.rename(test / "tmp", test / "class1")
+    assert file_facts(root) == before  # same paths, sizes, mtimes and labels: only the files behind them moved
+    swapped = run_main(tmp_path, "imagefolder", root, "--pretrained", "none")
+    assert swapped["test_score"] == 0.0  # every red image is now labelled green and vice versa
+    assert len(os.listdir(tmp_path / "cache")) == 3  # train reused, test extracted again
+
+
+def make_caltech_colours(root, rng, n_train=10, n_test=4):
+    lines = {"train": [], "test": []}
+    for label, cls in enumerate(("accordion", "bass")):
+        for i in range(n_train + n_test):
+            colour_image(os.path.join(root, "101_ObjectCategories", cls, f"image_{i:04d}.jpg"), COLOURS[label], rng, 28)
+            lines["train" if i < n_train else "test"].append(f"{cls}/image_{i:04d}.jpg {label}")
+    for split, rows in lines.items():
+        write_lines(os.path.join(root, f"{split}.txt"), rows)
+    return lines
+
+
+def test_cache_misses_when_test_labels_change(tmp_path):
+    root = tmp_path / "caltech"
+    lines = make_caltech_colours(str(root), np.random.default_rng(0))
+    assert run_main(tmp_path, "caltech101", root, "--pretrained", "none")["test_score"] == 100.0
+    flipped = [f"{path} {1 - int(label)}" for path, label in (ln.rsplit(" ", 1) for ln in lines["test"])]
+    write_lines(os.path.join(root, "test.txt"), flipped)  # same files, swapped labels
+    assert run_main(tmp_path, "caltech101", root, "--pretrained", "none")["test_score"] == 0.0
+
+
+def test_cache_misses_when_an_image_is_rewritten_in_place(tmp_path):
+    root = tmp_path / "colours"
+    make_imagefolder(str(root), np.random.default_rng(0), per_class=(10, 1), size=28, classes=2)
+    run_main(tmp_path, "imagefolder", root, "--pretrained", "none")
+    target = root / "test" / "class0" / "0.png"
+    stamp = os.stat(target)
+    colour_image(str(target), COLOURS[1], np.random.default_rng(1), 28)  # now a class-1 image
+    os.utime(target, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # mtime put back: only size/ctime tell
+    assert run_main(tmp_path, "imagefolder", root, "--pretrained", "none")["test_score"] == 50.0
+
+
+def test_default_cache_is_outside_the_repo_and_a_broken_cache_is_re_extracted(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = tmp_path / "colours"
+    make_imagefolder(str(root), np.random.default_rng(0), per_class=(10, 2), size=28, classes=2)
+    argv = ["--dataset", "imagefolder", "--data-root", str(root), "--arch", "vit_tiny", "--output-dir",
+            str(tmp_path / "out"), "--image-size", "28", "--num-workers", "0", "--model-kwargs", json.dumps(TINY),
+            "--precision", "fp32"]
+    first = fg_main.run(argv)
+    cache = tmp_path / "xdg" / "proteus" / "fine_grained"
+    files = sorted(os.listdir(cache))
+    assert len(files) == 2 and first["precision"] == "fp32"
+    with open(tmp_path / "out" / "config.json") as f:
+        config = json.load(f)
+    assert config["tool"] == "fine_grained" and config["precision_resolved"] == "fp32"
+    with open(cache / files[0], "wb") as f:
+        f.write(b"not a tensor file")
+    assert fg_main.run(argv)["test_score"] == first["test_score"]
+    assert torch.load(cache / files[0], weights_only=True)["cls"].shape[0] > 0  # rewritten whole
+
+
+def test_precision_auto_follows_the_cpu_and_keys_the_cache(tmp_path, monkeypatch):
+    root = tmp_path / "colours"
+    make_imagefolder(str(root), np.random.default_rng(0), per_class=(10, 2), size=28, classes=2)
+    monkeypatch.setenv("PROTEUS_CPU_BF16", "0")
+    assert run_main(tmp_path, "imagefolder", root, "--pretrained", "none")["precision"] == "fp32"
+    monkeypatch.setenv("PROTEUS_CPU_BF16", "1")
+    res = run_main(tmp_path, "imagefolder", root, "--pretrained", "none")
+    assert res["precision"] == "bf16" and "PROTEUS_CPU_BF16=1" in res["precision_reason"]
+    assert len(os.listdir(tmp_path / "cache")) == 4  # bf16 features are not fp32 features
