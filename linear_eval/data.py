@@ -8,7 +8,20 @@ import numpy as np
 import torch
 from torchvision import transforms
 
-from common.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+from common.data import IMAGENET_MEAN, IMAGENET_STD, SafeImageFolder, build_eval_transform
+from common.errors import DataError, MissingFileError, UserError
+
+
+def open_folder(root: str, flag: str) -> SafeImageFolder:
+    """Scan an ImageFolder root; a missing root is a MissingFileError, an empty or flat one a DataError."""
+    try:
+        return SafeImageFolder(root)
+    except UserError:
+        raise
+    except FileNotFoundError as e:
+        raise MissingFileError(f"{flag} {root}: {e}") from e
+    except ValueError as e:  # common.data's "no class sub-folders" / "no image files"
+        raise DataError(f"{flag} {root}: {e}") from e
 
 
 def train_transform(size: int = 224):

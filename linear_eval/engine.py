@@ -6,6 +6,7 @@ import torch
 
 from common import dist, probe
 from common.checkpoint import save_with_history
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,42 @@ def save_state(output_dir: str, grid, opt, sched, it: int, history: list, meta: 
     dist.barrier()
 
 
+# What a resumed run must share with the checkpoint's run: the heads and their schedule are only valid for
+# the same backbone (by content, EMA flag, arch, size overrides, patch and image size) and the same grid.
+RESUME_KEYS = ("backbone", "arch", "num_classes", "lrs", "n_last_blocks", "global_batch", "max_iter")
+
+
+def check_meta(saved: dict, meta: dict, path: str = "the output dir") -> None:
+    """Refuse (ConfigError listing every difference) to resume a checkpoint made with another set-up."""
+    diffs = []
+    for key in RESUME_KEYS:
+        old, new = saved.get(key), meta.get(key)
+        if old == new:
+            continue
+        if key == "backbone" and isinstance(old, dict) and isinstance(new, dict):
+            diffs += [f"backbone {k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new))
+                      if old.get(k) != new.get(k)]
+        elif key == "backbone" and old is None:
+            diffs.append("backbone: not recorded (checkpoint from an older linear_eval) -> "
+                         f"{meta.get('pretrained')}")
+        else:
+            diffs.append(f"{key}: {old!r} -> {new!r}")
+    if diffs:
+        if saved.get("pretrained") != meta.get("pretrained"):
+            diffs.append(f"(--pretrained {saved.get('pretrained')!r} -> {meta.get('pretrained')!r})")
+        raise ConfigError(f"{path} was made by a different run; resuming it would mix two set-ups: "
+                          f"{'; '.join(diffs)}. Rerun with that run's flags to resume it, or pass a new "
+                          f"--output-dir")
+
+
+def _short(value):
+    """Content hashes shortened for the message."""
+    return value[:12] if isinstance(value, str) and len(value) == 64 else value
+
+
 def restore_state(state: dict, grid, opt, sched, meta: dict) -> int:
     """Load a checkpoint written by save_state; refuse one from a different run set-up."""
-    for key in ("arch", "num_classes", "lrs", "n_last_blocks", "global_batch", "max_iter"):
-        if state["meta"].get(key) != meta.get(key):
-            raise ValueError(f"checkpoint in the output dir was made with {key}={state['meta'].get(key)!r}, "
-                             f"this run has {meta.get(key)!r}; use a new --output-dir or the same flags")
+    check_meta(state["meta"], meta)
     probe.unwrap(grid).load_state_dict(state["grid"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])

@@ -7,25 +7,32 @@ Linear mode trains 52 heads at once on the frozen backbone (last 1 / 4 blocks' C
 mean patch token, x 13 lrs) with SGD + cosine per iteration, evaluates them periodically and writes the
 best head's top-1/top-5 to results.json. `--selection val` picks the head on val and reports val (the
 DINOv2 protocol); `--selection train-holdout` picks it on a held-out part of train and reports val.
-A run directory with a checkpoint.pth resumes where it stopped. `--mode knn`: DINO's weighted kNN.
+A run directory with a checkpoint.pth resumes where it stopped, and refuses to when the backbone
+(weights, EMA, arch, size, image size) or the grid set-up differs. `--mode knn`: DINO's weighted kNN.
 """
 import argparse
 import json
 import logging
 import os
+import sys
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from common import dist, probe
 from common.checkpoint import load_latest
-from common.data import SafeImageFolder, collate_skip_bad, seed_worker
+from common.data import LAYOUT_HELP, collate_skip_bad, seed_worker
+from common.errors import ConfigError, DataError, MissingFileError, cli
 from common.log import MetricLogger, setup_logging, write_json
+from common.precision import CHOICES as PRECISIONS, autocast_dtype, resolve_precision
+from common.rundir import claim_run_dir, write_config
 from linear_eval import engine, robustness
-from linear_eval.data import ResumableSampler, View, eval_transform, holdout_indices, train_transform
+from linear_eval.data import ResumableSampler, View, eval_transform, holdout_indices, open_folder, train_transform
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger("linear_eval")
+TOOL = "linear_eval"
+ROBUSTNESS_SETS = ("imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a", "imagenet-c")
 
 
 def get_args_parser():
@@ -46,8 +53,11 @@ def get_args_parser():
     g.add_argument("--pretrained", default="none", help="checkpoint path, or 'none' (random init)")
     g.add_argument("--ema", action="store_true", help="evaluate the EMA student of a pretrain checkpoint")
     g.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON size overrides for small models")
-    g.add_argument("--autocast", default="auto", choices=("auto", "fp16", "bf16", "none"),
-                   help="backbone precision (auto: fp16 on GPU as DINOv2, fp32 on CPU)")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="backbone precision (auto: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, "
+                        "else fp32)")
+    g.add_argument("--autocast", dest="precision", type=lambda v: "fp32" if v == "none" else v, choices=PRECISIONS,
+                   help="old name of --precision ('none' = fp32)")
     g = p.add_argument_group("linear probe")
     g.add_argument("--mode", default="linear", choices=("linear", "knn"))
     g.add_argument("--epochs", type=int, default=10)
@@ -60,7 +70,7 @@ def get_args_parser():
     g.add_argument("--knn-k", type=int, nargs="+", default=[10, 20])
     g.add_argument("--knn-temperature", type=float, default=0.07)
     g = p.add_argument_group("robustness (evaluated with the chosen head when given)")
-    for name in ("imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a", "imagenet-c"):
+    for name in ROBUSTNESS_SETS:
         g.add_argument(f"--{name}", default=None, help=f"root of {name} (layouts: linear_eval/robustness.py)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", required=True)
@@ -69,27 +79,70 @@ def get_args_parser():
     return p
 
 
-def autocast_dtype(choice: str, device: torch.device):
-    if choice == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}[choice]
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command line, checked before any work: every bad value is a ConfigError naming the flag."""
+    args = get_args_parser().parse_args(argv)
+    positive = ("image_size", "batch_size", "patch_size", "epochs", "eval_period", "checkpoint_period")
+    for flag in positive + (("epoch_length",) if args.epoch_length is not None else ()):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+    for flag, values in (("lrs", args.lrs), ("n-last-blocks", args.n_last_blocks), ("knn-k", args.knn_k)):
+        if not all(v > 0 for v in values):
+            raise ConfigError(f"--{flag} must all be > 0, got {values}")
+    if not 0 < args.holdout_fraction < 1 or not args.knn_temperature > 0:
+        raise ConfigError(f"need 0 < --holdout-fraction < 1 and --knn-temperature > 0, got "
+                          f"{args.holdout_fraction} and {args.knn_temperature}")
+    probe.check_model_kwargs(args.arch, args.model_kwargs)
+    probe.check_pretrained(args.pretrained)
+    for flag in ("train_root", "val_root"):  # before the output dir is created
+        if not os.path.isdir(getattr(args, flag)):
+            raise MissingFileError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such directory; "
+                                   f"{LAYOUT_HELP}")
+    for name in ROBUSTNESS_SETS:  # fail now, not after training
+        root = getattr(args, name.replace("-", "_"))
+        if root and not os.path.isdir(root):
+            raise MissingFileError(f"--{name} {root}: no such directory (layouts: linear_eval/robustness.py)")
+    return args
+
+
+def init_distributed(requested: str) -> dist.DistInfo:
+    try:
+        dist.resolve_device(requested)  # a bad --device is the user's: check it before the process group
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    return dist.init_distributed(requested)
 
 
 def build_data(args):
     """Train (augmented, infinite) / selection / val loaders; scans each folder once."""
-    train_folder, val_folder = SafeImageFolder(args.train_root), SafeImageFolder(args.val_root)
-    if val_folder.classes != train_folder.classes:
-        raise ValueError(f"{args.val_root} must have the same class folders as {args.train_root} "
-                         f"({len(val_folder.classes)} vs {len(train_folder.classes)})")
+    train_folder, val_folder = open_folder(args.train_root, "--train-root"), open_folder(args.val_root, "--val-root")
+    check_classes(args, train_folder.classes, val_folder.classes)
     size = args.image_size
     train_idx, held_idx = range(len(train_folder)), None
     if args.selection == "train-holdout":
         train_idx, held_idx = holdout_indices(len(train_folder), args.holdout_fraction, args.seed)
+        if len(held_idx) == 0 or len(train_idx) == 0:
+            raise DataError(f"--holdout-fraction {args.holdout_fraction} of {len(train_folder)} training images "
+                            f"holds out {len(held_idx)}; raise it or use --selection val")
     loaders = {"val": eval_loader(View(val_folder, range(len(val_folder)), eval_transform(size)), args)}
     if held_idx is not None:
         loaders["train-holdout"] = eval_loader(View(train_folder, held_idx, eval_transform(size)), args)
     train_view = View(train_folder, train_idx, train_transform(size))
     return train_folder.classes, train_view, loaders
+
+
+def check_classes(args, train: list, val: list) -> None:
+    """The probe needs two or more classes, and val must use train's class folders (targets are indices)."""
+    if len(train) < 2:
+        raise DataError(f"--train-root {args.train_root} has {len(train)} class folder(s) ({train}); a linear "
+                        f"probe needs at least 2 (one class would score 100 % trivially)")
+    if val != train:
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise DataError(f"--val-root {args.val_root} must have the same class folders as --train-root "
+                        f"{args.train_root} ({len(val)} vs {len(train)}; only in train: {only_train[:5]}, "
+                        f"only in val: {only_val[:5]})")
 
 
 def eval_loader(dataset, args):
@@ -133,23 +186,39 @@ def _indexed_loader(dataset, args):
                                        num_workers=args.num_workers)
 
 
-def run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_logger):
-    """Train the grid (resuming if a checkpoint exists), then report the head chosen by --selection."""
-    grid = probe.LinearHeadGrid(backbone.embed_dim, len(classes), tuple(args.n_last_blocks), (False, True),
-                                tuple(args.lrs)).to(info.device)
+def linear_plan(args, info, classes, train_view) -> dict:
+    """The run's set-up as recorded in (and compared with) its checkpoint; the backbone by content."""
     global_batch = args.batch_size * info.world_size
     epoch_length = args.epoch_length or max(len(train_view) // global_batch, 1)
-    max_iter = args.epochs * epoch_length
+    backbone = probe.backbone_identity(args.pretrained, args.arch, args.patch_size, args.model_kwargs, args.ema,
+                                       img_size=args.image_size)
+    return {"arch": args.arch, "num_classes": len(classes), "lrs": list(args.lrs), "global_batch": global_batch,
+            "n_last_blocks": list(args.n_last_blocks), "max_iter": args.epochs * epoch_length,
+            "epoch_length": epoch_length, "selection": args.selection, "backbone": backbone,
+            "pretrained": args.pretrained}
+
+
+def resume_state(output_dir: str, meta: dict):
+    """(checkpoint or None, its path); refuses, before the backbone loads, one made by another set-up."""
+    state, path = load_latest(output_dir)
+    if state is not None:
+        engine.check_meta(state.get("meta", {}), meta, path)
+    return state, path
+
+
+def run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_logger, meta, resume):
+    """Train the grid (resuming from `resume` = (state, path) if any), then report the head chosen by --selection."""
+    grid = probe.LinearHeadGrid(backbone.embed_dim, len(classes), tuple(args.n_last_blocks), (False, True),
+                                tuple(args.lrs)).to(info.device)
+    global_batch, max_iter = meta["global_batch"], meta["max_iter"]
     opt, sched = probe.build_grid_optimizer(grid, global_batch, max_iter)
-    meta = {"arch": args.arch, "num_classes": len(classes), "lrs": list(args.lrs), "global_batch": global_batch,
-            "n_last_blocks": list(args.n_last_blocks), "max_iter": max_iter, "selection": args.selection}
-    state, path = load_latest(args.output_dir)
+    state, path = resume
     start_iter, history = 0, []
     if state is not None:
         start_iter, history = engine.restore_state(state, grid, opt, sched, meta), state["history"]
         log.info("resumed from %s at iteration %d / %d", path, start_iter, max_iter)
     log.info("%d heads, global batch %d, %d iterations (%d per epoch), lr x %.3g", len(grid.configs), global_batch,
-             max_iter, epoch_length, global_batch / 256)
+             max_iter, meta["epoch_length"], global_batch / 256)
     model = DistributedDataParallel(grid, device_ids=[info.device] if info.device.type == "cuda" else None) \
         if info.distributed else grid
 
@@ -214,29 +283,44 @@ def evaluate_robustness(args, info, backbone, model, classes, head, amp) -> dict
     return out
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    info = dist.init_distributed(args.device)
-    setup_logging(args.output_dir, info.rank, name="linear_eval")
-    if info.is_main:
-        write_json(os.path.join(args.output_dir, "config.json"), vars(args))
-    torch.manual_seed(args.seed)
-    amp = autocast_dtype(args.autocast, info.device)
-
+def run(argv=None) -> dict:
+    """The whole evaluation; returns the results (also written to results.json). Raises UserError on bad input."""
+    args = parse_args(argv)
+    info = init_distributed(args.device)
+    setup_logging(None, info.rank)  # console only until every check passed: a refused run leaves its dir as it was
+    args.output_dir = claim_run_dir(args.output_dir, TOOL)
     classes, train_view, loaders = build_data(args)
+    meta = linear_plan(args, info, classes, train_view) if args.mode == "linear" else None
+    resume = resume_state(args.output_dir, meta) if meta else (None, None)
+
+    setup_logging(args.output_dir, info.rank, name=TOOL)
+    precision, reason = resolve_precision(args.precision, info.device)
+    log.info("precision %s (%s)", precision, reason)
+    torch.manual_seed(args.seed)
+    if info.is_main:
+        write_config(args.output_dir, TOOL, {**vars(args), "precision_resolved": precision,
+                                             "precision_reason": reason})
     backbone = probe.build_frozen_backbone(args.pretrained, args.arch, args.patch_size,
                                            model_kwargs=args.model_kwargs, ema=args.ema).to(info.device)
     metric_logger = MetricLogger(args.output_dir, enabled=info.is_main, tensorboard=False)
+    amp = autocast_dtype(precision)
     if args.mode == "knn":
         results = run_knn(args, info, backbone, classes, train_view, loaders, amp)
     else:
-        results = run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_logger)
-    results.update(arch=args.arch, pretrained=args.pretrained, image_size=args.image_size)
+        results = run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_logger, meta, resume)
+    results.update(arch=args.arch, pretrained=args.pretrained, image_size=args.image_size, precision=precision,
+                   precision_reason=reason)
     if info.is_main:
         write_json(os.path.join(args.output_dir, "results.json"), results)
     dist.cleanup()
     return results
 
 
+@cli("linear_eval.main")
+def main(argv=None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from common.data import SafeImageFolder, collate_skip_bad
+from common.data import collate_skip_bad
+from common.errors import DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,16 @@ def class_mapping(folder_classes: list, train_classes: list) -> dict:
         elif name.isdigit() and int(name) < len(train_classes):
             mapping[i] = int(name)
         else:
-            raise ValueError(f"class folder {name!r} is neither a training class (e.g. {train_classes[0]!r}) "
+            raise DataError(f"class folder {name!r} is neither a training class (e.g. {train_classes[0]!r}) "
                              f"nor an integer class index below {len(train_classes)}")
     return mapping
 
 
 def build_robustness_loader(root: str, train_classes: list, transform, batch_size: int, num_workers: int):
     """Loader over `root` with targets in the subset's order, and the subset (None = all classes)."""
-    from linear_eval.data import View  # local: data imports nothing from here, keeps the graph one-way
+    from linear_eval.data import View, open_folder  # local: data imports nothing from here (one-way graph)
 
-    folder = SafeImageFolder(root)
+    folder = open_folder(root, "robustness root")
     mapping = class_mapping(folder.classes, train_classes)
     subset = sorted(set(mapping.values()))
     if len(subset) == len(train_classes):
@@ -76,6 +77,9 @@ def eval_sampler(dataset):
 
 def corruption_folders(root: str) -> dict:
     """{(corruption, severity): path} for the ImageNet-C folders present under root."""
+    if not os.path.isdir(root):
+        raise MissingFileError(f"--imagenet-c {root}: no such directory; expected "
+                               f"ROOT/<corruption>/<1-5>/<wnid>/<image>")
     found = {}
     for c in sorted(os.listdir(root)):
         for s in range(1, 6):
@@ -83,7 +87,7 @@ def corruption_folders(root: str) -> dict:
             if os.path.isdir(path):
                 found[(c, s)] = path
     if not found:
-        raise FileNotFoundError(f"no ImageNet-C folders under {root}; expected ROOT/<corruption>/<1-5>/<wnid>/<image>")
+        raise MissingFileError(f"no ImageNet-C folders under {root}; expected ROOT/<corruption>/<1-5>/<wnid>/<image>")
     return found
 
 

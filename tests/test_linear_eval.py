@@ -48,7 +48,7 @@ def argv(data, out, *extra):
 
 
 def test_linear_probe_end_to_end_with_robustness(data, tmp_path):
-    res = le_main.main(argv(data, tmp_path / "run", "--epochs", "2", "--epoch-length", "10", "--eval-period", "10",
+    res = le_main.run(argv(data, tmp_path / "run", "--epochs", "2", "--epoch-length", "10", "--eval-period", "10",
                             "--lrs", "0.5", "2.0", "--imagenet-a", data["a"], "--imagenet-c", data["c"]))
     with open(tmp_path / "run" / "results.json") as f:
         saved = json.load(f)
@@ -64,7 +64,7 @@ def test_linear_probe_end_to_end_with_robustness(data, tmp_path):
 
 def test_resume_continues_exactly(data, tmp_path, monkeypatch):
     flags = ("--epochs", "1", "--epoch-length", "6", "--eval-period", "3", "--checkpoint-period", "3")
-    full = le_main.main(argv(data, tmp_path / "full", *flags))
+    full = le_main.run(argv(data, tmp_path / "full", *flags))
 
     real_save = engine.save_state
 
@@ -75,9 +75,9 @@ def test_resume_continues_exactly(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        le_main.main(argv(data, tmp_path / "cut", *flags))
+        le_main.run(argv(data, tmp_path / "cut", *flags))
     monkeypatch.setattr(engine, "save_state", real_save)
-    resumed = le_main.main(argv(data, tmp_path / "cut", *flags))
+    resumed = le_main.run(argv(data, tmp_path / "cut", *flags))
 
     a = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=True)
@@ -89,26 +89,40 @@ def test_resume_continues_exactly(data, tmp_path, monkeypatch):
 
 
 def test_resume_refuses_other_settings(data, tmp_path):
-    le_main.main(argv(data, tmp_path / "r", "--epochs", "1", "--epoch-length", "2"))
+    le_main.run(argv(data, tmp_path / "r", "--epochs", "1", "--epoch-length", "2"))
     with pytest.raises(ValueError, match="max_iter"):
-        le_main.main(argv(data, tmp_path / "r", "--epochs", "2", "--epoch-length", "2"))
+        le_main.run(argv(data, tmp_path / "r", "--epochs", "2", "--epoch-length", "2"))
+
+
+def test_precision_is_resolved_logged_and_recorded(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PROTEUS_CPU_BF16", "0")  # a CPU without native bf16: auto means fp32
+    res = le_main.run(argv(data, tmp_path / "auto", "--mode", "knn"))
+    assert res["precision"] == "fp32" and "PROTEUS_CPU_BF16=0" in res["precision_reason"]
+    with open(tmp_path / "auto" / "config.json") as f:
+        config = json.load(f)
+    assert config["tool"] == "linear_eval" and config["precision_resolved"] == "fp32"
+    assert "precision fp32 (auto: PROTEUS_CPU_BF16=0" in capsys.readouterr().out
+    monkeypatch.setenv("PROTEUS_CPU_BF16", "1")
+    assert le_main.run(argv(data, tmp_path / "bf16", "--mode", "knn"))["precision"] == "bf16"
+    old_flag = le_main.run(argv(data, tmp_path / "alias", "--mode", "knn", "--autocast", "none"))  # the old name
+    assert (old_flag["precision"], old_flag["precision_reason"]) == ("fp32", "requested")
 
 
 def test_head_selection_on_train_holdout(data, tmp_path):
-    res = le_main.main(argv(data, tmp_path / "h", "--epochs", "1", "--epoch-length", "4", "--selection",
+    res = le_main.run(argv(data, tmp_path / "h", "--epochs", "1", "--epoch-length", "4", "--selection",
                             "train-holdout", "--holdout-fraction", "0.25"))
     assert res["selection"] == "train-holdout"
     assert res["top1"] == res["heads_val"][res["best_head"]]["top1"]  # reported on val, chosen elsewhere
 
 
 def test_knn_mode(data, tmp_path):
-    res = le_main.main(argv(data, tmp_path / "k", "--mode", "knn", "--pretrained", "none"))
+    res = le_main.run(argv(data, tmp_path / "k", "--mode", "knn", "--pretrained", "none"))
     assert set(res) >= {"k10", "k20"} and res["k10"]["top1"] >= 95.0
 
 
 def test_missing_train_root_names_the_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="ImageFolder layout"):
-        le_main.main(["--train-root", str(tmp_path / "x"), "--val-root", str(tmp_path / "y"),
+        le_main.run(["--train-root", str(tmp_path / "x"), "--val-root", str(tmp_path / "y"),
                       "--output-dir", str(tmp_path / "o")])
 
 
