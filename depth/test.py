@@ -1,5 +1,16 @@
-"""Evaluate a depth checkpoint: `python -m depth.test CONFIG CHECKPOINT [--cfg-options ...]`."""
+"""Evaluate a depth checkpoint (mmseg): `python -m depth.test CONFIG CHECKPOINT [--work-dir DIR]
+[--cfg-options ...]`; user errors exit 2 with one message."""
+import sys
+
+from common.errors import cli
 from common.mmseg_plugin.launch import run_test
 
+
+@cli("depth.test")
+def main(argv=None) -> int:
+    run_test("depth", argv)
+    return 0
+
+
 if __name__ == "__main__":
-    run_test("depth")
+    sys.exit(main())

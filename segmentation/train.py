@@ -1,5 +1,16 @@
-"""Train a segmentation config: `python -m segmentation.train CONFIG [--work-dir DIR] [--resume] [--cfg-options]`."""
+"""Train a segmentation config (mmseg): `python -m segmentation.train CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
+[--cfg-options k=v ...]`; user errors exit 2 with one message."""
+import sys
+
+from common.errors import cli
 from common.mmseg_plugin.launch import run_train
 
+
+@cli("segmentation.train")
+def main(argv=None) -> int:
+    run_train("segmentation", argv)
+    return 0
+
+
 if __name__ == "__main__":
-    run_train("segmentation")
+    sys.exit(main())

@@ -5,17 +5,26 @@
     torchrun --nproc_per_node=N -m segmentation.train CONFIG ...   (GPU: nccl, CPU: gloo)
 
 The plugin package is imported first, so the mmcv.ops shim precedes every mmseg model import.
+What a user can get wrong (a missing config, data root, checkpoint or backbone file, a bad
+--cfg-options key, a work dir that is another tool's or not writable) is checked before the Runner
+is built and raised as a UserError (one message, exit 2 through `common.errors.cli`).
 """
 import argparse
-import os
+import glob
 import os.path as osp
+import sys
 
 from mmengine.config import Config, DictAction
 from mmengine.dist import is_main_process
 from mmengine.runner import Runner
 
 from common.dist import init_distributed
+from common.errors import ConfigError, MissingFileError
 from common.log import write_json
+from common.rundir import claim_run_dir, write_config
+
+# What the entry points write at the top of a work dir (mmengine's own files go in timestamped subdirs)
+WORK_DIR_FILES = ("config.json",)
 
 
 def _parser(task: str, mode: str) -> argparse.ArgumentParser:
@@ -35,8 +44,11 @@ def _parser(task: str, mode: str) -> argparse.ArgumentParser:
 
 def load_config(args, task: str) -> Config:
     """Config file + --cfg-options + work dir + launcher; distributed init happens here."""
-    cfg = Config.fromfile(args.config)
-    cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args.config, task)
+    try:
+        cfg.merge_from_dict(args.cfg_options)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"--cfg-options {args.cfg_options} do not fit {args.config}: {e}") from e
     name = osp.splitext(osp.basename(args.config))[0]
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("work_dirs", task, name)
     if init_distributed().distributed:
@@ -47,9 +59,62 @@ def load_config(args, task: str) -> Config:
     return cfg
 
 
+def read_config(path: str, task: str) -> Config:
+    if not osp.isfile(path):
+        shipped = sorted(glob.glob(osp.join(task, "configs", "*.py")))[:3]
+        raise MissingFileError(f"config file not found: {path}; pass one of {task}/configs/*.py "
+                               f"(e.g. {', '.join(shipped) or 'see the README'})")
+    try:
+        return Config.fromfile(path)
+    except FileNotFoundError as e:  # a missing _base_ file
+        raise MissingFileError(f"config {path}: {e}") from e
+    except SyntaxError as e:
+        raise ConfigError(f"config {path} is not valid Python: {e}") from e
+
+
+def check_inputs(cfg: Config, loaders: tuple, task: str) -> None:
+    """Every data root and folder the chosen dataloaders read must exist before the Runner builds."""
+    for name in loaders:
+        loader = cfg.get(name)
+        if not loader:
+            continue
+        dataset = loader["dataset"]
+        root = dataset.get("data_root", "")
+        if root and not osp.isdir(root):
+            raise MissingFileError(f"{name}.dataset.data_root {root!r} does not exist; put the dataset there or "
+                                   f"pass --cfg-options {name}.dataset.data_root=PATH ({task}/README.md has the "
+                                   f"layout)")
+        for key, sub in (dataset.get("data_prefix") or {}).items():
+            folder = osp.join(root, sub) if sub else root
+            if sub and not osp.isdir(folder):
+                raise MissingFileError(f"{name}: {key} folder {folder!r} does not exist; the data root "
+                                       f"{root!r} is not in the layout {task}/README.md describes")
+
+
+def check_file(path, what: str, fix: str) -> None:
+    if path not in (None, "", "none") and not osp.isfile(path):
+        raise MissingFileError(f"{what} not found: {path}; {fix}")
+
+
+def claim_work_dir(cfg: Config, task: str, args, mode: str) -> None:
+    """Refuse another tool's work dir; mark ours (config.json: tool, config, argv) on the main process."""
+    cfg.work_dir = claim_run_dir(cfg.work_dir, task, files=WORK_DIR_FILES)
+    marker = osp.join(cfg.work_dir, "config.json")
+    if is_main_process() and (mode == "train" or not osp.exists(marker)):
+        write_config(cfg.work_dir, task, {"mode": mode, "config": osp.abspath(args.config),
+                                          "cfg_options": args.cfg_options, "argv": sys.argv})
+
+
 def run_train(task: str, argv=None) -> None:
     args = _parser(task, "train").parse_args(argv)
     cfg = load_config(args, task)
+    check_inputs(cfg, ("train_dataloader", "val_dataloader") if cfg.get("val_cfg") else ("train_dataloader",), task)
+    check_file(cfg.model.backbone.get("checkpoint"), "backbone checkpoint (model.backbone.checkpoint)",
+               "pass --cfg-options model.backbone.checkpoint=PATH (None = random init)")
+    if args.resume not in (None, "auto"):
+        check_file(args.resume, "--resume checkpoint", "pass a file written by this training (iter_<N>.pth), or "
+                                                       "--resume alone for the latest in the work dir")
+    claim_work_dir(cfg, task, args, "train")
     if args.resume == "auto":
         cfg.resume, cfg.load_from = True, None  # mmengine finds the latest checkpoint in work_dir
     elif args.resume:
@@ -63,15 +128,15 @@ def run_train(task: str, argv=None) -> None:
 def run_test(task: str, argv=None) -> dict:
     """Evaluate CHECKPOINT on the config's test set; writes `test_metrics.json` into the work dir."""
     args = _parser(task, "test").parse_args(argv)
-    if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint} (pass a file written by "
-                                f"`python -m {task}.train`, e.g. <work_dir>/iter_<N>.pth)")
+    check_file(args.checkpoint, "checkpoint", f"pass a file written by `python -m {task}.train`, e.g. "
+                                              f"<work_dir>/iter_<N>.pth")
     cfg = load_config(args, task)
+    check_inputs(cfg, ("test_dataloader",), task)
+    claim_work_dir(cfg, task, args, "test")
     cfg.load_from = args.checkpoint
     metrics = Runner.from_cfg(cfg).test()
     metrics = {k: float(v) for k, v in metrics.items()}  # numpy float32 is not JSON serialisable
     if is_main_process():
-        os.makedirs(cfg.work_dir, exist_ok=True)
         write_json(osp.join(cfg.work_dir, "test_metrics.json"),
                    dict(config=args.config, checkpoint=args.checkpoint, metrics=metrics))
     return metrics
