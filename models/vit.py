@@ -45,13 +45,17 @@ class DinoVisionTransformer(nn.Module):
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         ffn: "mlp" (GELU) or "swiglu" (ViT-g).
         interpolate_offset: DINOv2's +0.1 offset for run-time pos-embed interpolation.
+    Capabilities: `embed_dim` (= `patch_dim`), `has_mask_token` (True: masked views use the mask token).
     """
+
+    has_mask_token = True
 
     def __init__(self, img_size=224, patch_size=14, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
                  init_values=1.0, num_register_tokens=0, drop_path_rate=0.0, ffn="mlp",
                  interpolate_offset=INTERPOLATE_OFFSET):
         super().__init__()
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
+        self.patch_dim = embed_dim
         self.num_register_tokens = num_register_tokens
         self.interpolate_offset = interpolate_offset
         # strict_img_size=False: any multiple of the patch size is accepted (dense tasks run at 518)
@@ -176,9 +180,17 @@ def build_vit(name: str, patch_size: int = 14, img_size: int = 224, num_register
                                  num_register_tokens=num_register_tokens, drop_path_rate=drop_path_rate, **args)
 
 
+STUDENTS = ("vit_tiny", "vit_small", "vit_base", "vit_large")  # the student sizes of VIT_SIZES
+
+
 def build_student(name: str, patch_size: int = 14, img_size: int = 224, num_register_tokens: int = 0,
-                  drop_path_rate: float = 0.0, **kwargs) -> DinoVisionTransformer:
-    """A randomly initialised Proteus student: DINOv2 ViT with LayerScale 1.0, qkv bias, LN eps 1e-6."""
-    if name not in ("vit_tiny", "vit_small", "vit_base", "vit_large"):
-        raise ValueError(f"unknown student {name!r}; expected vit_tiny, vit_small, vit_base or vit_large")
+                  drop_path_rate: float = 0.0, **kwargs) -> nn.Module:
+    """A randomly initialised Proteus student: DINOv2 ViT with LayerScale 1.0, qkv bias, LN eps 1e-6, or
+    `timm:<name>`, any timm architecture (models.timm_student.TimmStudent; patch_size does not apply)."""
+    from .timm_student import build_timm_student, is_timm_name
+
+    if is_timm_name(name):
+        return build_timm_student(name, img_size=img_size, drop_path_rate=drop_path_rate, **kwargs)
+    if name not in STUDENTS:
+        raise ValueError(f"unknown student {name!r}; expected one of {STUDENTS} or timm:<name>")
     return build_vit(name, patch_size, img_size, num_register_tokens, drop_path_rate, init_values=1.0, **kwargs)

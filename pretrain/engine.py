@@ -29,13 +29,13 @@ from common.dist import DistInfo, barrier
 from common.errors import DataError
 from common.log import MetricLogger
 from . import state as ckpt_state
+from .targets import prepare_targets
 from .visualise import pca_figure
 
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, rerun the same command (SLURM script requeues on it)
 EXIT_NONFINITE = 3  # non-finite loss: a configuration problem, do not requeue blindly
-LOSS_KEYS = ("loss", "loss_token", "loss_fea", "loss_patch")
 
 
 class StopTraining(Exception):
@@ -76,12 +76,16 @@ def _hook_step(name: str) -> int:
 
 @dataclass
 class Trainer:
-    """Everything the loop touches. `model` is the DDP-wrapped `distiller` (or the distiller itself)."""
+    """Everything the loop touches. `model` is the DDP-wrapped `distiller` (or the distiller itself).
+
+    `teachers`: {key: frozen Teacher}, in the distiller's target order; `grids`: {key: its token grid};
+    `normaliser`: a fitted pretrain.targets.TargetNormaliser, or None.
+    """
     cfg: dict
     dist_info: DistInfo
     distiller: torch.nn.Module
     model: torch.nn.Module
-    teacher: torch.nn.Module
+    teachers: dict
     ema: object
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -95,6 +99,8 @@ class Trainer:
     pca_batch: torch.Tensor | None = None
     last_good: str = "none written yet"
     preempt: PreemptionFlag | None = None
+    grids: dict = field(default_factory=dict)
+    normaliser: torch.nn.Module | None = None
     _bad_streak: int = 0
     _save_failures: int = 0  # consecutive failed checkpoint writes
     _save_error: str = ""
@@ -106,14 +112,20 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.dist_info.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
 
-    def teacher_targets(self, images: torch.Tensor) -> dict:
-        """Teacher CLS (B, Dt) and patches (B, N, Dt): frozen, inference mode, its own dtype on GPU."""
+    def raw_teacher_outputs(self, images: torch.Tensor) -> dict:
+        """{key: dict(cls (B, Dt), patch (B, Nt, Dt))} per teacher: frozen, inference mode, own dtype on GPU."""
         with torch.inference_mode(), self.autocast():
-            return self.teacher(images)
+            return {key: teacher(images) for key, teacher in self.teachers.items()}
+
+    def teacher_targets(self, images: torch.Tensor) -> dict:
+        """Targets per teacher on the distiller's grid (resampled where a teacher's grid differs), normalised."""
+        raw = self.raw_teacher_outputs(images)
+        with torch.inference_mode():
+            return prepare_targets(raw, self.grids, self.distiller.grid, self.normaliser)
 
     def student_losses(self, images, masks, rows, targets) -> dict:
         with self.autocast():
-            return self.model(images, masks, rows, targets["cls"], targets["patch"])
+            return self.model(images, masks, rows, targets)
 
     def optimizer_step(self, loss: torch.Tensor, want_norm: bool):
         """Backward, optional clipping, (scaled) AdamW step, EMA. Returns (grad norm or None, skipped)."""
@@ -159,7 +171,8 @@ class Trainer:
         # worker seeds depend on (seed, epoch, rank) only, never on how the run was interrupted
         self.loader_generator.manual_seed(cfg["seed"] * 100_003 + epoch * 1_009 + self.dist_info.rank)
         self.distiller.train()
-        window, sums, n_seen = _Window(), torch.zeros(len(LOSS_KEYS)), 0
+        names = self.distiller.loss_names
+        window, sums, n_seen = _Window(), torch.zeros(len(names)), 0
         for batch, n_bad in self.loader:
             if batch is None:
                 raise DataError(f"every image of a batch in epoch {epoch} was unreadable: the dataset at "
@@ -168,7 +181,7 @@ class Trainer:
             images = batch[0].to(dev, non_blocking=True)  # (B, 3, H, W)
             log_now = self._is_log_step()
             values, stop = self.train_step(images, n_bad, epoch, want_norm=log_now)
-            sums += torch.tensor(values[:4])
+            sums += torch.tensor(values[:len(names)])
             n_seen += 1
             window.add(images.shape[0] * self.dist_info.world_size)
             if log_now:
@@ -178,14 +191,14 @@ class Trainer:
             self._maybe_save_mid_epoch()
             self._test_hooks()
         if n_seen:
-            avg = dict(zip(LOSS_KEYS, (sums / n_seen).tolist()))
+            avg = dict(zip(names, (sums / n_seen).tolist()))
             self.metrics.log(self.progress.global_step, prefix="epoch/", epoch=epoch,
                              bad_images=self.progress.bad_images, **avg)
             log.info("epoch %d done: %s, %d unreadable images skipped so far", epoch,
                      " ".join(f"{k}={v:.4f}" for k, v in avg.items()), self.progress.bad_images)
 
     def train_step(self, images: torch.Tensor, n_bad: int, epoch: int, want_norm: bool):
-        """One optimisation step. Returns ([loss, token, fea, patch, lr, grad_norm], stop requested)."""
+        """One optimisation step. Returns ([*losses in loss_names order, lr, grad_norm], stop requested)."""
         step = self.progress.global_step
         self.scheduler.step_update(step)  # per-iteration schedule: lr of *this* step
         masks, rows = self.mask_gen(images.shape[0])  # (B, N) bool, (M,)
@@ -194,9 +207,10 @@ class Trainer:
         if step == _hook_step("PROTEUS_INJECT_NAN_AT_STEP"):
             losses = {k: v * float("nan") for k, v in losses.items()}
         stats = self._reduce_stats(losses, n_bad)  # one host sync per step
-        self.progress.bad_images += int(stats[5])
+        n = len(self.distiller.loss_names)
+        self.progress.bad_images += int(stats[n + 1])
         norm = None
-        if all(math.isfinite(v) for v in stats[:4]):
+        if all(math.isfinite(v) for v in stats[:n]):
             norm, skipped = self.optimizer_step(losses["loss"], want_norm)
             self._bad_streak = self._bad_streak + 1 if skipped else 0
             if self._bad_streak > self.cfg["max_bad_steps"]:
@@ -207,17 +221,18 @@ class Trainer:
         self.progress.global_step += 1
         self.progress.step_in_epoch += 1
         lr = self.optimizer.param_groups[-1]["lr"]
-        return stats[:4] + [lr, float(norm) if norm is not None else float("nan")], stats[4] > 0
+        return stats[:n] + [lr, float(norm) if norm is not None else float("nan")], stats[n] > 0
 
     def _reduce_stats(self, losses: dict, n_bad: int) -> list[float]:
-        """[loss, token, fea, patch] averaged over ranks, then [stop flag, bad images] summed."""
+        """The named losses (loss_names order) averaged over ranks, then [stop flag, bad images] summed."""
+        names = self.distiller.loss_names
         flag = float(self.preempt is not None and self.preempt.signum != 0)
-        vec = torch.stack([losses[k].detach().float() for k in LOSS_KEYS]
-                          + [torch.tensor(flag, device=losses["loss"].device),
-                             torch.tensor(float(n_bad), device=losses["loss"].device)])
+        dev = losses["loss"].device
+        vec = torch.stack([losses[k].detach().float() for k in names]
+                          + [torch.tensor(flag, device=dev), torch.tensor(float(n_bad), device=dev)])
         if self.dist_info.distributed:
             dist.all_reduce(vec)
-            vec[:4] /= self.dist_info.world_size
+            vec[:len(names)] /= self.dist_info.world_size
         return vec.tolist()
 
     def _on_nonfinite(self, step: int, epoch: int, stats: list[float]) -> None:
@@ -229,17 +244,17 @@ class Trainer:
                     self._bad_streak, self.cfg["max_bad_steps"])
 
     def _stop_nonfinite(self, step: int, stats: list[float], where: str):
-        loss, tok, fea, patch = stats[:4]
+        parts = " ".join(f"{k}={v}" for k, v in zip(self.distiller.loss_names, stats))
         raise StopTraining(
-            f"non-finite loss at step {step} ({where}): loss={loss} loss_token={tok} loss_fea={fea} "
-            f"loss_patch={patch}. The weights were not updated with it. Last good checkpoint: {self.last_good}. "
+            f"non-finite loss at step {step} ({where}): {parts}. The weights were not updated with it. "
+            f"Last good checkpoint: {self.last_good}. "
             f"Try a lower --lr, --clip-grad 1.0, or --precision bf16/fp32; rerunning resumes from that checkpoint.",
             EXIT_NONFINITE)
 
     # ---- checkpoints, logging ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         ckpt = ckpt_state.build_checkpoint(self.distiller, self.ema, self.optimizer, self.scheduler, self.scaler,
-                                           self.progress, self.mask_gen, self.cfg)
+                                           self.progress, self.mask_gen, self.cfg, self.normaliser)
         path, error = ckpt_state.save_checkpoint(ckpt, self.cfg["output_dir"], self.cfg["keep_checkpoints"],
                                                  self.dist_info.is_main)
         if path:
@@ -279,16 +294,17 @@ class Trainer:
         return (self.progress.global_step + 1) % self.cfg["log_every"] == 0
 
     def log_progress(self, epoch: int, values: list[float], window: "_Window") -> None:
-        loss, tok, fea, patch, lr, norm = values
+        names = self.distiller.loss_names
+        losses, (lr, norm) = dict(zip(names, values)), values[len(names):]
         total = self.cfg["epochs"] * self.steps_per_epoch
         ips, sec_per_step = window.rate()
         eta = (total - self.progress.global_step) * sec_per_step
-        log.info("epoch %d [%d/%d] step %d/%d  loss %.4f (token %.4f fea %.4f patch %.4f)  lr %.2e  "
-                 "%.1f img/s  eta %s", epoch, self.progress.step_in_epoch, self.steps_per_epoch,
-                 self.progress.global_step, total, loss, tok, fea, patch, lr, ips, _hms(eta))
-        self.metrics.log(self.progress.global_step, prefix="train/", loss=loss, loss_token=tok, loss_fea=fea,
-                         loss_patch=patch, lr=lr, grad_norm=norm, img_per_s=ips, epoch=epoch,
-                         bad_images=self.progress.bad_images)
+        parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "loss")
+        log.info("epoch %d [%d/%d] step %d/%d  loss %.4f (%s)  lr %.2e  %.1f img/s  eta %s", epoch,
+                 self.progress.step_in_epoch, self.steps_per_epoch, self.progress.global_step, total,
+                 losses["loss"], parts, lr, ips, _hms(eta))
+        self.metrics.log(self.progress.global_step, prefix="train/", **losses, lr=lr, grad_norm=norm,
+                         img_per_s=ips, epoch=epoch, bad_images=self.progress.bad_images)
 
     @torch.no_grad()
     def log_pca(self) -> None:
@@ -298,8 +314,9 @@ class Trainer:
         x = self.pca_batch.to(self.dist_info.device)
         self.distiller.eval()
         with self.autocast():
-            t_patch = self.teacher(x)["patch"]
-            s_patch = self.distiller.student.forward_features(x)["patch"]
+            key = next(iter(self.teachers))  # the first teacher, on the distiller's grid
+            t_patch = prepare_targets(self.raw_teacher_outputs(x), self.grids, self.distiller.grid, None)[key]["patch"]
+            s_patch = self.distiller.student_features(x)["patch"]
         self.distiller.train()
         self.metrics.image("pca/input_teacher_student", pca_figure(x, t_patch, s_patch).numpy(),
                            self.progress.global_step)

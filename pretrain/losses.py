@@ -16,10 +16,16 @@ The original returned NaN for L_patch when nothing was masked (mean of an empty 
 set gives 0. CLIP teachers use L_token only (their patch tokens get no training signal), and heads of
 objectives that are switched off are not built, so DDP needs no `find_unused_parameters`.
 
+Several teachers: each has its own heads and the three losses above on its own targets (re-normalised
+input, patch tokens resampled to the common grid, optionally PHI-S-normalised: see pretrain/targets.py);
+L = sum_t w_t L_t. One teacher is exactly the single-teacher objective (same heads, same checkpoint keys).
+
 One student pass: the unmasked views of all B samples and the masked views of the M masked samples are
 concatenated along the batch, (B + M, 3, H, W). The original ran the masked view for all B samples and
 threw B - M of them away; the result is the same (tested), the work is (B + M) / 2B of it.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -28,9 +34,22 @@ from models import ProjectionHead
 OBJECTIVES = ("token", "fea", "patch")
 
 
-def select_objectives(teacher_name: str, lambdas: dict, mask_probability: float) -> tuple[str, ...]:
-    """Which of token / fea / patch are trained (lambda > 0; patch also needs masking; CLIP: token only)."""
-    if teacher_name.startswith("clip_"):
+@dataclass(frozen=True)
+class TargetSpec:
+    """One teacher as the distiller sees it: its unique key, width, trained objectives and weight."""
+    key: str
+    dim: int
+    objectives: tuple[str, ...]
+    weight: float = 1.0
+
+
+def select_objectives(patch_targets: bool, lambdas: dict, mask_probability: float) -> tuple[str, ...]:
+    """Which of token / fea / patch are trained for a teacher (lambda > 0; patch also needs masking).
+
+    A teacher whose patch tokens are no training target (`Teacher.patch_targets` False: CLIP, whose patch
+    tokens OpenAI never trains directly) gets the token objective only.
+    """
+    if not patch_targets:
         return ("token",)
     chosen = tuple(o for o in OBJECTIVES if lambdas[o] > 0 and (o != "patch" or mask_probability > 0))
     if not chosen:
@@ -46,53 +65,106 @@ def _mse_sum(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class ProteusDistiller(nn.Module):
-    """Student backbone + projection heads: everything that trains, and all that DDP wraps.
+    """Student backbone + projection heads for every teacher: everything that trains, and all that DDP wraps.
 
     Args:
-        student: a `models.DinoVisionTransformer` (forward_features(x, masks) -> dict(cls, patch)).
-        teacher_dim: Dt, the width the heads project into.
-        objectives: subset of ("token", "fea", "patch"); see `select_objectives`.
-        lambdas: dict token/fea/patch -> weight.
+        student: a `models.DinoVisionTransformer` or `models.TimmStudent`
+            (forward_features(x, masks[, grid]) -> dict(cls (B, Dc), patch (B, N, Dp))).
+        targets: one TargetSpec per teacher (order = loss order).
+        lambdas: dict token/fea/patch -> weight, applied within each teacher.
+        grid: (gh, gw), the token grid every patch target lives on (N = gh * gw).
+    Heads: `heads[teacher key][objective]`, a ModuleDict per teacher. Losses come back as a dict keyed
+    `<teacher key>/<objective>` plus the weighted total `loss` = sum_t w_t sum_o lambda_o L_{t,o}.
     """
 
-    def __init__(self, student: nn.Module, teacher_dim: int, objectives, lambdas: dict):
+    def __init__(self, student: nn.Module, targets: list[TargetSpec], lambdas: dict, grid: tuple[int, int]):
         super().__init__()
-        self.student, self.objectives = student, tuple(objectives)
-        self.lambdas = {o: float(lambdas[o]) if o in self.objectives else 0.0 for o in OBJECTIVES}
-        d = student.embed_dim
-        # the token head also projects the CLS inside L_fea, so it exists whenever token or fea is on
-        self.token_head = ProjectionHead(d, teacher_dim) if {"token", "fea"} & set(self.objectives) else None
-        self.fea_head = ProjectionHead(d, teacher_dim) if "fea" in self.objectives else None
-        self.patch_head = ProjectionHead(d, teacher_dim) if "patch" in self.objectives else None
-        # without a masked view the mask token never gets a gradient: freeze it (DDP rejects unused params)
-        student.mask_token.requires_grad_(self.patch_head is not None)
+        keys = [t.key for t in targets]
+        if len(set(keys)) != len(keys) or not keys:
+            raise ValueError(f"teacher keys must be unique and at least one, got {keys}")
+        self.student, self.targets, self.grid = student, tuple(targets), tuple(grid)
+        self.lambdas = {o: float(lambdas[o]) for o in OBJECTIVES}
+        cls_dim, patch_dim = student.embed_dim, getattr(student, "patch_dim", student.embed_dim)
+        self.heads = nn.ModuleDict()
+        for t in targets:
+            objs, heads = set(t.objectives), nn.ModuleDict()
+            # the token head also projects the CLS inside L_fea, so it exists whenever token or fea is on
+            if {"token", "fea"} & objs:
+                heads["token"] = ProjectionHead(cls_dim, t.dim)
+            if "fea" in objs:
+                heads["fea"] = ProjectionHead(patch_dim, t.dim)
+            if "patch" in objs:
+                heads["patch"] = ProjectionHead(patch_dim, t.dim)
+            self.heads[t.key] = heads
+        self.masked_view = any("patch" in t.objectives for t in targets)
+        if getattr(student, "has_mask_token", True):
+            # without a masked view the mask token never gets a gradient: freeze it (DDP rejects unused params)
+            student.mask_token.requires_grad_(self.masked_view)
+
+    @property
+    def loss_names(self) -> list[str]:
+        """The keys of forward()'s dict, in a fixed order (one all-reduce packs them)."""
+        return ["loss"] + [f"{t.key}/{o}" for t in self.targets for o in OBJECTIVES if o in t.objectives]
+
+    # ---- checkpoint layout: one teacher keeps the historical `token_head` / `fea_head` / `patch_head` names
+    def head_state_dicts(self) -> dict:
+        single = len(self.targets) == 1
+        return {(f"{o}_head" if single else f"{key}/{o}"): head.state_dict()
+                for key, heads in self.heads.items() for o, head in heads.items()}
+
+    def load_head_state_dicts(self, state: dict) -> None:
+        own = {name: None for name in self.head_state_dicts()}
+        if set(state) != set(own):
+            raise ValueError(f"the checkpoint's heads {sorted(state)} do not match this configuration's "
+                             f"{sorted(own)} (teachers or objectives changed?); use a new --output-dir or the "
+                             f"original --teacher / --lambda-* settings")
+        single = len(self.targets) == 1
+        for key, heads in self.heads.items():
+            for o, head in heads.items():
+                head.load_state_dict(state[f"{o}_head" if single else f"{key}/{o}"])
+
+    def student_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
+        """The student's dict(cls (B, Dc), patch (B, N, Dp)) on the distillation grid."""
+        if getattr(self.student, "has_mask_token", True):  # a ViT on the grid, masking with its mask token
+            return self.student.forward_features(x, masks)
+        return self.student.forward_features(x, masks, grid=self.grid)  # timm: resampled, pixel masking
 
     def student_pass(self, x: torch.Tensor, masks: torch.Tensor, masked_rows: torch.Tensor):
-        """One forward over [x, x[masked_rows] with masks]; returns (s_cls (B,D), s_patch (B,N,D), s_masked (M,N,D))."""
+        """One forward over [x, x[masked_rows] with masks]; returns (s_cls (B,Dc), s_patch (B,N,Dp), s_masked (M,N,Dp))."""
         B = x.shape[0]
-        if self.patch_head is None:
-            out = self.student.forward_features(x)
+        if not self.masked_view:
+            out = self.student_features(x)
             return out["cls"], out["patch"], None
         views = torch.cat([x, x[masked_rows]])  # (B + M, 3, H, W)
         view_masks = torch.cat([torch.zeros_like(masks), masks[masked_rows]])  # (B + M, N)
-        out = self.student.forward_features(views, view_masks)
+        out = self.student_features(views, view_masks)
         return out["cls"][:B], out["patch"][:B], out["patch"][B:]
 
-    def forward(self, x, masks, masked_rows, t_cls, t_patch) -> dict:
+    def forward(self, x, masks, masked_rows, targets: dict) -> dict:
+        """targets: teacher key -> dict(cls (B, Dt), patch (B, N, Dt) on `grid`)."""
         s_cls, s_patch, s_masked = self.student_pass(x, masks, masked_rows)
-        zero = s_cls.new_zeros((), dtype=torch.float32)
-        losses = {"loss_token": zero, "loss_fea": zero, "loss_patch": zero}
-        if self.token_head is not None:
-            cls_pred = self.token_head(s_cls)  # (B, Dt)
-            cls_sq = _mse_sum(cls_pred, t_cls)
-            losses["loss_token"] = cls_sq / t_cls.numel()
-        if self.fea_head is not None:
-            patch_sq = _mse_sum(self.fea_head(s_patch), t_patch)  # (B, N, Dt) vs (B, N, Dt)
-            losses["loss_fea"] = (cls_sq + patch_sq) / (t_cls.numel() + t_patch.numel())
-        if self.patch_head is not None:
+        losses, total = {}, 0
+        for t in self.targets:
+            own = self.teacher_losses(self.heads[t.key], s_cls, s_patch, s_masked, masks, masked_rows,
+                                      targets[t.key]["cls"], targets[t.key]["patch"])
+            losses.update({f"{t.key}/{o}": own[o] for o in OBJECTIVES if o in t.objectives})
+            weighted = sum(self.lambdas[o] * own[o] for o in OBJECTIVES if o in own)
+            total = total + (weighted if t.weight == 1.0 else t.weight * weighted)
+        return {"loss": total, **losses}
+
+    @staticmethod
+    def teacher_losses(heads, s_cls, s_patch, s_masked, masks, masked_rows, t_cls, t_patch) -> dict:
+        """L_token, L_fea, L_patch of one teacher (only those it has heads for)."""
+        out = {}
+        if "token" in heads:
+            cls_sq = _mse_sum(heads["token"](s_cls), t_cls)  # (B, Dt) vs (B, Dt)
+            out["token"] = cls_sq / t_cls.numel()
+        if "fea" in heads:
+            patch_sq = _mse_sum(heads["fea"](s_patch), t_patch)  # (B, N, Dt) vs (B, N, Dt)
+            out["fea"] = (cls_sq + patch_sq) / (t_cls.numel() + t_patch.numel())
+        if "patch" in heads:
             sel = masks[masked_rows]  # (M, N): sample-major order, as the original's flat index list
-            pred = self.patch_head(s_masked[sel])  # (|I|, Dt)
+            pred = heads["patch"](s_masked[sel])  # (|I|, Dt)
             target = t_patch[masked_rows][sel]  # (|I|, Dt)
-            losses["loss_patch"] = _mse_sum(pred, target) / max(target.numel(), 1)  # empty set -> 0, not NaN
-        losses["loss"] = sum(self.lambdas[o] * losses[f"loss_{o}"] for o in OBJECTIVES)
-        return losses
+            out["patch"] = _mse_sum(pred, target) / max(target.numel(), 1)  # empty set -> 0, not NaN
+        return out

@@ -10,6 +10,7 @@ are named in --allow-resume-change (e.g. `--epochs 400 --allow-resume-change epo
 Exit codes: 0 done, 2 bad input (one message, nothing written), 3 non-finite loss, 74 checkpoints could
 not be written, 75 stopped by SIGTERM/SIGINT/SIGUSR1/SIGHUP after a checkpoint (rerun the same command).
 """
+import itertools
 import json
 import logging
 import math
@@ -32,7 +33,8 @@ from common.precision import resolve_precision
 from common.rundir import claim_run_dir
 from common.runlock import RunDirLock
 from .engine import EXIT_PREEMPTED, PreemptionFlag, StopTraining, Trainer
-from .losses import ProteusDistiller, select_objectives
+from .losses import ProteusDistiller, TargetSpec, select_objectives
+from .targets import TargetNormaliser, fit_normaliser, prepare_targets
 from .masking import MaskGenerator, validate_mask_config
 from . import state as ckpt_state
 
@@ -65,13 +67,21 @@ CONFIG = {
         "crop_scale": ([0.08, 1.0], "RandomResizedCrop area range LO HI (DeiT: 0.08 1; small images want more)"),
     },
     "models": {
-        "teacher": ("dinov2_vitb14", f"frozen teacher: {', '.join(models.TEACHERS)} or timm:<name>"),
-        "teacher_checkpoint": ("", "teacher weights in the official format (DINOv2: downloaded if empty)"),
+        "teacher": ("dinov2_vitb14", f"frozen teacher(s), comma-separated: {', '.join(models.TEACHERS)} or "
+                                     f"timm:<name>"),
+        "teacher_checkpoint": ("", "teacher weights in the official format, comma-separated in --teacher's order "
+                                   "(DINOv2: downloaded if empty)"),
+        "teacher_weight": ("", "per-teacher loss weights, comma-separated (empty: 1 each)"),
+        "teacher_norm": ("auto", "per-teacher target normalisation: phi-s (PHI-S, RADIO), none, or auto "
+                                 "(phi-s with several teachers, none with one)"),
+        "teacher_norm_batches": (8, "training batches that estimate the PHI-S statistics at the start"),
         "teacher_dtype": ("auto", "teacher weights: auto (bf16 on GPU under bf16/fp16, else fp32), fp32 (the "
                                   "original), bf16"),
-        "student": ("vit_small", "student size: vit_tiny, vit_small, vit_base, vit_large"),
+        "student": ("vit_small", "student: vit_tiny, vit_small, vit_base, vit_large (DINOv2 ViT) or timm:<name> "
+                                 "(any timm model, random init)"),
         "student_kwargs": ("", "size overrides: depth=2,embed_dim=64,num_heads=2 or JSON as --model-kwargs of the evals"),
-        "patch_size": (14, "student patch size; must equal the teacher's for the patch/feature objectives"),
+        "patch_size": (14, "ViT student patch size (its grid is the distillation grid; teachers on another grid "
+                           "are resampled to it)"),
         "drop_path": (0.0, "student stochastic depth (original: flag 0.1 but never applied, so 0)"),
     },
     "objective": {
@@ -116,8 +126,8 @@ CONFIG = {
 }
 CHOICES = {"on_bad_image": ("skip", "fail"), "precision": ("auto", "bf16", "fp16", "fp32"),
            "fused_adamw": ("auto", "on", "off"), "teacher_dtype": ("auto", "fp32", "bf16"),
-           "train_interpolation": ("bicubic", "bilinear", "nearest", "random")}
-STUDENTS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+           "train_interpolation": ("bicubic", "bilinear", "nearest", "random"),
+           "teacher_norm": ("auto", "phi-s", "none")}
 # Allowed range of every numeric knob: (low, high, low inclusive, high inclusive); None = unbounded.
 # A test checks that every int/float knob of CONFIG has an entry, so a new knob cannot skip validation.
 LIMITS = {
@@ -136,6 +146,7 @@ LIMITS = {
     "save_every_steps": (0, None, True, True), "keep_checkpoints": (1, None, True, True),
     "max_save_failures": (1, None, True, True), "log_every": (1, None, True, True),
     "pca_every_epochs": (0, None, True, True), "max_bad_steps": (0, None, True, True),
+    "teacher_norm_batches": (1, None, True, True),
     "dist_timeout_min": (1, None, True, True),
 }
 # Resume: keys that never change results (free), and keys a rerun may change when named in
@@ -197,12 +208,54 @@ def parse_student_kwargs(text: str) -> dict:
     return out
 
 
-def teacher_patch_size(name: str) -> int | None:
-    """Patch size encoded in a built-in teacher name (dinov2_vitb14 -> 14); None for timm:<name>."""
-    import re
+# ---- teachers: comma lists of names, checkpoints and weights ----------------------------------------------
+def split_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",")] if text.strip() else []
 
-    m = re.search(r"(\d+)(_reg)?$", name)
-    return int(m.group(1)) if m and not name.startswith("timm:") else None
+
+def teacher_list(cfg: dict) -> list[dict]:
+    """[{name, checkpoint, weight}] in --teacher order, from the three comma lists."""
+    names = split_list(cfg["teacher"])
+    ckpts = split_list(cfg["teacher_checkpoint"])
+    weights = split_list(cfg["teacher_weight"]) or ["1"] * len(names)
+    if not names or len(set(names)) != len(names) or "" in names:
+        raise ValueError(f"--teacher takes distinct comma-separated names, got {cfg['teacher']!r}")
+    if len(ckpts) > len(names):
+        raise ValueError(f"--teacher-checkpoint has {len(ckpts)} entries for {len(names)} teacher(s); give one "
+                         f"per teacher, in order (an empty entry means the default download)")
+    if len(weights) != len(names):
+        raise ValueError(f"--teacher-weight has {len(weights)} values for {len(names)} teacher(s)")
+    try:
+        values = [float(w) for w in weights]
+    except ValueError as e:
+        raise ValueError(f"--teacher-weight takes numbers, got {cfg['teacher_weight']!r}") from e
+    if not all(math.isfinite(w) and w > 0 for w in values):
+        raise ValueError(f"--teacher-weight values must be finite and > 0, got {values}")
+    ckpts += [""] * (len(names) - len(ckpts))
+    return [dict(name=n, checkpoint=c, weight=w) for n, c, w in zip(names, ckpts, values)]
+
+
+def check_teacher(t: dict, cfg: dict) -> None:
+    name = t["name"]
+    if models.is_timm_name(name):
+        import timm
+
+        if not timm.is_model(name[len("timm:"):]):
+            raise ValueError(f"--teacher {name}: timm has no model of that name (see timm.list_models())")
+    elif name not in models.TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; expected one of {models.TEACHERS} or timm:<name>")
+    spec = models.teacher_spec(name)
+    if spec is not None and cfg["input_size"] % spec.patch_size:
+        raise ValueError(f"--input-size {cfg['input_size']} is not a multiple of teacher {name}'s patch size "
+                         f"{spec.patch_size}")
+
+
+def objectives_of(cfg: dict, patch_targets: bool) -> tuple[str, ...]:
+    return select_objectives(patch_targets, lambdas_of(cfg), cfg["mask_probability"])
+
+
+def lambdas_of(cfg: dict) -> dict:
+    return {"token": cfg["lambda_token"], "fea": cfg["lambda_fea"], "patch": cfg["lambda_patch"]}
 
 
 def validate_config(cfg: dict, world_size: int) -> None:
@@ -217,25 +270,14 @@ def validate_config(cfg: dict, world_size: int) -> None:
 
 def _validate(cfg: dict, world_size: int) -> None:
     check_limits(cfg)
-    if cfg["student"] not in STUDENTS:
-        raise ValueError(f"unknown student {cfg['student']!r}; expected one of {STUDENTS}")
-    if cfg["teacher"] not in models.TEACHERS and not cfg["teacher"].startswith("timm:"):
-        raise ValueError(f"unknown teacher {cfg['teacher']!r}; expected one of {models.TEACHERS} or timm:<name>")
-    if cfg["teacher"].startswith("timm:"):
-        import timm
-
-        if not timm.is_model(cfg["teacher"][len("timm:"):]):
-            raise ValueError(f"--teacher {cfg['teacher']}: timm has no model of that name (see timm.list_models())")
-    size, p = cfg["input_size"], cfg["patch_size"]
-    if size % p:
-        raise ValueError(f"--patch-size {p} does not divide --input-size {size}; pick a multiple, e.g. "
-                         f"--input-size {max(p, size // p * p)}")
-    tp = teacher_patch_size(cfg["teacher"])
-    if tp is not None:
-        check_grids(cfg, tp)
+    check_student(cfg)
+    teachers = teacher_list(cfg)
     validate_mask_config(cfg["mask_probability"], cfg["mask_ratio"])
+    for t in teachers:
+        check_teacher(t, cfg)
+        spec = models.teacher_spec(t["name"])
+        objectives_of(cfg, spec.patch_targets if spec is not None else True)
     check_optimisation(cfg, world_size)
-    check_student_kwargs(parse_student_kwargs(cfg["student_kwargs"]), cfg["student"])
     check_augmentation(cfg)
     parse_resume_changes(cfg["allow_resume_change"])
     resolve_device(cfg["device"])  # --device cuda without a GPU fails here, not after the teacher loaded
@@ -249,8 +291,9 @@ def _validate(cfg: dict, world_size: int) -> None:
     else:
         for root in cfg["data_path"]:
             cdata.check_image_folder(root, "--data-path")
-    if cfg["teacher_checkpoint"] and not os.path.isfile(cfg["teacher_checkpoint"]):
-        raise FileNotFoundError(f"--teacher-checkpoint {cfg['teacher_checkpoint']!r} does not exist")
+    for t in teachers:
+        if t["checkpoint"] and not os.path.isfile(t["checkpoint"]):
+            raise FileNotFoundError(f"--teacher-checkpoint {t['checkpoint']!r} (teacher {t['name']}) does not exist")
 
 
 def check_limits(cfg: dict) -> None:
@@ -282,7 +325,23 @@ def check_optimisation(cfg: dict, world_size: int) -> None:
     lo_hi = cfg["crop_scale"]
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
         raise ValueError(f"--crop-scale takes LO HI with 0 < LO <= HI <= 1 (share of the image area), got {lo_hi}")
-    select_objectives(cfg["teacher"], lambdas_of(cfg), cfg["mask_probability"])
+
+
+def check_student(cfg: dict) -> None:
+    name, kwargs = cfg["student"], parse_student_kwargs(cfg["student_kwargs"])
+    if models.is_timm_name(name):
+        import timm
+
+        if not timm.is_model(name[len("timm:"):]):
+            raise ValueError(f"--student {name}: timm has no model of that name (see timm.list_models())")
+        return  # its own keyword arguments are timm's to check
+    if name not in models.STUDENTS:
+        raise ValueError(f"unknown student {name!r}; expected one of {models.STUDENTS} or timm:<name>")
+    size, p = cfg["input_size"], cfg["patch_size"]
+    if size % p:
+        raise ValueError(f"--patch-size {p} does not divide --input-size {size}; pick a multiple, e.g. "
+                         f"--input-size {max(p, size // p * p)}")
+    check_student_kwargs(kwargs, name)
 
 
 def check_student_kwargs(kwargs: dict, student: str) -> None:
@@ -318,29 +377,13 @@ def parse_resume_changes(text: str) -> set[str]:
     return keys
 
 
-def check_grids(cfg: dict, teacher_patch: int) -> None:
-    """The teacher must accept the crop; the patch/feature losses compare tokens one to one."""
-    size = cfg["input_size"]
-    if size % teacher_patch:
-        raise ValueError(f"--input-size {size} is not a multiple of teacher {cfg['teacher']}'s patch size "
-                         f"{teacher_patch}")
-    objectives = select_objectives(cfg["teacher"], lambdas_of(cfg), cfg["mask_probability"])
-    if ({"fea", "patch"} & set(objectives)) and size // teacher_patch != size // cfg["patch_size"]:
-        raise ValueError(f"teacher/student patch grids differ: teacher {cfg['teacher']} (patch {teacher_patch}) "
-                         f"gives {size // teacher_patch}x{size // teacher_patch} at {size} px, the student "
-                         f"(--patch-size {cfg['patch_size']}) {size // cfg['patch_size']}x{size // cfg['patch_size']};"
-                         f" the feature/patch losses match tokens one to one: use --patch-size {teacher_patch}")
-
-
-def lambdas_of(cfg: dict) -> dict:
-    return {"token": cfg["lambda_token"], "fea": cfg["lambda_fea"], "patch": cfg["lambda_patch"]}
-
-
 def resolve_derived(cfg: dict, info: DistInfo) -> dict:
     """Quantities computed from the knobs (printed and stored in config.json, never configured)."""
     cfg = dict(cfg, tool="pretrain")
-    for key in ("teacher_checkpoint", "single_image"):  # absolute: config.json must name the files it used
-        cfg[key] = os.path.abspath(cfg[key]) if cfg[key] else ""
+    # absolute: config.json must name the files it used
+    cfg["teacher_checkpoint"] = ",".join(os.path.abspath(t["checkpoint"]) if t["checkpoint"] else ""
+                                         for t in teacher_list(cfg))
+    cfg["single_image"] = os.path.abspath(cfg["single_image"]) if cfg["single_image"] else ""
     cfg["data_path"] = [os.path.abspath(p) for p in cfg["data_path"]]
     cfg["precision_requested"] = cfg["precision"]
     cfg["precision"], cfg["precision_reason"] = resolve_precision(cfg["precision"], info.device)
@@ -350,10 +393,8 @@ def resolve_derived(cfg: dict, info: DistInfo) -> dict:
     cfg["world_size"] = info.world_size
     cfg["global_batch"] = cfg["batch_size"] * info.world_size
     cfg["lr_scaled"] = optim.scaled_lr(cfg["lr"], cfg["global_batch"], cfg["lr_reference_batch"])
-    cfg["objectives"] = list(select_objectives(cfg["teacher"], lambdas_of(cfg), cfg["mask_probability"]))
-    if cfg["teacher"].startswith("clip_") and (cfg["lambda_fea"] or cfg["lambda_patch"]):
-        log.info("CLIP teacher: token objective only (CLIP's patch tokens get no training signal); "
-                 "--lambda-fea / --lambda-patch / masking are not used")
+    if cfg["teacher_norm"] == "auto":
+        cfg["teacher_norm"] = "phi-s" if len(teacher_list(cfg)) > 1 else "none"
     return cfg
 
 
@@ -368,16 +409,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_teacher(cfg: dict, device: torch.device) -> models.Teacher:
-    teacher = models.build_teacher(cfg["teacher"], cfg["teacher_checkpoint"] or None, img_size=cfg["input_size"])
-    check_grids(cfg, teacher.patch_size)  # timm:<name> teachers are only known once built
-    teacher.to(device)
-    dtype = teacher_weight_dtype(cfg, device)
-    if dtype != torch.float32:
-        teacher.to(dtype)
-    if cfg["compile"]:
-        teacher.backbone.compile()
-    return teacher
+def build_teachers(cfg: dict, device: torch.device) -> dict:
+    """{name: frozen Teacher} in --teacher order, on `device`, in their weight dtype; records the objectives."""
+    teachers = {}
+    for t in teacher_list(cfg):
+        teacher = models.build_teacher(t["name"], t["checkpoint"] or None, img_size=cfg["input_size"])
+        teacher.to(device)
+        dtype = teacher_weight_dtype(cfg, device)
+        if dtype != torch.float32:
+            teacher.to(dtype)
+        if cfg["compile"]:
+            teacher.backbone.compile()
+        teachers[t["name"]] = teacher
+        if not teacher.patch_targets and (cfg["lambda_fea"] or cfg["lambda_patch"]):
+            log.info("%s: token objective only (its patch tokens get no training signal); --lambda-fea / "
+                     "--lambda-patch do not apply to it", t["name"])
+    cfg["objectives"] = {k: list(objectives_of(cfg, t.patch_targets)) for k, t in teachers.items()}
+    return teachers
+
+
+def distillation_grid(cfg: dict, teachers: dict) -> tuple[int, int]:
+    """The token grid every target lives on: the ViT student's patch grid, else the first teacher's."""
+    if models.is_timm_name(cfg["student"]):
+        p = next(iter(teachers.values())).patch_size
+    else:
+        p = cfg["patch_size"]
+    return cfg["input_size"] // p, cfg["input_size"] // p
+
+
+def teacher_grids(cfg: dict, teachers: dict) -> dict:
+    return {k: (cfg["input_size"] // t.patch_size,) * 2 for k, t in teachers.items()}
 
 
 def teacher_weight_dtype(cfg: dict, device: torch.device) -> torch.dtype:
@@ -391,11 +452,13 @@ def teacher_weight_dtype(cfg: dict, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def build_model(cfg: dict, teacher: models.Teacher, info: DistInfo):
+def build_model(cfg: dict, teachers: dict, grid: tuple[int, int], info: DistInfo):
     """(distiller, model): the trainable student + heads, and the same wrapped in DDP when distributed."""
     student = models.build_student(cfg["student"], patch_size=cfg["patch_size"], img_size=cfg["input_size"],
                                    drop_path_rate=cfg["drop_path"], **parse_student_kwargs(cfg["student_kwargs"]))
-    distiller = ProteusDistiller(student, teacher.embed_dim, cfg["objectives"], lambdas_of(cfg)).to(info.device)
+    weights = {t["name"]: t["weight"] for t in teacher_list(cfg)}
+    targets = [TargetSpec(k, t.embed_dim, tuple(cfg["objectives"][k]), weights[k]) for k, t in teachers.items()]
+    distiller = ProteusDistiller(student, targets, lambdas_of(cfg), grid).to(info.device)
     if cfg["compile"]:
         distiller.student.compile()  # in place: state_dict keys stay DINOv2's (no `_orig_mod.`)
     model = distiller
@@ -405,9 +468,31 @@ def build_model(cfg: dict, teacher: models.Teacher, info: DistInfo):
             distiller, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
             gradient_as_bucket_view=True)
     n_params = sum(p.numel() for p in distiller.parameters() if p.requires_grad)
-    log.info("student %s/%d + heads %s: %.2fM trainable parameters; teacher %s (%d-d)", cfg["student"],
-             cfg["patch_size"], "/".join(cfg["objectives"]), n_params / 1e6, cfg["teacher"], teacher.embed_dim)
+    log.info("student %s on a %dx%d grid + heads %s: %.2fM trainable parameters; teachers %s", cfg["student"],
+             *grid, json.dumps(cfg["objectives"]), n_params / 1e6,
+             ", ".join(f"{k} ({t.embed_dim}-d, patch {t.patch_size})" for k, t in teachers.items()))
     return distiller, model
+
+
+def build_normaliser(cfg: dict, teachers: dict) -> TargetNormaliser | None:
+    if cfg["teacher_norm"] != "phi-s":
+        return None
+    return TargetNormaliser({k: t.embed_dim for k, t in teachers.items()})
+
+
+def fit_teacher_norm(trainer: Trainer, cfg: dict) -> None:
+    """Estimate PHI-S from the first --teacher-norm-batches batches, leaving every RNG stream as it was."""
+    norm = trainer.normaliser
+    if norm is None or norm.fitted:
+        return
+    rng = ckpt_state.capture_rng()
+    batches = (b[0].to(trainer.dist_info.device) for b, _ in itertools.islice(
+        (x for x in trainer.loader if x[0] is not None), cfg["teacher_norm_batches"]))
+    n = fit_normaliser(norm, batches, lambda x: prepare_targets(trainer.raw_teacher_outputs(x), trainer.grids,
+                                                                trainer.distiller.grid, None))
+    ckpt_state.restore_rng(rng)
+    norm.to(trainer.dist_info.device)
+    log.info("PHI-S teacher normalisation estimated on %d images (%d batches per rank)", n, cfg["teacher_norm_batches"])
 
 
 def build_data(cfg: dict, info: DistInfo):
@@ -569,7 +654,7 @@ def resume(trainer: Trainer, ckpt: dict | None, path: str | None, info: DistInfo
         log.info("no checkpoint in %s: starting from scratch", trainer.cfg["output_dir"])
         return
     trainer.progress = ckpt_state.restore(ckpt, trainer.distiller, trainer.ema, trainer.optimizer, trainer.scaler,
-                                          trainer.mask_gen, info.rank, info.world_size)
+                                          trainer.mask_gen, info.rank, info.world_size, trainer.normaliser)
     trainer.last_good = f"{path} (step {trainer.progress.global_step})"
     p = trainer.progress
     log.info("resumed from %s: epoch %d, batch %d/%d, step %d", path, p.epoch, p.step_in_epoch,
@@ -639,17 +724,19 @@ def train(cfg: dict, info: DistInfo) -> int:
         loader, loader_gen, steps_per_epoch, pca_batch = build_data(cfg, info)
         check_steps_per_epoch(cfg, ckpt, steps_per_epoch)
         cfg["steps_per_epoch"] = steps_per_epoch
-        teacher = build_teacher(cfg, info.device)
-        distiller, model = build_model(cfg, teacher, info)
+        teachers = build_teachers(cfg, info.device)
+        grid = distillation_grid(cfg, teachers)
+        distiller, model = build_model(cfg, teachers, grid, info)
         optimizer, scheduler, scaler, ema = build_optimisation(cfg, distiller, steps_per_epoch)
-        grid = cfg["input_size"] // cfg["patch_size"]
-        mask_gen = MaskGenerator(grid * grid, cfg["mask_probability"] if "patch" in cfg["objectives"] else 0.0,
+        mask_gen = MaskGenerator(grid[0] * grid[1], cfg["mask_probability"] if distiller.masked_view else 0.0,
                                  cfg["mask_ratio"], seed=cfg["seed"] + info.rank)
         metrics = MetricLogger(cfg["output_dir"], enabled=info.is_main)
-        trainer = Trainer(cfg, info, distiller, model, teacher, ema, optimizer, scheduler, scaler, mask_gen, loader,
-                          loader_gen, steps_per_epoch, metrics, pca_batch=pca_batch, preempt=preempt)
+        trainer = Trainer(cfg, info, distiller, model, teachers, ema, optimizer, scheduler, scaler, mask_gen, loader,
+                          loader_gen, steps_per_epoch, metrics, pca_batch=pca_batch, preempt=preempt,
+                          grids=teacher_grids(cfg, teachers), normaliser=build_normaliser(cfg, teachers))
         resume(trainer, ckpt, ckpt_path, info)
         del ckpt
+        fit_teacher_norm(trainer, cfg)
         write_run_config(cfg, info, ckpt_path)
         return run(trainer, cfg, info)
     finally:

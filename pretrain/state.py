@@ -2,7 +2,9 @@
 
 checkpoint.pth (plain types only, so `torch.load(weights_only=True)` reads it):
     student, student_ema   DINOv2-format backbone state dicts (what `models.load_backbone` reads)
-    heads                  token/fea/patch head state dicts
+    heads                  head state dicts: token_head / fea_head / patch_head for one teacher,
+                           "<teacher>/<objective>" for several
+    target_norm            PHI-S statistics of every teacher (pretrain/targets.py), or None
     optimizer, scheduler, scaler
     epoch, step_in_epoch, global_step   where to continue: `epoch` is the epoch in progress and
                            `step_in_epoch` how many of its batches are done (0 at an epoch boundary)
@@ -59,11 +61,11 @@ def restore_rng(state: dict) -> None:
 
 
 def build_checkpoint(distiller, ema, optimizer, scheduler, scaler, progress: Progress, mask_gen,
-                     config: dict) -> dict:
+                     config: dict, normaliser=None) -> dict:
     """Collective (every rank calls it: RNG states are gathered); the result is only saved on rank 0."""
-    heads = {name: getattr(distiller, name).state_dict()
-             for name in ("token_head", "fea_head", "patch_head") if getattr(distiller, name) is not None}
-    return {"student": distiller.student.state_dict(),
+    heads = distiller.head_state_dicts()
+    extra = {"target_norm": normaliser.state_dict()} if normaliser is not None else {}  # one teacher: as before
+    return {"student": distiller.student.state_dict(), **extra,
             "student_ema": ema.module.state_dict() if ema is not None else None,
             "heads": heads, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -105,7 +107,8 @@ def read_checkpoint(path: str) -> dict:
     return load_checkpoint(path)
 
 
-def restore(ckpt: dict, distiller, ema, optimizer, scaler, mask_gen, rank: int, world_size: int) -> Progress:
+def restore(ckpt: dict, distiller, ema, optimizer, scaler, mask_gen, rank: int, world_size: int,
+            normaliser=None) -> Progress:
     """Load everything `build_checkpoint` stored; RNG streams only if the world size is unchanged.
 
     The LR schedule is not restored: it is a function of the configuration and the step, rebuilt from the
@@ -113,12 +116,12 @@ def restore(ckpt: dict, distiller, ema, optimizer, scaler, mask_gen, rank: int, 
     gives exactly the saved schedule). The checkpoint's `scheduler` entry is kept for inspection.
     """
     distiller.student.load_state_dict(ckpt["student"])
-    for name, sd in ckpt["heads"].items():
-        head = getattr(distiller, name, None)
-        if head is None:
-            raise ValueError(f"the checkpoint has a {name} but this configuration has none (objective changed?); "
-                             f"use a new --output-dir or the original --lambda-* / --teacher settings")
-        head.load_state_dict(sd)
+    distiller.load_head_state_dicts(ckpt["heads"])
+    if normaliser is not None:
+        if not ckpt.get("target_norm"):
+            raise ValueError("the checkpoint holds no teacher-normalisation statistics but this run uses "
+                             "--teacher-norm phi-s; resume with the checkpoint's --teacher-norm or a new --output-dir")
+        normaliser.load_state_dict(ckpt["target_norm"])
     if ema is not None and ckpt.get("student_ema") is not None:
         ema.module.load_state_dict(ckpt["student_ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -134,13 +137,20 @@ def restore(ckpt: dict, distiller, ema, optimizer, scaler, mask_gen, rank: int, 
     return Progress(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt.get("bad_images", 0))
 
 
+def backbone_weights(student) -> dict:
+    """What an export holds: the DINOv2-format state dict, or for a timm student the timm model's own one
+    (so `timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...))` loads it)."""
+    inner = getattr(student, "model", None)
+    return (inner if getattr(student, "timm_name", None) else student).state_dict()
+
+
 def export_backbones(distiller, ema, output_dir: str) -> list[str]:
-    """student_backbone.pth and student_backbone_ema.pth: flat DINOv2-format state dicts (rank 0)."""
+    """student_backbone.pth and student_backbone_ema.pth: flat state dicts (DINOv2 or timm keys; rank 0)."""
     import os
 
     paths = [os.path.join(output_dir, "student_backbone.pth")]
-    atomic_save(distiller.student.state_dict(), paths[0])
+    atomic_save(backbone_weights(distiller.student), paths[0])
     if ema is not None:
         paths.append(os.path.join(output_dir, "student_backbone_ema.pth"))
-        atomic_save(ema.module.state_dict(), paths[1])
+        atomic_save(backbone_weights(ema.module), paths[1])
     return paths

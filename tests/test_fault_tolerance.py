@@ -103,7 +103,7 @@ def test_injected_nan_stops_with_message_and_last_good_checkpoint_loads(tmp_path
     assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out)) == EXIT_NONFINITE
     log = text_log(out)
     ckpt_path = os.path.join(out, "checkpoint.pth")
-    assert "non-finite loss at step 3" in log and "loss_token=nan loss_fea=nan loss_patch=nan" in log
+    assert "non-finite loss at step 3" in log and "dinov2_vits14/token=nan dinov2_vits14/fea=nan dinov2_vits14/patch=nan" in log
     assert f"Last good checkpoint: {ckpt_path} (step 2)" in log
     ckpt = _state(ckpt_path)
     assert ckpt["global_step"] == 2

@@ -82,7 +82,7 @@ def test_overrides_config_json_and_exports(tmp_path, tiny_data, teacher_ckpt):
 
 @pytest.mark.parametrize("overrides,needle", [
     (dict(patch_size=15), "--patch-size 15 does not divide --input-size 56"),
-    (dict(teacher="synclr_vitb16", input_size=224), "teacher/student patch grids differ"),
+    (dict(teacher="synclr_vitb16", input_size=56), "--input-size 56 is not a multiple of teacher synclr_vitb16's patch size 16"),
     (dict(mask_ratio=[1.5]), "--mask-ratio must lie in [0, 1]"),
     (dict(crop_scale=[0.5, 0.2]), "--crop-scale takes LO HI with 0 < LO <= HI <= 1"),
     (dict(teacher="dinov3_vitx16"), "unknown teacher 'dinov3_vitx16'"),

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import models
 from common import optim
-from pretrain.losses import ProteusDistiller, select_objectives
+from pretrain.losses import ProteusDistiller, TargetSpec, select_objectives
 from pretrain.masking import MaskGenerator, validate_mask_config
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -20,7 +20,13 @@ def tiny_distiller(objectives=("token", "fea", "patch"), lambdas=None):
     student = models.build_student("vit_tiny", patch_size=14, img_size=28, depth=2, embed_dim=16, num_heads=2)
     nn.init.normal_(student.mask_token, std=0.5)  # a non-zero mask token makes the masked view differ
     lambdas = lambdas or {"token": 1.0, "fea": 0.5, "patch": 2.0}
-    return ProteusDistiller(student, DT, objectives, lambdas).double()
+    return ProteusDistiller(student, [TargetSpec("t", DT, tuple(objectives))], lambdas, grid=(2, 2)).double()
+
+
+def run(d, x, masks, rows, t_cls, t_patch):
+    """The distiller's losses with the historical names (loss, loss_token, loss_fea, loss_patch)."""
+    out = d(x, masks, rows, {"t": {"cls": t_cls, "patch": t_patch}})
+    return {("loss" if k == "loss" else "loss_" + k.split("/")[1]): v for k, v in out.items()}
 
 
 def fixed_batch():
@@ -44,9 +50,9 @@ def spec_reference(d: ProteusDistiller, x, masks, t_cls, t_patch, lambdas):
     I = masks.flatten().nonzero().squeeze(1)  # indices into the flattened (B*N) tokens, sample-major
     s_masked = masked["patch"].flatten(0, 1)[I]
     t_masked = t_patch.flatten(0, 1)[I]
-    l_token = mse(d.token_head(s_cls), t_cls)
-    l_fea = mse(torch.cat([d.token_head(s_cls)[:, None], d.fea_head(s_patch)], 1), torch.cat([t_cls[:, None], t_patch], 1))
-    l_patch = mse(d.patch_head(s_masked), t_masked)
+    l_token = mse(d.heads['t']['token'](s_cls), t_cls)
+    l_fea = mse(torch.cat([d.heads['t']['token'](s_cls)[:, None], d.heads['t']['fea'](s_patch)], 1), torch.cat([t_cls[:, None], t_patch], 1))
+    l_patch = mse(d.heads['t']['patch'](s_masked), t_masked)
     total = lambdas["token"] * l_token + lambdas["fea"] * l_fea + lambdas["patch"] * l_patch
     return {"loss_token": l_token, "loss_fea": l_fea, "loss_patch": l_patch, "loss": total}
 
@@ -55,7 +61,7 @@ def test_objective_matches_spec_formulas():
     lambdas = {"token": 1.0, "fea": 0.5, "patch": 2.0}
     d = tiny_distiller(lambdas=lambdas)
     x, masks, rows, t_cls, t_patch = fixed_batch()
-    got = d(x, masks, rows, t_cls, t_patch)
+    got = run(d, x, masks, rows, t_cls, t_patch)
     ref = spec_reference(d, x, masks, t_cls, t_patch, lambdas)
     for k in ref:
         torch.testing.assert_close(got[k].double(), ref[k], rtol=1e-10, atol=1e-12, msg=k)
@@ -79,24 +85,25 @@ def test_nothing_masked_gives_finite_loss_and_gradients():
     x, _, _, t_cls, t_patch = fixed_batch()
     masks, rows = MaskGenerator(4, 0.0, [0.5])(B)  # mask probability 0: no masked sample
     assert rows.numel() == 0 and not masks.any()
-    out = d(x, masks, rows, t_cls, t_patch)
+    out = run(d, x, masks, rows, t_cls, t_patch)
     assert torch.isfinite(out["loss"]) and out["loss_patch"] == 0  # the original gave NaN here
     out["loss"].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in d.parameters() if p.requires_grad)
-    assert select_objectives("dinov2_vitb14", {"token": 1, "fea": 1, "patch": 1}, 0.0) == ("token", "fea")
+    assert select_objectives(True, {"token": 1, "fea": 1, "patch": 1}, 0.0) == ("token", "fea")
 
 
 def test_clip_teacher_token_objective_only_and_no_unused_heads():
-    objectives = select_objectives("clip_vitl14", {"token": 1, "fea": 1, "patch": 1}, 0.5)
+    assert models.teacher_spec("clip_vitl14").patch_targets is False  # a capability, not the name
+    objectives = select_objectives(models.teacher_spec("clip_vitl14").patch_targets, {"token": 1, "fea": 1, "patch": 1}, 0.5)
     assert objectives == ("token",)
     d = tiny_distiller(objectives)
-    assert d.fea_head is None and d.patch_head is None and not d.student.mask_token.requires_grad
+    assert set(d.heads["t"]) == {"token"} and not d.student.mask_token.requires_grad
     x, masks, rows, t_cls, t_patch = fixed_batch()
-    out = d(x, masks, rows, t_cls, t_patch)
+    out = run(d, x, masks, rows, t_cls, t_patch)
     out["loss"].backward()
     # every trainable parameter receives a gradient, so DDP needs no find_unused_parameters
     assert all(p.grad is not None for p in d.parameters() if p.requires_grad)
-    torch.testing.assert_close(out["loss"], nn.MSELoss()(d.token_head(d.student.forward_features(x)["cls"]), t_cls))
+    torch.testing.assert_close(out["loss"], nn.MSELoss()(d.heads['t']['token'](d.student.forward_features(x)["cls"]), t_cls))
 
 
 def test_mask_generator_fixed_ratio_and_probability():
@@ -146,7 +153,7 @@ def test_weight_decay_groups():
         return {n for n, p in named.items() if id(p) in ids}
 
     default = decayed(optim.param_groups(d, 0.05))
-    assert "student.blocks.0.attn.qkv.weight" in default and "token_head.1.weight" in default
+    assert "student.blocks.0.attn.qkv.weight" in default and "heads.t.token.1.weight" in default
     assert not {n for n in default if n.endswith(".bias") or "norm" in n or "gamma" in n}
     assert {"student.pos_embed", "student.cls_token", "student.mask_token"} <= default  # original behaviour
     assert not {"student.pos_embed", "student.cls_token", "student.mask_token"} & decayed(
