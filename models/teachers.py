@@ -12,10 +12,15 @@ What the outputs are, per family:
 - timm:<name>: timm's `forward_features` (after its final norm); CLS is the first token, or the mean of
   the patch tokens for models without a class token.
 """
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
 import torch
 import torch.nn as nn
 
-from .vit import build_vit
+from .errors import CheckpointError, ConfigError, MissingFileError
+from .vit import VIT_SIZES, build_vit
 from .weights import load_state_dict_checked, read_checkpoint, unwrap_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,12 +37,17 @@ SYNCLR = {"synclr_vitb16": ("vit_base", 16), "synclr_vitl14": ("vit_large", 14)}
 
 
 class Teacher(nn.Module):
-    """A frozen feature extractor. `backbone.forward_features(x)` must return dict(cls, patch)."""
+    """A frozen feature extractor. `backbone.forward_features(x)` must return dict(cls, patch).
+
+    Capabilities are attributes: `embed_dim`, `patch_size`, `patch_targets` (whether its patch tokens are
+    distillation targets: False for CLIP), `mean` / `std` (the normalisation it was trained with).
+    """
 
     def __init__(self, backbone: nn.Module, embed_dim: int, patch_size: int, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD, name: str = ""):
+                 std=IMAGENET_STD, name: str = "", patch_targets: bool = True):
         super().__init__()
         self.backbone, self.embed_dim, self.patch_size, self.name = backbone, embed_dim, patch_size, name
+        self.patch_targets, self.mean, self.std = patch_targets, tuple(mean), tuple(std)
         # x_teacher = (x * std_in + mean_in - mean_t) / std_t  ==  x * scale + shift, per channel
         scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
         shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
@@ -89,13 +99,22 @@ def _dinov2(name: str, checkpoint: str | None) -> Teacher:
 
 
 def _read_or_download(checkpoint: str | None, url: str, name: str) -> dict:
+    """The given file, or the download of `url` into torch.hub's cache, both read by the safe loader.
+
+    The cached file is read like any other checkpoint (weights_only, never TorchScript's code): a file
+    someone put into the cache cannot run code. Cache path as torch.hub.load_state_dict_from_url's.
+    """
     if checkpoint:
         return read_checkpoint(checkpoint, hint=f"{name}: get it from {url}")
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - offline machines end here
-        raise RuntimeError(f"teacher {name}: no --teacher-checkpoint given and the download of {url} failed "
-                           f"({err}). Download the file and pass its path.") from err
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if not os.path.isfile(cached):
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            torch.hub.download_url_to_file(url, cached)
+        except Exception as err:  # noqa: BLE001 - offline machines end here
+            raise MissingFileError(f"teacher {name}: no --teacher-checkpoint given and the download of {url} "
+                                   f"failed ({err}). Download the file and pass its path.") from err
+    return read_checkpoint(cached, hint=f"{name}: the cached download of {url}")
 
 
 def _clip(name: str, checkpoint: str | None, img_size: int) -> Teacher:
@@ -103,24 +122,24 @@ def _clip(name: str, checkpoint: str | None, img_size: int) -> Teacher:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     if not checkpoint:
-        raise ValueError(f"teacher {name} needs --teacher-checkpoint: " + CLIP_SOURCE.format(name[5:]))
+        raise ConfigError(f"teacher {name} needs --teacher-checkpoint: " + CLIP_SOURCE.format(name[5:]))
     sd = unwrap_state_dict(read_checkpoint(checkpoint, hint=CLIP_SOURCE.format(name[5:])))
     if "conv1.weight" in sd:  # a bare visual tower (the original Proteus file): restore the prefix
         sd = {f"visual.{k}": v for k, v in sd.items()}
     if "visual.class_embedding" not in sd:
-        raise ValueError(f"{checkpoint} is not an OpenAI CLIP image tower (no `visual.class_embedding` key)")
+        raise CheckpointError(f"{checkpoint} is not an OpenAI CLIP image tower (no `visual.class_embedding` key)")
     sd = {k: v for k, v in sd.items() if k.startswith("visual.") and k != "visual.proj"}
     # dynamic_img_size: other input sizes resample the position embedding at run time
     model = timm.create_model(CLIP_TIMM[name], pretrained=False, num_classes=0, img_size=img_size,
                               dynamic_img_size=True)
     load_state_dict_checked(model, checkpoint_filter_fn(sd, model), what=f"teacher {name}")
     return Teacher(_TimmTokens(model), model.embed_dim, model.patch_embed.patch_size[0],
-                   OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, name=name)
+                   OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, name=name, patch_targets=False)
 
 
 def _synclr(name: str, checkpoint: str | None) -> Teacher:
     if not checkpoint:
-        raise ValueError(f"teacher {name} needs --teacher-checkpoint: the SynCLR release checkpoint")
+        raise ConfigError(f"teacher {name} needs --teacher-checkpoint: the SynCLR release checkpoint")
     sd = unwrap_state_dict(read_checkpoint(checkpoint, hint="the SynCLR release checkpoint"))
     if any(k.startswith("visual.") for k in sd):  # released files: module.visual.* (module. already gone)
         sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
@@ -136,9 +155,8 @@ def _timm(name: str, checkpoint: str | None, img_size: int) -> Teacher:
     import timm
 
     model_name = name[len("timm:"):]
-    overlay = dict(file=checkpoint) if checkpoint else None
-    if checkpoint:
-        read_checkpoint(checkpoint)  # fail early, with our message, on a missing or corrupt file
+    # our safe reader (clear errors, TorchScript without its code), then timm's own key filter
+    overlay = dict(state_dict=read_checkpoint(checkpoint)) if checkpoint else None
     model = timm.create_model(model_name, pretrained=True, num_classes=0, img_size=img_size,
                               pretrained_cfg_overlay=overlay, dynamic_img_size=True)
     cfg = model.pretrained_cfg
@@ -147,6 +165,37 @@ def _timm(name: str, checkpoint: str | None, img_size: int) -> Teacher:
 
 
 TEACHERS = ([f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")] + list(CLIP_TIMM) + list(SYNCLR))
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What a built-in teacher is, known before its weights are read (config validation)."""
+    patch_size: int
+    embed_dim: int
+    patch_targets: bool
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+
+def _specs() -> dict:
+    specs = {}
+    for s in "sblg":
+        dim = VIT_SIZES[DINOV2_SIZES[s]][0]
+        for r in ("", "_reg"):
+            specs[f"dinov2_vit{s}14{r}"] = TeacherSpec(14, dim, True)
+    specs["clip_vitb16"] = TeacherSpec(16, 768, False, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    specs["clip_vitl14"] = TeacherSpec(14, 1024, False, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    for name, (size, patch) in SYNCLR.items():
+        specs[name] = TeacherSpec(patch, VIT_SIZES[size][0], True)
+    return specs
+
+
+TEACHER_SPECS = _specs()
+
+
+def teacher_spec(name: str) -> TeacherSpec | None:
+    """The spec of a built-in teacher; None for timm:<name> (known only once built)."""
+    return TEACHER_SPECS.get(name)
 
 
 def build_teacher(name: str, checkpoint: str | None = None, img_size: int = 224) -> Teacher:
@@ -160,8 +209,8 @@ def build_teacher(name: str, checkpoint: str | None = None, img_size: int = 224)
     elif name.startswith("timm:"):
         teacher = _timm(name, checkpoint, img_size)
     else:
-        raise ValueError(f"unknown teacher {name!r}; expected one of {TEACHERS} or timm:<model_name>")
+        raise ConfigError(f"unknown teacher {name!r}; expected one of {TEACHERS} or timm:<model_name>")
     if img_size % teacher.patch_size:
-        raise ValueError(f"input size {img_size} is not a multiple of teacher {name}'s patch size "
-                         f"{teacher.patch_size}")
+        raise ConfigError(f"input size {img_size} is not a multiple of teacher {name}'s patch size "
+                          f"{teacher.patch_size}")
     return teacher

@@ -11,6 +11,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from common.mmseg_plugin.compat import mmengine_checkpoint_globals
 from common.mmseg_plugin.launch import run_test, run_train
 from common.mmseg_plugin.smoke import shrink_config
 
@@ -47,7 +48,8 @@ def train_resume_test(task, config, data_root, tmp_path, metric, name_len=20):
     records = read_scalars(work)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # resumed at 3, not restarted at 1
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
-    ckpt = torch.load(os.path.join(work, "iter_3.pth"), map_location="cpu")  # safe loader (allow-listed)
+    with mmengine_checkpoint_globals():  # the safe loader, with mmengine's types for this load only
+        ckpt = torch.load(os.path.join(work, "iter_3.pth"), map_location="cpu")
     assert ckpt["meta"]["iter"] == 3 and ckpt["optimizer"]["state"]
 
     metrics = run_test(task, [cfg_path, os.path.join(work, "iter_2.pth"), "--work-dir", str(tmp_path / "test"),

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from models import build_student, build_vit, load_backbone
+from models.errors import CheckpointError, MissingFileError
 
 
 def _tiny(**kw):
@@ -37,7 +38,7 @@ def test_loads_export_full_checkpoint_and_proteus_release(tmp_path, student):
         _same_features(load_backbone(str(tmp_path / name), "vit_small"), student)
     ema = load_backbone(str(tmp_path / "checkpoint.pth"), "vit_small", ema=True)
     torch.testing.assert_close(ema.norm.weight, ema_sd["norm.weight"])
-    with pytest.raises(ValueError, match="no `student_ema`"):
+    with pytest.raises(CheckpointError, match="no `student_ema`"):
         load_backbone(str(tmp_path / "student_backbone.pth"), "vit_small", ema=True)
 
 
@@ -84,3 +85,61 @@ def test_timm_loads_our_export_with_its_own_converter(student):
         ours = student.forward_features(x)["cls"]
         theirs = model.eval().forward_features(x)[:, 0]
     assert (ours - theirs).abs().max() < 1e-4
+
+
+def _proteus_training_checkpoint(student, path, args=None):
+    """The original Proteus main.py's checkpoint.pth: the whole MetaArch, optimizer, timm schedule, args."""
+    import argparse
+
+    from timm.scheduler import CosineLRScheduler
+
+    sd = student.state_dict()
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    params[0].grad = torch.ones(3)
+    optimizer.step()
+    args = args or argparse.Namespace(model="models_proteus_dinov2", target_model="vit_small", lr=5e-4,
+                                      mask_ratio=(0.1, 0.5), opt_betas=None, output_dir="out", distributed=False)
+    torch.save({"model": {**{f"student.backbone.{k}": v for k, v in sd.items()},
+                          "student.token_head.0.weight": torch.ones(384)},
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": CosineLRScheduler(optimizer, t_initial=10).state_dict(),
+                "epoch": 4, "model_ema": {k: v + 0.01 for k, v in sd.items()}, "scaler": {"scale": 65536.0},
+                "args": args}, path)
+
+
+def test_original_proteus_training_checkpoint_loads_with_the_safe_loader(tmp_path, student):
+    import argparse
+    import pathlib
+    import pickle
+
+    path = str(tmp_path / "checkpoint.pth")
+    _proteus_training_checkpoint(student, path)
+    _same_features(load_backbone(path, "vit_small"), student)
+    ema = load_backbone(path, "vit_small", ema=True)
+    torch.testing.assert_close(ema.norm.weight, student.norm.weight + 0.01)
+    with pytest.raises(pickle.UnpicklingError):  # the Namespace was allowed for that load only
+        torch.load(path, weights_only=True)
+    # anything else the safe loader refuses: named, with the file
+    odd = str(tmp_path / "odd.pth")
+    _proteus_training_checkpoint(student, odd, args=argparse.Namespace(output_dir=pathlib.PurePosixPath("out")))
+    with pytest.raises(CheckpointError, match=rf"refused to load {odd}: it holds pathlib\.PurePosixPath"):
+        load_backbone(odd, "vit_small")
+
+
+def test_every_file_failure_is_a_user_error(tmp_path, student):
+    with pytest.raises(MissingFileError, match="checkpoint file not found: .*nope.pth"):
+        load_backbone(str(tmp_path / "nope.pth"), "vit_small")
+    torch.save(student.state_dict(), tmp_path / "s.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "s.pth").read_bytes()[:4000])
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    for name in ("cut.pth", "junk.pth"):
+        with pytest.raises(CheckpointError, match=rf"could not read checkpoint .*{name} \(truncated, corrupted"):
+            load_backbone(str(tmp_path / name), "vit_small")
+    with pytest.raises(CheckpointError, match=r"(?s)does not fit vit_base.*shape mismatches"):
+        load_backbone(str(tmp_path / "s.pth"), "vit_base")
+    with pytest.raises(CheckpointError, match=r"s\.pth: ema=True but the checkpoint holds no `student_ema`"):
+        load_backbone(str(tmp_path / "s.pth"), "vit_small", ema=True)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(CheckpointError, match="holds a Tensor, not a state dict"):
+        load_backbone(str(tmp_path / "tensor.pth"), "vit_small")

@@ -8,10 +8,9 @@ then registers into mmseg's registries:
 Configs load it with `custom_imports = dict(imports=['common.mmseg_plugin'])`; the entry points import
 it before anything else.
 """
-from .compat import allow_mmengine_checkpoints, install_mmcv_ops_shim
+from .compat import install_mmcv_ops_shim, mmengine_checkpoint_globals
 
 install_mmcv_ops_shim()
-allow_mmengine_checkpoints()
 
 from .backbone import ProteusViT  # noqa: E402  (must follow the shim)
 from .ddp import DeviceAwareDDP  # noqa: E402
@@ -19,4 +18,4 @@ from .heads import LinearProbeHead  # noqa: E402
 from .optim import ViTLayerDecayOptimWrapperConstructor, vit_layer_id  # noqa: E402
 
 __all__ = ["DeviceAwareDDP", "LinearProbeHead", "ProteusViT", "ViTLayerDecayOptimWrapperConstructor",
-           "install_mmcv_ops_shim", "vit_layer_id"]
+           "install_mmcv_ops_shim", "mmengine_checkpoint_globals", "vit_layer_id"]

@@ -17,7 +17,7 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 
 from models import backbone_state_dict, build_student, load_state_dict_checked, read_checkpoint
-from models.weights import EVAL_ALLOWED_MISSING, fit_pos_embed
+from models.weights import EVAL_ALLOWED_MISSING, PROTEUS_TRAINING_GLOBALS, fit_pos_embed
 
 
 @MODELS.register_module()
@@ -81,7 +81,8 @@ class ProteusViT(BaseModule):
             print_log(f"ProteusViT: {self.arch} randomly initialised (no checkpoint)", logger="current")
             return
         hint = "put the Proteus backbone there or pass --cfg-options model.backbone.checkpoint=PATH (None = random init)"
-        sd = backbone_state_dict(read_checkpoint(self.checkpoint, hint=hint), ema=self.ema)
+        ckpt = read_checkpoint(self.checkpoint, hint=hint, allowed_globals=PROTEUS_TRAINING_GLOBALS)
+        sd = backbone_state_dict(ckpt, ema=self.ema)
         # straight into this ViT (it carries drop path / size overrides), with load_backbone's own rules:
         # strict, pos-embed resampled to the crop, only the unused mask token may be absent
         absent = load_state_dict_checked(self.vit, fit_pos_embed(sd, self.vit), allowed_missing=EVAL_ALLOWED_MISSING,

@@ -6,7 +6,8 @@ Each shim is measured in ../shared/reference/environment.md (OpenMMLab section):
   `mmcv/ops/point_sample.py`. `install_mmcv_ops_shim()` must run before the first `import mmseg.models`.
 - torch >= 2.6 loads with `weights_only=True`; mmengine's checkpoints hold a `HistoryBuffer` and numpy
   scalars/arrays (message hub), so resume and test-from-checkpoint fail. We allow-list exactly those
-  types instead of turning the safe loader off.
+  types instead of turning the safe loader off, and only around the Runner's own checkpoint loads
+  (`mmengine_checkpoint_globals`): every other load in the process keeps the default list.
 - mmengine's pytorch launcher calls `torch.cuda.set_device` unconditionally and passes `device_ids` to
   DDP, so it cannot run on CPU. The entry points initialise the process group with
   `common.dist.init_distributed` (gloo on CPU, nccl on GPU) and we register a DDP wrapper that drops
@@ -66,19 +67,20 @@ def install_mmcv_ops_shim() -> None:
     mmcv.ops = ops
 
 
-def allow_mmengine_checkpoints() -> None:
-    """Allow-list the non-tensor types mmengine writes into its checkpoints for torch's safe loader.
+def mmengine_checkpoint_globals() -> torch.serialization.safe_globals:
+    """A context in which torch's safe loader also accepts the non-tensor types of mmengine checkpoints.
 
     Found with `torch.serialization.get_unsafe_globals_in_checkpoint` on an mmengine checkpoint: the
     message hub stores `HistoryBuffer`s of numpy arrays and numpy scalars, and each HistoryBuffer pickles
     its statistics methods as `getattr(buffer, 'min')`. Allowing `getattr` only lets the unpickler
-    *look up* attributes: calling the result is still refused unless it is itself allow-listed.
+    *look up* attributes (calling the result is still refused unless it is itself allow-listed), but it is
+    still more than a weights file needs, hence a context for mmengine's own loads and not the process.
     """
     import numpy as np
     from mmengine.logging import HistoryBuffer
 
     dtypes = {type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")}
-    torch.serialization.add_safe_globals([
+    return torch.serialization.safe_globals([
         HistoryBuffer, np.ndarray, np.dtype, *dtypes, getattr,
         np._core.multiarray._reconstruct, np._core.multiarray.scalar,
     ])

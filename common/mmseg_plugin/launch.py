@@ -21,10 +21,19 @@ from mmengine.runner import Runner
 from common.dist import init_distributed
 from common.errors import ConfigError, MissingFileError
 from common.log import write_json
+from common.mmseg_plugin.compat import mmengine_checkpoint_globals
 from common.rundir import claim_run_dir, write_config
 
 # What the entry points write at the top of a work dir (mmengine's own files go in timestamped subdirs)
 WORK_DIR_FILES = ("config.json",)
+
+
+class _Runner(Runner):
+    """mmengine's Runner, with its checkpoint types allow-listed for its own loads (resume, load_from) only."""
+
+    def load_or_resume(self) -> None:
+        with mmengine_checkpoint_globals():
+            super().load_or_resume()
 
 
 def _parser(task: str, mode: str) -> argparse.ArgumentParser:
@@ -122,7 +131,7 @@ def run_train(task: str, argv=None) -> None:
     if args.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
-    Runner.from_cfg(cfg).train()
+    _Runner.from_cfg(cfg).train()
 
 
 def run_test(task: str, argv=None) -> dict:
@@ -134,7 +143,7 @@ def run_test(task: str, argv=None) -> dict:
     check_inputs(cfg, ("test_dataloader",), task)
     claim_work_dir(cfg, task, args, "test")
     cfg.load_from = args.checkpoint
-    metrics = Runner.from_cfg(cfg).test()
+    metrics = _Runner.from_cfg(cfg).test()
     metrics = {k: float(v) for k, v in metrics.items()}  # numpy float32 is not JSON serialisable
     if is_main_process():
         write_json(osp.join(cfg.work_dir, "test_metrics.json"),
