@@ -8,11 +8,14 @@ import logging
 import os
 import warnings
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import default_collate
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from common.errors import ConfigError, DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +41,70 @@ def check_image_folder(root: str, what: str = "dataset") -> None:
     raise ValueError(f"{what} root {root!r} has {len(classes)} class folders but no image files; {LAYOUT_HELP}")
 
 
-BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for broken or truncated files
+class BadImageError(DataError, RuntimeError):
+    """An image that cannot be used, with on_bad_image="fail" (a RuntimeError too, as it always was)."""
 
 
-def set_max_image_pixels(n: int) -> None:
-    """Images with more pixels are refused as decompression bombs (PIL raises; datasets count them as bad)."""
-    Image.MAX_IMAGE_PIXELS = int(n)
+# A decompression bomb is a small file that decodes to a huge image. PIL warns above its limit and fails
+# only above twice it; here any image above the limit is a bad image, skipped or failed like a broken file.
+_max_image_pixels = Image.MAX_IMAGE_PIXELS  # PIL's default: 89,478,485 (about 9459 x 9459)
+_CURRENT_LIMIT = object()
+
+# what PIL raises for broken, truncated or oversized files (the warning too, for runs with -W error)
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB: a truncated file fails here, not later in a transform."""
+def set_max_image_pixels(n: int | None) -> None:
+    """Images with more than `n` pixels are bad images from now on (None: no limit), PIL's guard included."""
+    global _max_image_pixels
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"the image pixel limit must be a positive integer (or None for no limit), got {n!r}")
+    _max_image_pixels = n
+    Image.MAX_IMAGE_PIXELS = n  # PIL's own check then warns above n and fails above 2n: never before ours
+
+
+def load_rgb(path: str, max_pixels=_CURRENT_LIMIT) -> Image.Image:
+    """Open and fully decode an image as 8-bit RGB: a truncated file fails here, not later in a transform.
+
+    An image above `max_pixels` (default: the `set_max_image_pixels` limit) raises DecompressionBombError
+    before it is decoded. 16-bit and float images are scaled to 8 bits, not clipped (see `_to_rgb8`).
+    """
+    limit = _max_image_pixels if max_pixels is _CURRENT_LIMIT else max_pixels
+    hint = (f"images above {limit} pixels are refused as possible decompression bombs; if it is genuine, "
+            f"raise the limit (--max-image-pixels)")
     with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+        try:
+            img = Image.open(f)  # reads the header only
+        except Image.DecompressionBombError as e:  # PIL's own guard (at twice its limit) came first
+            raise Image.DecompressionBombError(f"{e} ({hint})") from e
+        if limit is not None and img.width * img.height > limit:
+            raise Image.DecompressionBombError(f"{img.width}x{img.height} = {img.width * img.height} pixels ({hint})")
+        return _to_rgb8(img)
+
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+    """PIL's convert("RGB") clips 16-bit and float values to 0..255: 16-bit mid-grey comes out white, a float
+    image in [0, 1] black. Scale them instead: 16-bit (and 32-bit int, as PNG decoders give) by 1/257,
+    floats in [0, 1] by 255, other floats clipped to [0, 255]."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.asarray(img, dtype=np.float64) / 257.0
+    elif img.mode == "F":
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if grey.size and grey.max() <= 1.0:
+            grey = grey * 255.0
+    else:
+        return img.convert("RGB")
+    grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
 
 
 class SafeImageFolder(datasets.ImageFolder):
     """ImageFolder whose unreadable images yield None instead of crashing the epoch.
 
     on_bad_image="skip": the sample is returned as None (dropped by `collate_skip_bad`, which counts
-    it) and a warning names the file; "fail": the error is raised with the file path.
+    it) and a warning names the file; "fail": BadImageError with the file path. Unreadable includes
+    images above the pixel limit, which is taken when the dataset is built (so that DataLoader workers
+    started by spawn use it too).
     """
 
     def __init__(self, root: str, transform=None, on_bad_image: str = "skip", **kwargs):
@@ -64,15 +112,15 @@ class SafeImageFolder(datasets.ImageFolder):
             raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
         check_image_folder(root)
         super().__init__(root, transform=transform, **kwargs)
-        self.on_bad_image = on_bad_image
+        self.on_bad_image, self.max_pixels = on_bad_image, _max_image_pixels
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
-            img = load_rgb(path)
+            img = load_rgb(path, self.max_pixels)
         except BAD_IMAGE_ERRORS as e:
             if self.on_bad_image == "fail":
-                raise RuntimeError(f"unreadable image {path}: {e} (use --on-bad-image skip to skip it)") from e
+                raise BadImageError(f"unreadable image {path}: {e} (use --on-bad-image skip to skip it)") from e
             warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=1)
             return None
         if self.transform is not None:
@@ -136,8 +184,11 @@ class SingleImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: str, length: int, transform=None):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"single image {path!r} does not exist")
-        self.image = load_rgb(path)
+            raise MissingFileError(f"single image {path!r} does not exist")
+        try:
+            self.image = load_rgb(path)
+        except BAD_IMAGE_ERRORS as e:
+            raise BadImageError(f"unreadable single image {path}: {e}") from e
         self.length, self.transform = length, transform
 
     def __len__(self) -> int:
