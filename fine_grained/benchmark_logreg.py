@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-from common.probe import C_SWEEP, fit_logreg, zscore
+from fine_grained.logreg import C_SWEEP, fit_logreg, zscore
 
 
 def make_features(n_train=10_000, n_test=5_000, dim=384, classes=100, separation=0.2, seed=0):

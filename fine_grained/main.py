@@ -27,7 +27,9 @@ from common.errors import ConfigError, DataError, cli
 from common.log import setup_logging, write_json
 from common.precision import CHOICES as PRECISIONS, autocast_dtype, resolve_precision
 from common.rundir import claim_run_dir, write_config
+from fine_grained.cache import backbone_fingerprint, cache_path, default_cache_dir, read_cache, write_cache
 from fine_grained.datasets import DATASETS, holdout_split
+from fine_grained.logreg import C_SWEEP, sweep_logreg
 from fine_grained.metrics import METRICS
 from models.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -92,12 +94,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def default_cache_dir() -> str:
-    """Outside the repository: ~/.cache/proteus/fine_grained (XDG_CACHE_HOME honoured)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "proteus", "fine_grained")
-
-
 def build_splits(args):
     """Parse the dataset root (fails fast with the layout) and attach the evaluation transform."""
     spec = DATASETS[args.dataset]
@@ -137,8 +133,8 @@ def split_features(args, backbone, splits, transform, device, precision: str) ->
     """Features of each split, from the cache when its key matches: {split: dict(cls, patch_mean, targets)}."""
     n_last = 4 if args.multiple else 1
     # the fingerprint hashes the checkpoint file: only worth it when the cache is used
-    fingerprint = None if args.no_cache else probe.backbone_fingerprint(args.pretrained, args.arch, args.patch_size,
-                                                                         args.model_kwargs, args.ema, img_size=224)
+    fingerprint = None if args.no_cache else backbone_fingerprint(args.pretrained, args.arch, args.patch_size,
+                                                                   args.model_kwargs, args.ema, img_size=224)
     out = {}
     for name, ds in splits.items():
         path = None if fingerprint is None else cache_path(args, fingerprint, name, ds, transform, n_last, precision)
@@ -155,39 +151,6 @@ def split_features(args, backbone, splits, transform, device, precision: str) ->
         log.info("extracted %s/%s: %d images in %.1fs", args.dataset, name, len(ds), time.time() - t0)
         write_cache(path, out[name])
     return out
-
-
-def cache_path(args, fingerprint: str, name: str, ds, transform, n_last: int, precision: str) -> str:
-    """The cache file of one split, keyed on everything that changes its features or labels.
-
-    ds.fingerprint() covers every image (path, size, mtime, ctime, inode) and every label. Anything
-    else about the files (a copy, a move, a rewrite) changes a fingerprint: a cache miss, never a stale hit.
-    """
-    key = probe.cache_key(fingerprint, args.dataset, name, ds.fingerprint(), repr(transform), args.image_size,
-                          n_last, precision)
-    return os.path.join(args.cache_dir, f"{args.dataset}_{name}_{key}.pt")
-
-
-def read_cache(path: str | None) -> dict | None:
-    """The cached features, or None (no cache, no file, or an unreadable file: then it is re-extracted)."""
-    if path is None or not os.path.isfile(path):
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a broken cache file is a cache miss, not a failure
-        log.warning("ignoring unreadable feature cache %s (%s: %s); extracting again", path, type(e).__name__, e)
-        return None
-
-
-def write_cache(path: str | None, feats: dict) -> None:
-    """Best effort: a cache that cannot be written costs the next run time, not this run its result."""
-    if path is None:
-        return
-    try:
-        probe.save_features(path, feats)
-    except (OSError, RuntimeError) as e:
-        log.warning("could not write the feature cache %s (%s); continuing without it (--cache-dir DIR to "
-                    "choose another place, --no-cache to skip)", path, e)
 
 
 def feature_matrix(feats: dict, multiple: bool) -> torch.Tensor:
@@ -235,11 +198,11 @@ def run(argv=None) -> dict:
              ("train", "val", "trainval", "test")), sets["train"][0].shape[1])
 
     t0 = time.time()
-    result = probe.sweep_logreg(sets["train"], sets["val"], sets["trainval"], sets["test"], METRICS[spec.metric],
-                                num_classes=len(parsed.classes), device=device, max_iter=args.max_iter, tol=args.tol)
+    result = sweep_logreg(sets["train"], sets["val"], sets["trainval"], sets["test"], METRICS[spec.metric],
+                          num_classes=len(parsed.classes), device=device, max_iter=args.max_iter, tol=args.tol)
     results = {"dataset": args.dataset, "metric": spec.metric, "test_score": result.test_score,
                "best_C": result.best_C, "best_val_score": max(result.val_scores),
-               "val_scores": dict(zip((f"{c:.4g}" for c in probe.C_SWEEP), result.val_scores)),
+               "val_scores": dict(zip((f"{c:.4g}" for c in C_SWEEP), result.val_scores)),
                "arch": args.arch, "pretrained": args.pretrained, "multiple": args.multiple,
                "num_classes": len(parsed.classes), "image_size": args.image_size,
                "precision": precision, "precision_reason": reason,

@@ -1,4 +1,4 @@
-"""Training and evaluation loops of the linear probe (the grid itself lives in common.probe)."""
+"""Training and evaluation loops of the linear probe (the grid itself lives in linear_eval/grid.py)."""
 import logging
 import time
 
@@ -6,7 +6,8 @@ import torch
 
 from common import dist, probe
 from common.checkpoint import save_with_history
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
+from linear_eval.grid import grid_loss, max_blocks, topk_correct, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,9 @@ def train_grid(backbone, grid, opt, sched, loader, device, start_iter: int, max_
         if batch is not None:
             images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             with torch.no_grad(), probe.autocast(device, autocast_dtype):
-                cls, patch_mean = probe.frozen_features(backbone, images, probe.max_blocks(grid))  # (B,n,D), (B,D)
+                cls, patch_mean = probe.frozen_features(backbone, images, max_blocks(grid))  # (B,n,D), (B,D)
             grid.train()
-            loss = probe.grid_loss(grid(cls, patch_mean), targets)
+            loss = grid_loss(grid(cls, patch_mean), targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             loss = loss.detach()
@@ -60,7 +61,7 @@ def save_state(output_dir: str, grid, opt, sched, it: int, history: list, meta: 
     num_workers=0 trains exactly as the uninterrupted one (workers are re-seeded from that RNG).
     """
     if dist.is_main_process():
-        state = {"grid": probe.unwrap(grid).state_dict(), "optimizer": opt.state_dict(),
+        state = {"grid": unwrap(grid).state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "iteration": it, "history": history, "meta": meta,
                  # the augmentations draw from this RNG (in the main process when num_workers = 0)
                  "rng": torch.get_rng_state()}
@@ -104,7 +105,7 @@ def _short(value):
 def restore_state(state: dict, grid, opt, sched, meta: dict) -> int:
     """Load a checkpoint written by save_state; refuse one from a different run set-up."""
     check_meta(state["meta"], meta)
-    probe.unwrap(grid).load_state_dict(state["grid"])
+    unwrap(grid).load_state_dict(state["grid"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
@@ -112,16 +113,26 @@ def restore_state(state: dict, grid, opt, sched, meta: dict) -> int:
 
 
 @torch.no_grad()
-def knn_eval(backbone, train_loader, test_loader, num_classes: int, device, ks=(10, 20), temperature=0.07,
-             autocast_dtype=None) -> dict:
-    """DINO's weighted kNN on the final normed CLS token: top-1/top-5 (%) for each k."""
-    train = probe.extract_features(backbone, train_loader, device, n_last_blocks=1, autocast_dtype=autocast_dtype)
-    test = probe.extract_features(backbone, test_loader, device, n_last_blocks=1, autocast_dtype=autocast_dtype)
-    bank, labels = train["cls"][:, -1].to(device), train["targets"].to(device)  # (N, D), (N,)
-    queries, targets = test["cls"][:, -1].to(device), test["targets"].to(device)
-    out = {}
-    for k in ks:
-        scores = probe.knn_classify(bank, labels, queries, num_classes, k=k, temperature=temperature)
-        top1, top5 = probe.topk_correct(scores, targets)
-        out[f"k{k}"] = {"top1": 100.0 * top1 / len(targets), "top5": 100.0 * top5 / len(targets)}
-    return out
+def evaluate_grid(backbone, grid, loader, device, autocast_dtype=None,
+                  class_subset: torch.Tensor | None = None) -> dict:
+    """Top-1/top-5 (%) of every head on `loader`, summed over ranks.
+
+    class_subset (S,) restricts the logits to S of the classes and the loader's targets index that
+    subset (ImageNet-A/-R: 200 of the 1000 classes).
+    """
+    grid.eval()
+    counts = None
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device)
+        with probe.autocast(device, autocast_dtype):
+            cls, patch_mean = probe.frozen_features(backbone, images, max_blocks(grid))
+        logits = grid(cls, patch_mean)
+        batch = torch.tensor([[*topk_correct(v if class_subset is None else v[:, class_subset], targets), len(targets)]
+                              for v in logits.values()], dtype=torch.float64, device=device)  # (H, 3)
+        counts = batch if counts is None else counts + batch
+    if counts is None:
+        raise DataError("the evaluation set is empty (no readable images): check the val / selection root")
+    if dist.get_world_size() > 1:
+        counts = dist.all_reduce_mean(counts) * dist.get_world_size()  # sum over ranks
+    names = list(unwrap(grid).heads.keys())
+    return {n: {"top1": 100.0 * float(c[0] / c[2]), "top5": 100.0 * float(c[1] / c[2])} for n, c in zip(names, counts)}

@@ -26,8 +26,9 @@ from common.errors import ConfigError, DataError, MissingFileError, cli
 from common.log import MetricLogger, setup_logging, write_json
 from common.precision import CHOICES as PRECISIONS, autocast_dtype, resolve_precision
 from common.rundir import claim_run_dir, write_config
-from linear_eval import engine, robustness
+from linear_eval import engine, knn, robustness
 from linear_eval.data import ResumableSampler, View, eval_transform, holdout_indices, open_folder, train_transform
+from linear_eval.grid import DEFAULT_LRS, LinearHeadGrid, build_grid_optimizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger("linear_eval")
@@ -62,7 +63,7 @@ def get_args_parser():
     g.add_argument("--mode", default="linear", choices=("linear", "knn"))
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--epoch-length", type=int, default=None, help="iterations per epoch (default: one pass over train)")
-    g.add_argument("--lrs", type=float, nargs="+", default=list(probe.DEFAULT_LRS),
+    g.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS),
                    help="base lrs (x global batch / 256)")
     g.add_argument("--n-last-blocks", type=int, nargs="+", default=[1, 4])
     g.add_argument("--eval-period", type=int, default=1250, help="evaluate all heads every N iterations")
@@ -173,7 +174,7 @@ def run_knn(args, info, backbone, classes, train_view, loaders, amp):
     train_folder = train_view.folder  # already scanned by build_data: no second pass over the train tree
     bank = probe.IndexedDataset(View(train_folder, range(len(train_folder)), eval_transform(args.image_size)))
     val = probe.IndexedDataset(loaders["val"].dataset)
-    res = engine.knn_eval(backbone, _indexed_loader(bank, args), _indexed_loader(val, args), len(classes),
+    res = knn.knn_eval(backbone, _indexed_loader(bank, args), _indexed_loader(val, args), len(classes),
                           info.device, ks=args.knn_k, temperature=args.knn_temperature, autocast_dtype=amp)
     for k, v in res.items():
         log.info("kNN %s: top-1 %.2f  top-5 %.2f", k, v["top1"], v["top5"])
@@ -208,10 +209,10 @@ def resume_state(output_dir: str, meta: dict):
 
 def run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_logger, meta, resume):
     """Train the grid (resuming from `resume` = (state, path) if any), then report the head chosen by --selection."""
-    grid = probe.LinearHeadGrid(backbone.embed_dim, len(classes), tuple(args.n_last_blocks), (False, True),
-                                tuple(args.lrs)).to(info.device)
+    grid = LinearHeadGrid(backbone.embed_dim, len(classes), tuple(args.n_last_blocks), (False, True),
+                          tuple(args.lrs)).to(info.device)
     global_batch, max_iter = meta["global_batch"], meta["max_iter"]
-    opt, sched = probe.build_grid_optimizer(grid, global_batch, max_iter)
+    opt, sched = build_grid_optimizer(grid, global_batch, max_iter)
     state, path = resume
     start_iter, history = 0, []
     if state is not None:
@@ -225,7 +226,7 @@ def run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_l
     scores_at = {}  # iteration -> all heads' selection scores (the final one is reused by report)
 
     def evaluate(it):
-        scores = scores_at[it] = probe.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp)
+        scores = scores_at[it] = engine.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp)
         name = engine.best_head(scores)
         log.info("it %d: best head on %s %s top-1 %.2f", it, args.selection, name, scores[name]["top1"])
         metric_logger.log(it, prefix=f"{args.selection}/", top1=scores[name]["top1"], top5=scores[name]["top5"])
@@ -247,10 +248,10 @@ def report(args, info, backbone, model, classes, loaders, amp, history, selectio
     end has none), so the selection set is not passed over twice.
     """
     if selection_scores is None:
-        selection_scores = probe.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp)
+        selection_scores = engine.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp)
     name = engine.best_head(selection_scores)
     val_scores = selection_scores if args.selection == "val" else \
-        probe.evaluate_grid(backbone, model, loaders["val"], info.device, amp)
+        engine.evaluate_grid(backbone, model, loaders["val"], info.device, amp)
     results = {"mode": "linear", "selection": args.selection, "best_head": name,
                "top1": val_scores[name]["top1"], "top5": val_scores[name]["top5"],
                "selection_top1": selection_scores[name]["top1"], "heads_val": val_scores, "history": history}
@@ -268,14 +269,14 @@ def evaluate_robustness(args, info, backbone, model, classes, head, amp) -> dict
         if root:
             loader, subset = robustness.build_robustness_loader(root, classes, transform, args.batch_size,
                                                                 args.num_workers)
-            out[key] = probe.evaluate_grid(backbone, model, loader, info.device, amp, class_subset=subset)[head]
+            out[key] = engine.evaluate_grid(backbone, model, loader, info.device, amp, class_subset=subset)[head]
             log.info("%s: top-1 %.2f (%s classes)", key, out[key]["top1"], "all" if subset is None else len(subset))
     if args.imagenet_c:
         errors = {}
         for (c, s), root in robustness.corruption_folders(args.imagenet_c).items():
             loader, subset = robustness.build_robustness_loader(root, classes, transform, args.batch_size,
                                                                 args.num_workers)
-            top1 = probe.evaluate_grid(backbone, model, loader, info.device, amp, class_subset=subset)[head]["top1"]
+            top1 = engine.evaluate_grid(backbone, model, loader, info.device, amp, class_subset=subset)[head]["top1"]
             errors[(c, s)] = 1.0 - top1 / 100.0
         out["imagenet_c"] = robustness.mean_corruption_error(errors)
         out["imagenet_c"]["errors"] = {f"{c}/{s}": 100.0 * e for (c, s), e in errors.items()}

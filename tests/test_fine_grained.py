@@ -3,6 +3,7 @@ values, the layout error, and end-to-end runs (colour classes, VOC multi-label, 
 import json
 import os
 import pickle
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -13,6 +14,7 @@ from PIL import Image  # noqa: E402
 
 import models  # noqa: E402
 from fine_grained import main as fg_main  # noqa: E402
+from fine_grained.cache import backbone_fingerprint  # noqa: E402
 from fine_grained.datasets import DATASETS, VOC_CLASSES, DatasetLayoutError, holdout_split  # noqa: E402
 from fine_grained.metrics import (mean_per_class_accuracy, top1_accuracy,  # noqa: E402
                                   voc11_average_precision, voc_mean_ap)
@@ -368,6 +370,18 @@ def test_summary_table_averages_the_12_datasets(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # the feature cache never serves stale features or labels
 # ---------------------------------------------------------------------------------------------------
+
+def test_fingerprint_follows_content_not_path(tmp_path):
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save({"w": torch.zeros(2)}, a)
+    shutil.copy(a, b)  # same bytes, another path
+    fa, fb = (backbone_fingerprint(str(p), "vit_tiny", 14, TINY) for p in (a, b))
+    assert fa == fb
+    torch.save({"w": torch.ones(2)}, b)
+    assert backbone_fingerprint(str(b), "vit_tiny", 14, TINY) != fa
+
+
+
 
 def file_facts(root):
     """(relative path, size, mtime_ns) of every test file, and the parsed labels: what the renames keep."""

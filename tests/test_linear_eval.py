@@ -1,5 +1,5 @@
 """linear_eval/: end-to-end linear probe and kNN on colour classes, exact resume, head selection on a
-held-out part of train, robustness sets (200-class subset mapping, ImageNet-C mCE)."""
+held-out part of train, robustness sets (200-class subset mapping, ImageNet-C mCE), the head grid and the kNN vote."""
 import json
 import os
 
@@ -13,6 +13,8 @@ from PIL import Image  # noqa: E402
 from linear_eval import engine  # noqa: E402
 from linear_eval import main as le_main  # noqa: E402
 from linear_eval.data import ResumableSampler  # noqa: E402
+from linear_eval.grid import DEFAULT_LRS, LinearHeadGrid, build_grid_optimizer  # noqa: E402
+from linear_eval.knn import knn_classify  # noqa: E402
 from linear_eval.robustness import ALEXNET_ERROR, class_mapping, mean_corruption_error  # noqa: E402
 
 TINY = json.dumps({"depth": 4, "embed_dim": 32, "num_heads": 2})
@@ -124,6 +126,31 @@ def test_missing_train_root_names_the_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="ImageFolder layout"):
         le_main.run(["--train-root", str(tmp_path / "x"), "--val-root", str(tmp_path / "y"),
                       "--output-dir", str(tmp_path / "o")])
+
+
+def test_grid_has_52_heads_with_dinov2_init_and_scaled_lrs():
+    grid = LinearHeadGrid(32, 10)
+    assert len(grid.heads) == 52
+    dims = {c.name: grid.heads[c.name].in_features for c in grid.configs}
+    assert set(dims.values()) == {32, 64, 128, 160}
+    w = grid.heads[grid.configs[0].name].weight.detach()
+    assert abs(float(w.std()) - 0.01) < 0.002 and float(grid.heads[grid.configs[0].name].bias.detach().abs().sum()) == 0
+    opt, sched = build_grid_optimizer(grid, global_batch=512, max_iter=10)
+    assert [g["lr"] for g in opt.param_groups[:13]] == pytest.approx([lr * 2 for lr in DEFAULT_LRS])
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert max(g["lr"] for g in opt.param_groups) == pytest.approx(0.0, abs=1e-12)  # cosine to 0 per iteration
+
+
+def test_knn_vote_by_hand():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    scores = knn_classify(bank, labels, torch.tensor([[1.0, 0.05]]), num_classes=2, k=2, temperature=0.07)
+    assert scores.argmax(1).item() == 0 and scores[0, 1] == 0  # the 2 nearest are both class 0
+    scores = knn_classify(bank, labels, torch.tensor([[0.0, 1.0]]), num_classes=2, k=3, temperature=0.07)
+    sims = torch.nn.functional.normalize(bank, dim=1) @ torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(scores[0], torch.stack([(sims[:2] / 0.07).exp().sum(), (sims[2] / 0.07).exp()]))
 
 
 def test_resumable_sampler_restarts_mid_stream():
