@@ -1,20 +1,28 @@
 """Time full Proteus training steps: img/s, ms split teacher / student / optimizer, memory, FLOP/s, MFU.
 
     python -m pretrain.benchmark --teacher dinov2_vits14 --student vit_tiny --batch-size 16 --input-size 112 \\
-        --precision bf16 --device cpu --steps 10 --ablations --json bench.json
+        --device cpu --steps 10 --ablations --json bench.json
 
 A step is the trainer's own step (pretrain.engine.Trainer): teacher forward (inference mode), one student
 forward + backward over [unmasked views, masked views], AdamW + EMA. Inputs are random tensors already on
 the device, so data loading is excluded. The teacher has random weights unless --teacher-checkpoint is set
 (speed does not depend on the values). Parts are timed with a device synchronisation between them.
 
+--precision auto (the default, as pretrain.main) resolves through common.precision: bf16 on GPUs with bf16
+and on CPUs with native bf16 (AVX512_BF16 / AMX), else fp32. The choice and its reason are printed and
+stored in the JSON. An explicit bf16 on a CPU without native bf16 runs, emulated and slow (see README).
+
 FLOPs come from torch.utils.flop_counter on one step (matmuls, convolutions, attention). MFU = achieved
-FLOP/s / peak: on GPU the device's dense bf16 (or fp32) peak from the vendor table below, else a
-measured matmul peak; on CPU a measured matmul peak (4096^2 matmuls in the run's dtype, all threads).
-Peak memory: CUDA max allocated; CPU: the process's peak resident set size (includes Python and torch).
+FLOP/s / peak: on GPU the device's dense bf16 (or fp32) data-sheet peak from the table below, else a
+measured matmul peak; on CPU a measured 1024^2 matmul peak in the run's dtype (best of the two operand
+layouts a @ b and a @ b^T: without native bf16, ATen's fallback bf16 GEMM is about 7x faster on the
+second, and a 2048^2 a @ b took minutes). Peak memory: CUDA max allocated; CPU: the process's peak
+resident set size (includes Python and torch).
 
 --ablations starts from an original-Proteus-like step (fp32, attention without SDPA, the masked view run
-for the whole batch as a second pass, foreach AdamW) and adds one speed-up at a time.
+for the whole batch as a second pass, foreach AdamW) and adds one speed-up at a time; under bf16/fp16 it
+then takes one thing away from the default step at a time (SDPA, the one-pass student, the teacher's
+autocast, on GPU its bf16 weights) to show where reduced precision costs or gains.
 """
 import argparse
 import os
@@ -27,28 +35,37 @@ import torch
 
 import models
 from models.teachers import DINOV2_SIZES, SYNCLR
-from common.dist import DistInfo, resolve_device
-from common.log import MetricLogger, write_json
 from common import optim
+from common.dist import DistInfo, resolve_device
+from common.errors import ConfigError, UserError, cli
+from common.log import MetricLogger, write_json
+from common.precision import CHOICES as PRECISIONS, cpu_native_bf16, resolve_precision
 from .engine import Trainer
-from .losses import ProteusDistiller, select_objectives
-from .masking import MaskGenerator
+from .losses import ProteusDistiller, TargetSpec, select_objectives
+from .main import check_student, check_teacher, parse_student_kwargs, teacher_weight_dtype
+from .masking import MaskGenerator, validate_mask_config
 
 # dense bf16 / fp32 tensor peaks in TFLOP/s (vendor data sheets; SXM parts)
 GPU_PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
                    "A10": (125.0, 31.2), "L4": (121.0, 30.3), "V100": (125.0, 15.7)}
+CPU_PEAK_N = 1024  # matmul size of the measured CPU peak
+PEAK_BUDGET_S = 2.0  # stop repeating a peak layout after this long (emulated bf16 is ~1 GFLOP/s)
+STUDENTS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser("pretrain.benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default="dinov2_vitb14")
     p.add_argument("--teacher-checkpoint", default="", help="official-format weights (default: random)")
+    p.add_argument("--teacher-dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="teacher weights, as pretrain.main (auto: bf16 on GPU under bf16/fp16)")
     p.add_argument("--student", default="vit_small")
     p.add_argument("--student-kwargs", default="", help="e.g. depth=2,embed_dim=64,num_heads=2")
     p.add_argument("--patch-size", type=int, default=14)
     p.add_argument("--batch-size", type=int, default=64, help="per device")
     p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 where it is native (CUDA, AVX512_BF16/AMX CPUs), else fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup steps)")
     p.add_argument("--warmup", type=int, default=3)
@@ -60,19 +77,76 @@ def parse_args(argv=None):
     p.add_argument("--two-pass", action="store_true", help="the original's separate masked pass over all B")
     p.add_argument("--ablations", action="store_true", help="also time the step without each speed-up")
     p.add_argument("--ablate-compile", action="store_true", help="include torch.compile in --ablations (slow)")
-    p.add_argument("--json", default="", help="write the results here")
+    p.add_argument("--json", default="", help="write the results here (its folder is created)")
     return p.parse_args(argv)
 
 
+# ---- validation: every nonsense value fails here, before a model is built -------------------------------
+def validate(a) -> None:
+    """ConfigError for any setting the benchmark cannot time; prepares the --json folder."""
+    for flag, value, low in (("--steps", a.steps, 1), ("--warmup", a.warmup, 0), ("--batch-size", a.batch_size, 1),
+                             ("--input-size", a.input_size, 1), ("--patch-size", a.patch_size, 1)):
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    cfg = {"student": a.student, "student_kwargs": a.student_kwargs, "input_size": a.input_size,
+           "patch_size": a.patch_size}
+    try:
+        if a.student not in STUDENTS:  # the benchmark builds DINOv2-style ViT students only
+            raise ValueError(f"unknown student {a.student!r}; expected one of {STUDENTS}")
+        check_student(cfg)
+        check_teacher({"name": a.teacher}, cfg)
+        validate_mask_config(a.mask_probability, a.mask_ratio)
+        spec = models.teacher_spec(a.teacher)
+        if spec is not None and spec.patch_targets and spec.patch_size != a.patch_size:
+            raise ValueError(f"teacher {a.teacher} has patch size {spec.patch_size}: use --patch-size "
+                             f"{spec.patch_size} (the patch losses match tokens one to one)")
+        if a.teacher_checkpoint and not os.path.isfile(a.teacher_checkpoint):
+            raise FileNotFoundError(f"--teacher-checkpoint {a.teacher_checkpoint!r} does not exist")
+        if a.teacher.startswith("clip_") and not a.teacher_checkpoint:
+            raise ValueError(f"{a.teacher} needs --teacher-checkpoint (random CLIP weights are not built here)")
+        resolve_device(a.device)
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise ConfigError(str(e)) from e
+    if a.json:
+        prepare_output(a.json)
+
+
+def prepare_output(path: str) -> None:
+    """Create the folder of `path` now, so that a bad path fails before minutes of timing, not after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--json {path}: cannot create its folder {folder} ({e.strerror}); pick a writable path")
+    if os.path.isdir(path):
+        raise ConfigError(f"--json {path} is a folder; give a file name such as {os.path.join(path, 'bench.json')}")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--json {path}: the folder {folder} is not writable; pick a writable path")
+
+
+# ---- building one variant's step -------------------------------------------------------------------------
 class TwoPassDistiller(ProteusDistiller):
     """The original's student computation: an unmasked and a masked pass over the whole batch."""
 
     def student_pass(self, x, masks, masked_rows):
-        if self.patch_head is None:
+        if not self.masked_view:
             return super().student_pass(x, masks, masked_rows)
-        clean = self.student.forward_features(x)
-        masked = self.student.forward_features(x, masks)
+        clean = self.student_features(x)
+        masked = self.student_features(x, masks)
         return clean["cls"], clean["patch"], masked["patch"][masked_rows]
+
+
+class BenchTrainer(Trainer):
+    """The trainer, with an ablation switch: `teacher_autocast = False` runs the teacher outside autocast."""
+    teacher_autocast = True
+
+    def raw_teacher_outputs(self, images: torch.Tensor) -> dict:
+        if self.teacher_autocast:
+            return super().raw_teacher_outputs(images)
+        with torch.inference_mode():
+            return {key: teacher(images) for key, teacher in self.teachers.items()}
 
 
 def random_teacher(name: str, checkpoint: str, size: int, tmp: str) -> models.Teacher:
@@ -88,16 +162,15 @@ def random_teacher(name: str, checkpoint: str, size: int, tmp: str) -> models.Te
     return models.build_teacher(name, checkpoint or None, img_size=size)
 
 
-def build_trainer(a, variant: dict, teacher: models.Teacher, device: torch.device) -> Trainer:
+def build_trainer(a, variant: dict, teacher: models.Teacher, device: torch.device) -> BenchTrainer:
     """A Trainer with the variant's settings; no data loader (the benchmark feeds tensors)."""
-    from .main import parse_student_kwargs
-
     torch.manual_seed(0)
     lambdas = {"token": 1.0, "fea": 1.0, "patch": 1.0}
-    objectives = select_objectives(a.teacher, lambdas, a.mask_probability)
+    objectives = select_objectives(teacher.patch_targets, lambdas, a.mask_probability)
     student = models.build_student(a.student, a.patch_size, a.input_size, **parse_student_kwargs(a.student_kwargs))
+    grid = (a.input_size // a.patch_size,) * 2
     cls = TwoPassDistiller if variant["two_pass"] else ProteusDistiller
-    distiller = cls(student, teacher.embed_dim, objectives, lambdas).to(device)
+    distiller = cls(student, [TargetSpec(a.teacher, teacher.embed_dim, objectives)], lambdas, grid).to(device)
     for m in distiller.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = variant["sdpa"]
@@ -107,23 +180,26 @@ def build_trainer(a, variant: dict, teacher: models.Teacher, device: torch.devic
     opt = optim.build_adamw(groups, 1e-4, fused={"auto": None, "on": True, "off": False}[variant["fused_adamw"]])
     sched = optim.build_cosine_schedule(opt, 1000, 10, 1e-5, 1e-6)
     scaler = torch.amp.GradScaler(device.type, enabled=variant["precision"] == "fp16")
-    grid = a.input_size // a.patch_size
-    mask_gen = MaskGenerator(grid * grid, a.mask_probability if "patch" in objectives else 0.0, a.mask_ratio)
+    mask_gen = MaskGenerator(grid[0] * grid[1], a.mask_probability if "patch" in objectives else 0.0, a.mask_ratio)
     cfg = {"precision": variant["precision"], "clip_grad": 0.0}
-    info = DistInfo(0, 1, 0, device)
-    return Trainer(cfg, info, distiller, distiller, teacher, optim.build_ema(student, 0.99996), opt, sched, scaler,
-                   mask_gen, None, None, 1, MetricLogger(None))
+    tr = BenchTrainer(cfg, DistInfo(0, 1, 0, device), distiller, distiller, {a.teacher: teacher},
+                      optim.build_ema(student, 0.99996), opt, sched, scaler, mask_gen, None, None, 1,
+                      MetricLogger(None), grids={a.teacher: (a.input_size // teacher.patch_size,) * 2})
+    tr.teacher_autocast = variant["teacher_autocast"]
+    return tr
 
 
 def prepare_teacher(teacher: models.Teacher, variant: dict, device: torch.device) -> None:
     for m in teacher.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = variant["sdpa"]
-    # on GPU the frozen teacher holds bf16 weights (as pretrain.main); on CPU autocast does the casting
-    dtype = torch.bfloat16 if device.type == "cuda" and variant["precision"] != "fp32" else torch.float32
+    # the weight dtype pretrain.main would use (auto: bf16 on GPU under bf16/fp16, else fp32)
+    dtype = teacher_weight_dtype({"teacher_dtype": variant["teacher_dtype"], "precision": variant["precision"]},
+                                 device)
     teacher.to(device=device, dtype=dtype)
 
 
+# ---- timing ----------------------------------------------------------------------------------------------
 @contextmanager
 def timed(device: torch.device, out: list):
     if device.type == "cuda":
@@ -159,25 +235,39 @@ def step_flops(tr: Trainer, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
+_PEAKS: dict = {}
+
+
 def matmul_peak(device: torch.device, precision: str) -> tuple[float, str]:
-    """(FLOP/s, description) of the peak the MFU is measured against."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    """(FLOP/s, description) of the peak the MFU is measured against; measured once per device and dtype."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, (bf16, fp32) in GPU_PEAK_TFLOPS.items():
             if key in name:
                 peak = fp32 if precision == "fp32" else bf16
                 return peak * 1e12, f"{name} dense {precision} data-sheet peak {peak:.0f} TFLOP/s"
-    n = 4096 if device.type == "cuda" else 2048
+    if (str(device), precision) not in _PEAKS:
+        _PEAKS[str(device), precision] = measured_matmul_peak(device, precision)
+    return _PEAKS[str(device), precision]
+
+
+def measured_matmul_peak(device: torch.device, precision: str) -> tuple[float, str]:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    n = 4096 if device.type == "cuda" else CPU_PEAK_N
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    reps, t = [], []
-    for _ in range(5):
-        with timed(device, t):
-            a @ b
-        reps.append(2 * n ** 3 / t[-1])
-    return max(reps), f"measured {n}x{n} {precision} matmul peak on {device.type} ({torch.get_num_threads()} threads)"
+    best = 0.0
+    for rhs in (b, b.t()):  # F.linear's layout is a @ b^T; ATen's fallback GEMM differs a lot between the two
+        spent, t = 0.0, []
+        for rep in range(6):  # rep 0 warms up
+            with timed(device, t):
+                a @ rhs
+            spent += t[-1]
+            if rep:
+                best = max(best, 2 * n ** 3 / t[-1])
+            if spent > PEAK_BUDGET_S and rep:
+                break
+    return best, (f"measured {n}x{n} {precision} matmul peak on {device.type} ({torch.get_num_threads()} "
+                  f"threads, best of a@b and a@b^T)")
 
 
 def run_variant(a, variant: dict, teacher: models.Teacher, device: torch.device) -> dict:
@@ -194,9 +284,9 @@ def run_variant(a, variant: dict, teacher: models.Teacher, device: torch.device)
         one_step(tr, x, times)
     ms = {k: 1e3 * sum(v) / len(v) for k, v in times.items()}
     step_s = sum(ms.values()) / 1e3
-    peak, peak_desc = matmul_peak(device, variant["precision"])
     mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak, peak_desc = matmul_peak(device, variant["precision"])
     return {"variant": variant["name"], "img_per_s": a.batch_size / step_s, "ms_step": step_s * 1e3,
             "ms_teacher": ms["teacher"], "ms_student": ms["student"], "ms_optimizer": ms["optimizer"],
             "peak_mem_gib": mem / 2**30, "tflop_per_step": flops / 1e12, "tflops_per_s": flops / step_s / 1e12,
@@ -204,49 +294,79 @@ def run_variant(a, variant: dict, teacher: models.Teacher, device: torch.device)
             **{k: v for k, v in variant.items() if k != "name"}}
 
 
-def variants(a) -> list[dict]:
-    requested = dict(name="requested", precision=a.precision, sdpa=not a.no_sdpa, two_pass=a.two_pass,
-                     fused_adamw=a.fused_adamw, compile=a.compile)
+def variants(a, precision: str, device: torch.device) -> list[dict]:
+    """The requested step, or with --ablations the chain of speed-ups and the reduced-precision ablations."""
+    requested = dict(name="requested", precision=precision, sdpa=not a.no_sdpa, two_pass=a.two_pass,
+                     fused_adamw=a.fused_adamw, compile=a.compile, teacher_dtype=a.teacher_dtype,
+                     teacher_autocast=True, headline=True)
     if not a.ablations:
         return [requested]
     steps = [dict(name="original-like: fp32, no SDPA, 2 passes, foreach AdamW", precision="fp32", sdpa=False,
-                  two_pass=True, fused_adamw="off", compile=False)]
-    for name, change in (("+ SDPA", {"sdpa": True}), ("+ one student pass", {"two_pass": False}),
-                         (f"+ {a.precision} autocast", {"precision": a.precision}),
-                         ("+ fused AdamW", {"fused_adamw": "on"})):
+                  two_pass=True, fused_adamw="off", compile=False, teacher_dtype="auto", teacher_autocast=True)]
+    chain = [("+ SDPA", {"sdpa": True}), ("+ one student pass", {"two_pass": False})]
+    if precision != "fp32":
+        chain.append((f"+ {precision} autocast", {"precision": precision}))
+    chain.append(("+ fused AdamW", {"fused_adamw": "on"}))
+    for name, change in chain:
         steps.append({**steps[-1], **change, "name": name})
     if a.ablate_compile or a.compile:
         steps.append({**steps[-1], "compile": True, "name": "+ torch.compile"})
-    return steps
+    steps = [{**s, "headline": False} for s in steps]
+    steps[-1]["headline"] = True  # the default step: the row the summary reports
+    if precision == "fp32":
+        return steps
+    full = {**steps[-1], "headline": False}
+    leave_out = [(f"{precision} default - SDPA (plain attention)", {"sdpa": False}),
+                 (f"{precision} default - one pass (2 passes)", {"two_pass": True}),
+                 (f"{precision} default, teacher outside autocast (fp32)",
+                  {"teacher_autocast": False, "teacher_dtype": "fp32"})]
+    if device.type == "cuda":
+        leave_out.append((f"{precision} default, teacher fp32 weights under autocast", {"teacher_dtype": "fp32"}))
+    return steps + [{**full, **change, "name": name} for name, change in leave_out]
 
 
 def print_table(results: list[dict], a, device: torch.device) -> None:
     print(f"\n{a.student}/{a.patch_size} <- {a.teacher}, batch {a.batch_size}, {a.input_size}px, {device}, "
-          f"{a.steps} steps; MFU vs {results[-1]['peak_source']}")
-    print(f"| variant | img/s | ms/step | teacher ms | student ms | optimizer ms | peak mem GiB | TFLOP/s | MFU |")
+          f"{a.steps} steps; MFU vs each row's peak: {results[-1]['peak_source']}")
+    print("| variant | img/s | ms/step | teacher ms | student ms | optimizer ms | peak mem GiB | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['variant']} | {r['img_per_s']:.1f} | {r['ms_step']:.1f} | {r['ms_teacher']:.1f} | "
+        print(f"| {r['variant']} | {r['img_per_s']:.2f} | {r['ms_step']:.1f} | {r['ms_teacher']:.1f} | "
               f"{r['ms_student']:.1f} | {r['ms_optimizer']:.1f} | {r['peak_mem_gib']:.2f} | "
               f"{r['tflops_per_s']:.3f} | {100 * r['mfu']:.1f}% |")
 
 
-def main(argv=None) -> dict:
+def hardware(device: torch.device) -> dict:
+    """What the numbers depend on: the device name, and on CPU whether bf16 is native."""
+    if device.type == "cuda":
+        return {"device_name": torch.cuda.get_device_name(device)}
+    native, why = cpu_native_bf16()
+    return {"device_name": "cpu", "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_native_bf16": native, "cpu_bf16_reason": why}
+
+
+@cli("pretrain.benchmark")
+def main(argv=None) -> int:
     a = parse_args(argv)
+    validate(a)
     device = resolve_device(a.device)
+    precision, reason = resolve_precision(a.precision, device)
+    print(f"pretrain.benchmark: precision {precision} ({reason})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         teacher = random_teacher(a.teacher, a.teacher_checkpoint, a.input_size, tmp)
     if a.compile:
         teacher.backbone.compile()
-    results = [run_variant(a, v, teacher, device) for v in variants(a)]
+    results = [run_variant(a, v, teacher, device) for v in variants(a, precision, device)]
     print_table(results, a, device)
-    summary = {**results[-1], "results": results, "device": str(device), "torch": torch.__version__,
-               "threads": torch.get_num_threads(),
-               "config": {k: v for k, v in vars(a).items() if k != "json"}}
+    headline = next(r for r in results if r["headline"])
+    summary = {**headline, "results": results, "device": str(device), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "precision": precision, "precision_reason": reason,
+               **hardware(device), "config": {k: v for k, v in vars(a).items() if k != "json"}}
     if a.json:
         write_json(a.json, summary)
-    return summary
+        print(f"wrote {a.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
