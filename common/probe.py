@@ -26,50 +26,85 @@ log = logging.getLogger(__name__)
 
 def build_frozen_backbone(pretrained: str | None, arch: str, patch_size: int = 14, img_size: int = 224,
                           model_kwargs: dict | None = None, ema: bool = False, seed: int = 0) -> nn.Module:
-    """Load the evaluation backbone (eval mode, no grads) through `models.load_backbone`.
+    """Load the evaluation backbone (eval mode, no grads): a DINOv2 ViT through `models.load_backbone`, or
+    `timm:<name>` through `load_timm_backbone`.
 
     `model_kwargs` (e.g. {"depth": 2, "embed_dim": 64, "num_heads": 2}, optionally "img_size") overrides
-    the size of `arch`. Random init ("none") is seeded so its feature cache stays valid; the seeding runs
-    on a forked RNG so the caller's own random stream (its --seed) is left untouched. A checkpoint that
-    is missing, unreadable or of another architecture raises a UserError (MissingFileError /
-    CheckpointError) saying so.
+    the size of `arch`; for timm archs they go to `timm.create_model`. Random init ("none") is seeded so
+    its feature cache stays valid; the seeding runs on a forked RNG so the caller's own random stream (its
+    --seed) is left untouched. A checkpoint that is missing, unreadable or of another architecture raises
+    a UserError (MissingFileError / CheckpointError) saying so.
     """
     check_pretrained(pretrained)
     check_model_kwargs(arch, model_kwargs)
     kwargs = dict(model_kwargs or {})
     img_size = kwargs.pop("img_size", img_size)
+    timm_arch = models.is_timm_name(arch)
+    build = f"{arch} ({img_size} px" + ("" if timm_arch else f", patch {patch_size}") + f"{', EMA' if ema else ''})"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = models.load_backbone(pretrained, arch, patch_size=patch_size, img_size=img_size, ema=ema,
-                                         **kwargs)
+            if timm_arch:
+                model = load_timm_backbone(pretrained, arch, img_size=img_size, ema=ema, **kwargs)
+            else:
+                model = models.load_backbone(pretrained, arch, patch_size=patch_size, img_size=img_size, ema=ema,
+                                             **kwargs)
         except UserError:
             raise
         except TypeError as e:
             if "unexpected keyword argument" not in str(e):
                 raise
-            raise ConfigError(f"--model-kwargs {model_kwargs}: {e}; use the ViT's size keys (depth, embed_dim, "
-                              f"num_heads, img_size, ...)") from e
+            keys = "timm.create_model's keywords" if timm_arch else "the ViT's size keys (depth, embed_dim, " \
+                                                                    "num_heads, img_size, ...)"
+            raise ConfigError(f"--model-kwargs {model_kwargs}: {e}; use {keys}") from e
         except FileNotFoundError as e:  # models/ raising plain errors: they are the user's, say so
             raise MissingFileError(str(e)) from e
         except ValueError as e:
             if is_random_init(pretrained):
-                raise ConfigError(f"cannot build {arch} (patch {patch_size}, {img_size} px, model kwargs "
-                                  f"{model_kwargs or {}}): {e}") from e
-            raise CheckpointError(f"--pretrained {pretrained} cannot be used as {arch} (patch {patch_size}"
-                                  f"{', EMA' if ema else ''}): {e}") from e
+                raise ConfigError(f"cannot build {build} with model kwargs {model_kwargs or {}}: {e}") from e
+            raise CheckpointError(f"--pretrained {pretrained} cannot be used as {build}: {e}") from e
     model.requires_grad_(False)
     return model.eval()
 
 
+def load_timm_backbone(path: str | None, arch: str, img_size: int = 224, ema: bool = False, **kwargs) -> nn.Module:
+    """`timm:<name>` for evaluation: the `models.TimmStudent` that `pretrain.main --student timm:<name>` trains,
+    its timm model loaded strictly. Returns it in eval mode.
+
+    Accepted files: the export `student_backbone[_ema].pth` (the timm model's own state dict, no classifier),
+    a pretrain `checkpoint.pth` (its `student` / `student_ema` hold the TimmStudent's state dict, whose keys
+    carry the `model.` prefix of the wrapped timm model), or a TimmStudent state dict. `path` None / "none":
+    random init. `kwargs` go to `timm.create_model` (as pretraining's --student-kwargs).
+    TODO(lead): move into models/weights.py, with `load_backbone` dispatching `timm:` archs here.
+    """
+    student = models.build_student(arch, img_size=img_size, **kwargs)
+    if is_random_init(path):
+        return student.eval()
+    ckpt = models.read_checkpoint(path)
+    try:
+        sd = models.backbone_state_dict(ckpt, ema=ema)
+    except CheckpointError as err:  # name the file
+        raise CheckpointError(f"{path}: {err}") from None
+    if sd and all(k.startswith("model.") for k in sd):  # TimmStudent keys -> the timm model's own
+        sd = {k[len("model."):]: v for k, v in sd.items()}
+    models.load_state_dict_checked(student.model, sd, what=f"{arch} from {path}")
+    return student.eval()
+
+
 def check_model_kwargs(arch: str, model_kwargs) -> None:
-    """--model-kwargs must be a JSON object whose sizes build a ViT (positive, width divisible by heads)."""
-    if arch not in models.VIT_SIZES:
-        raise ConfigError(f"unknown --arch {arch!r}; expected one of {sorted(models.VIT_SIZES)}")
+    """--arch must name a ViT size or a timm model; --model-kwargs must be a JSON object, and for a ViT its
+    sizes must build one (positive, width divisible by heads)."""
+    if models.is_timm_name(arch):
+        _check_timm_arch(arch)
+    elif arch not in models.VIT_SIZES:
+        raise ConfigError(f"unknown --arch {arch!r}; expected one of {sorted(models.VIT_SIZES)} or timm:<name> "
+                          f"(a timm model, e.g. timm:convnext_tiny)")
     if model_kwargs is None:
         return
     if not isinstance(model_kwargs, dict):
         raise ConfigError(f"--model-kwargs must be a JSON object such as '{{\"depth\": 2}}', got {model_kwargs!r}")
+    if models.is_timm_name(arch):
+        return  # timm.create_model checks its own keywords (a TypeError becomes a ConfigError at build)
     dim, depth, heads = models.VIT_SIZES[arch]
     sizes = {"embed_dim": dim, "depth": depth, "num_heads": heads, **model_kwargs}
     for key in ("embed_dim", "depth", "num_heads", "img_size"):
@@ -79,6 +114,21 @@ def check_model_kwargs(arch: str, model_kwargs) -> None:
     if sizes["embed_dim"] % sizes["num_heads"]:
         raise ConfigError(f"--model-kwargs: embed_dim {sizes['embed_dim']} is not divisible by num_heads "
                           f"{sizes['num_heads']}")
+
+
+def _check_timm_arch(arch: str) -> None:
+    import timm
+
+    name = arch.split(":", 1)[1]
+    if not timm.is_model(name):
+        raise ConfigError(f"--arch {arch}: timm has no model {name!r}; use the name given to pretrain.main "
+                          f"--student (timm.list_models() lists them)")
+
+
+def backbone_img_size(arch: str, image_size: int) -> int:
+    """The size the backbone is built at: 224 for our ViTs (their position embedding is resampled to any
+    input), the input size itself for timm models (timm ViTs fix it when built; CNNs ignore it)."""
+    return image_size if models.is_timm_name(arch) else 224
 
 
 def is_random_init(pretrained: str | None) -> bool:
@@ -106,12 +156,18 @@ def frozen_features(model: nn.Module, images: torch.Tensor, n_last_blocks: int =
     """One forward pass of the frozen backbone.
 
     Returns cls (B, n, D): the CLS token after the final norm of each of the last n blocks (last block
-    at index -1), and patch_mean (B, D): the mean of the last block's normed patch tokens.
+    at index -1), and patch_mean (B, Dp): the mean of the last block's normed patch tokens (Dp = D for
+    ViTs). A timm backbone has n = 1: cls is its pooled pre-logits feature, patch_mean the mean of its
+    final feature map.
     """
-    depth = len(model.blocks)
-    if n_last_blocks > depth:
-        raise ConfigError(f"{n_last_blocks} last blocks requested from a {depth}-block backbone; "
-                         f"use a deeper model or fewer blocks (fine_grained: drop --multiple)")
+    if isinstance(model, models.TimmStudent):
+        if n_last_blocks != 1:
+            raise ConfigError(f"{n_last_blocks} last blocks requested from timm:{model.timm_name}, which gives only "
+                              f"its final features (timm stages differ in width); use 1 (linear_eval: "
+                              f"--n-last-blocks 1; fine_grained: drop --multiple)")
+    elif n_last_blocks > len(model.blocks):
+        raise ConfigError(f"{n_last_blocks} last blocks requested from a {len(model.blocks)}-block backbone; "
+                          f"use a deeper model or fewer blocks (fine_grained: drop --multiple)")
     outs = model.get_intermediate_layers(images, n=n_last_blocks, return_class_token=True, norm=True)
     cls = torch.stack([c for _, c in outs], dim=1)  # (B, n, D)
     patch_mean = outs[-1][0].mean(dim=1)  # (B, D)

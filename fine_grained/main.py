@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import models
 from common import probe
 from common.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from common.dist import resolve_device
@@ -56,8 +57,9 @@ def get_args_parser():
     g.add_argument("--batch-size", type=int, default=32, help="feature-extraction batch size")
     g.add_argument("--num-workers", type=int, default=4)
     g = p.add_argument_group("backbone")
-    g.add_argument("--arch", default="vit_small", help="vit_tiny | vit_small | vit_base | vit_large | vit_giant2")
-    g.add_argument("--patch-size", type=int, default=14)
+    g.add_argument("--arch", default="vit_small", help="vit_tiny | vit_small | vit_base | vit_large | vit_giant2, "
+                   "or timm:<name> for a student trained with pretrain.main --student timm:<name>")
+    g.add_argument("--patch-size", type=int, default=14, help="ViT patch size (not used by timm archs)")
     g.add_argument("--pretrained", default="none", help="checkpoint path, or 'none' for the random-init baseline")
     g.add_argument("--ema", action="store_true", help="evaluate the EMA student of a pretrain checkpoint")
     g.add_argument("--model-kwargs", type=json.loads, default=None,
@@ -89,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.num_workers < 0 or not args.tol > 0:
         raise ConfigError(f"need --num-workers >= 0 and --tol > 0, got {args.num_workers} and {args.tol}")
     probe.check_model_kwargs(args.arch, args.model_kwargs)
+    if args.multiple and models.is_timm_name(args.arch):
+        raise ConfigError(f"--multiple needs the CLS tokens of the last 4 blocks, but --arch {args.arch} gives only "
+                          f"its final features (timm stages differ in width); drop --multiple")
     probe.check_pretrained(args.pretrained)
     args.cache_dir = args.cache_dir or default_cache_dir()
     return args
@@ -132,9 +137,10 @@ def check_splits(args, parsed, splits) -> None:
 def split_features(args, backbone, splits, transform, device, precision: str) -> dict:
     """Features of each split, from the cache when its key matches: {split: dict(cls, patch_mean, targets)}."""
     n_last = 4 if args.multiple else 1
+    build_size = probe.backbone_img_size(args.arch, args.image_size)
     # the fingerprint hashes the checkpoint file: only worth it when the cache is used
     fingerprint = None if args.no_cache else backbone_fingerprint(args.pretrained, args.arch, args.patch_size,
-                                                                   args.model_kwargs, args.ema, img_size=224)
+                                                                   args.model_kwargs, args.ema, img_size=build_size)
     out = {}
     for name, ds in splits.items():
         path = None if fingerprint is None else cache_path(args, fingerprint, name, ds, transform, n_last, precision)
@@ -188,7 +194,8 @@ def run(argv=None) -> dict:
     precision, reason = resolve_precision(args.precision, device)
     log.info("precision %s (%s)", precision, reason)
     write_config(output_dir, TOOL, {**vars(args), "precision_resolved": precision, "precision_reason": reason})
-    backbone = probe.build_frozen_backbone(args.pretrained, args.arch, args.patch_size, img_size=224,
+    backbone = probe.build_frozen_backbone(args.pretrained, args.arch, args.patch_size,
+                                           img_size=probe.backbone_img_size(args.arch, args.image_size),
                                            model_kwargs=args.model_kwargs, ema=args.ema)
     t0 = time.time()
     feats = split_features(args, backbone, splits, transform, device, precision)

@@ -24,22 +24,26 @@ class HeadConfig:
 
 
 class LinearHeadGrid(nn.Module):
-    """All (n_last, avgpool, lr) heads; each a Linear(n*D (+D) -> num_classes), weight N(0, 0.01), bias 0."""
+    """All (n_last, avgpool, lr) heads; each a Linear(n*D (+Dp) -> num_classes), weight N(0, 0.01), bias 0.
+
+    D is the CLS width, Dp the patch-token width (default D; timm models may differ, e.g. MobileNets).
+    """
 
     def __init__(self, embed_dim: int, num_classes: int, n_last_blocks=(1, 4), avgpool=(False, True),
-                 lrs=DEFAULT_LRS):
+                 lrs=DEFAULT_LRS, patch_dim: int | None = None):
         super().__init__()
+        patch_dim = embed_dim if patch_dim is None else patch_dim
         self.configs = [HeadConfig(n, a, lr) for n in n_last_blocks for a in avgpool for lr in lrs]
         self.heads = nn.ModuleDict()
         for c in self.configs:
-            head = nn.Linear(embed_dim * (c.n_last + int(c.avgpool)), num_classes)
+            head = nn.Linear(embed_dim * c.n_last + patch_dim * int(c.avgpool), num_classes)
             nn.init.normal_(head.weight, std=0.01)
             nn.init.zeros_(head.bias)
             self.heads[c.name] = head
         self.max_blocks = max(n_last_blocks)
 
     def forward(self, cls: torch.Tensor, patch_mean: torch.Tensor) -> dict:
-        """cls (B, n_max, D), patch_mean (B, D) -> {head name: logits (B, num_classes)}."""
+        """cls (B, n_max, D), patch_mean (B, Dp) -> {head name: logits (B, num_classes)}."""
         inputs = {}  # the 4 distinct inputs are shared by the 13 lrs each
         out = {}
         for c in self.configs:

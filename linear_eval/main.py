@@ -19,6 +19,7 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import models
 from common import dist, probe
 from common.checkpoint import load_latest
 from common.data import LAYOUT_HELP, collate_skip_bad, seed_worker
@@ -49,8 +50,9 @@ def get_args_parser():
                    help="pick the best head on val (DINOv2) or on a held-out part of train")
     g.add_argument("--holdout-fraction", type=float, default=0.01, help="part of train held out for selection")
     g = p.add_argument_group("backbone")
-    g.add_argument("--arch", default="vit_small")
-    g.add_argument("--patch-size", type=int, default=14)
+    g.add_argument("--arch", default="vit_small", help="vit_tiny | vit_small | vit_base | vit_large | vit_giant2, "
+                   "or timm:<name> for a student trained with pretrain.main --student timm:<name>")
+    g.add_argument("--patch-size", type=int, default=14, help="ViT patch size (not used by timm archs)")
     g.add_argument("--pretrained", default="none", help="checkpoint path, or 'none' (random init)")
     g.add_argument("--ema", action="store_true", help="evaluate the EMA student of a pretrain checkpoint")
     g.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON size overrides for small models")
@@ -65,7 +67,8 @@ def get_args_parser():
     g.add_argument("--epoch-length", type=int, default=None, help="iterations per epoch (default: one pass over train)")
     g.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS),
                    help="base lrs (x global batch / 256)")
-    g.add_argument("--n-last-blocks", type=int, nargs="+", default=[1, 4])
+    g.add_argument("--n-last-blocks", type=int, nargs="+", default=None,
+                   help="CLS tokens of the last n blocks per head (default: 1 and 4; timm archs: 1 only)")
     g.add_argument("--eval-period", type=int, default=1250, help="evaluate all heads every N iterations")
     g.add_argument("--checkpoint-period", type=int, default=1250, help="save heads + optimizer every N iterations")
     g.add_argument("--knn-k", type=int, nargs="+", default=[10, 20])
@@ -89,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+    args.n_last_blocks = args.n_last_blocks or default_last_blocks(args.arch)
     for flag, values in (("lrs", args.lrs), ("n-last-blocks", args.n_last_blocks), ("knn-k", args.knn_k)):
         if not all(v > 0 for v in values):
             raise ConfigError(f"--{flag} must all be > 0, got {values}")
@@ -96,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ConfigError(f"need 0 < --holdout-fraction < 1 and --knn-temperature > 0, got "
                           f"{args.holdout_fraction} and {args.knn_temperature}")
     probe.check_model_kwargs(args.arch, args.model_kwargs)
+    if models.is_timm_name(args.arch) and args.n_last_blocks != [1]:
+        raise ConfigError(f"--arch {args.arch} gives only its final features (timm stages differ in width): "
+                          f"--n-last-blocks must be 1, got {args.n_last_blocks}")
     probe.check_pretrained(args.pretrained)
     for flag in ("train_root", "val_root"):  # before the output dir is created
         if not os.path.isdir(getattr(args, flag)):
@@ -106,6 +113,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if root and not os.path.isdir(root):
             raise MissingFileError(f"--{name} {root}: no such directory (layouts: linear_eval/robustness.py)")
     return args
+
+
+def default_last_blocks(arch: str) -> list[int]:
+    """DINOv2's grid uses the last 1 and 4 blocks; a timm backbone has only its final features."""
+    return [1] if models.is_timm_name(arch) else [1, 4]
 
 
 def init_distributed(requested: str) -> dist.DistInfo:
@@ -210,7 +222,7 @@ def resume_state(output_dir: str, meta: dict):
 def run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_logger, meta, resume):
     """Train the grid (resuming from `resume` = (state, path) if any), then report the head chosen by --selection."""
     grid = LinearHeadGrid(backbone.embed_dim, len(classes), tuple(args.n_last_blocks), (False, True),
-                          tuple(args.lrs)).to(info.device)
+                          tuple(args.lrs), patch_dim=backbone.patch_dim).to(info.device)  # timm: dims may differ
     global_batch, max_iter = meta["global_batch"], meta["max_iter"]
     opt, sched = build_grid_optimizer(grid, global_batch, max_iter)
     state, path = resume
@@ -302,6 +314,7 @@ def run(argv=None) -> dict:
         write_config(args.output_dir, TOOL, {**vars(args), "precision_resolved": precision,
                                              "precision_reason": reason})
     backbone = probe.build_frozen_backbone(args.pretrained, args.arch, args.patch_size,
+                                           img_size=probe.backbone_img_size(args.arch, args.image_size),
                                            model_kwargs=args.model_kwargs, ema=args.ema).to(info.device)
     metric_logger = MetricLogger(args.output_dir, enabled=info.is_main, tensorboard=False)
     amp = autocast_dtype(precision)

@@ -289,6 +289,34 @@ def test_fine_grained_refuses_other_tools_dirs(data, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------
+# timm architectures (--arch timm:<name>)
+# ---------------------------------------------------------------------------------------------------
+
+TIMM = ["--arch", "timm:convnext_atto", "--model-kwargs", "{}"]  # after the ViT flags: the last one wins
+
+
+@pytest.mark.parametrize("tool", ["linear_eval", "fine_grained"])
+@pytest.mark.parametrize("case", ["resnet_file", "vit_file", "unknown_model", "bad_kwargs", "last_blocks"])
+def test_timm_arch_user_errors(data, tmp_path, capsys, tool, case):
+    resnet = str(tmp_path / "resnet.pth")
+    if case == "resnet_file":  # another timm architecture's export: same format, other keys
+        torch.save(models.build_student("timm:resnet10t", img_size=32).model.state_dict(), resnet)
+    extra, words = {
+        "resnet_file": (TIMM + ["--pretrained", resnet], ("does not fit timm:convnext_atto", "resnet.pth")),
+        "vit_file": (TIMM + ["--pretrained", data["ckpt"]], ("does not fit timm:convnext_atto", "tiny.pth")),
+        "unknown_model": (["--arch", "timm:no_such_net", "--model-kwargs", "{}"], ("timm has no model",
+                                                                                   "no_such_net")),
+        "bad_kwargs": (TIMM[:2] + ["--model-kwargs", '{"depth": 2}'], ("--model-kwargs", "depth",
+                                                                       "timm.create_model")),
+        "last_blocks": (TIMM + (["--n-last-blocks", "1", "4"] if tool == "linear_eval" else ["--multiple"]),
+                        ("only its final features", "--n-last-blocks" if tool == "linear_eval" else "--multiple")),
+    }[case]
+    main, argv = (le_main.main, le_argv(data, tmp_path / "o", *extra)) if tool == "linear_eval" else \
+        (fg_main.main, fg_argv(data["fg"], tmp_path / "o", tmp_path, *extra))
+    assert_user_error(main, argv, capsys, f"{tool}.main", *words, one_line=not case.endswith("_file"))
+
+
+# ---------------------------------------------------------------------------------------------------
 # the shared owner check
 # ---------------------------------------------------------------------------------------------------
 

@@ -133,6 +133,10 @@ def test_grid_has_52_heads_with_dinov2_init_and_scaled_lrs():
     assert len(grid.heads) == 52
     dims = {c.name: grid.heads[c.name].in_features for c in grid.configs}
     assert set(dims.values()) == {32, 64, 128, 160}
+    narrow = LinearHeadGrid(32, 10, (1,), patch_dim=8)  # a timm model whose feature map is narrower than its CLS
+    assert {h.in_features for h in narrow.heads.values()} == {32, 40}
+    assert {k: v.shape for k, v in narrow(torch.randn(2, 1, 32), torch.randn(2, 8)).items()} == \
+        {c.name: (2, 10) for c in narrow.configs}
     w = grid.heads[grid.configs[0].name].weight.detach()
     assert abs(float(w.std()) - 0.01) < 0.002 and float(grid.heads[grid.configs[0].name].bias.detach().abs().sum()) == 0
     opt, sched = build_grid_optimizer(grid, global_batch=512, max_iter=10)
