@@ -98,7 +98,26 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
 
 
-class SafeImageFolder(datasets.ImageFolder):
+class _SafeLoading:
+    """__getitem__ over `self.samples` [(path, target)] whose unreadable images yield None (see SafeImageFolder)."""
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            img = load_rgb(path, self.max_pixels)
+        except BAD_IMAGE_ERRORS as e:
+            if self.on_bad_image == "fail":
+                raise BadImageError(f"unreadable image {path}: {e} (use --on-bad-image skip to skip it)") from e
+            warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=1)
+            return None
+        if self.transform is not None:
+            img = self.transform(img)
+        if getattr(self, "target_transform", None) is not None:
+            target = self.target_transform(target)
+        return img, target
+
+
+class SafeImageFolder(_SafeLoading, datasets.ImageFolder):
     """ImageFolder whose unreadable images yield None instead of crashing the epoch.
 
     on_bad_image="skip": the sample is returned as None (dropped by `collate_skip_bad`, which counts
@@ -114,20 +133,62 @@ class SafeImageFolder(datasets.ImageFolder):
         super().__init__(root, transform=transform, **kwargs)
         self.on_bad_image, self.max_pixels = on_bad_image, _max_image_pixels
 
-    def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        try:
-            img = load_rgb(path, self.max_pixels)
-        except BAD_IMAGE_ERRORS as e:
-            if self.on_bad_image == "fail":
-                raise BadImageError(f"unreadable image {path}: {e} (use --on-bad-image skip to skip it)") from e
-            warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=1)
-            return None
-        if self.transform is not None:
-            img = self.transform(img)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return img, target
+
+class ImageListDataset(_SafeLoading, torch.utils.data.Dataset):
+    """Unlabelled images for pretraining (label 0): a flat folder of images, or a text file of paths.
+
+    A list file holds one path per line (absolute, or relative to the file's folder; blank lines and
+    lines starting with # are skipped). Same bad-image handling as SafeImageFolder.
+    """
+
+    def __init__(self, source: str, transform=None, on_bad_image: str = "skip"):
+        if on_bad_image not in ("skip", "fail"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
+        paths = list_images(source)
+        self.samples = self.imgs = [(p, 0) for p in paths]
+        self.targets, self.classes = [0] * len(paths), ["images"]
+        self.transform, self.on_bad_image, self.max_pixels = transform, on_bad_image, _max_image_pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def list_images(source: str) -> list[str]:
+    """The image paths of a flat folder (sorted) or of a list file, checked to be non-empty."""
+    if os.path.isdir(source):
+        paths = sorted(e.path for e in os.scandir(source) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+    else:
+        base = os.path.dirname(os.path.abspath(source))
+        with open(source) as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        paths = [ln if os.path.isabs(ln) else os.path.join(base, ln) for ln in lines]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise MissingFileError(f"{source}: {len(missing)} of {len(paths)} listed images do not exist "
+                                   f"(first: {missing[0]})")
+    if not paths:
+        raise DataError(f"{source} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    return paths
+
+
+PRETRAIN_LAYOUTS = ("an ImageFolder ROOT/<class>/<image>, a flat folder ROOT/<image>, a text file listing image "
+                    "paths (one per line), or tar shards 'DIR/shards-{000000..000127}.tar'")
+
+
+def pretrain_source_kind(path: str) -> str:
+    """'imagefolder', 'flat' or 'list' for a pretraining --data-path (labels are never used); raises otherwise.
+
+    Tar shards are recognised by pretrain.shards.is_shard_spec before this is called.
+    """
+    if os.path.isfile(path):
+        return "list"
+    if not os.path.isdir(path):
+        raise MissingFileError(f"--data-path {path!r} does not exist; expected {PRETRAIN_LAYOUTS}")
+    entries = list(os.scandir(path))
+    if any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in entries):
+        return "flat"
+    check_image_folder(path, "--data-path")
+    return "imagefolder"
 
 
 def collate_skip_bad(batch: list):
@@ -234,11 +295,15 @@ def subsample_image_folder(ds: datasets.ImageFolder, class_fraction: float = 1.0
 def build_pretrain_dataset(roots: list[str], transform, on_bad_image: str = "skip", class_fraction: float = 1.0,
                            images_per_class: float = 0, single_image: str = "", single_image_length: int = 0,
                            seed: int = 0):
-    """One ImageFolder root, several merged (labels unused), a proxy subset of them, or a single image."""
+    """One root (ImageFolder, flat folder or list file), several merged (labels unused), a proxy subset of
+    them, or a single image."""
     if single_image:
         return SingleImageDataset(single_image, single_image_length, transform)
-    parts = [subsample_image_folder(SafeImageFolder(r, transform=transform, on_bad_image=on_bad_image),
-                                    class_fraction, images_per_class, seed) for r in roots]
+    parts = []
+    for r in roots:
+        ds = (SafeImageFolder(r, transform=transform, on_bad_image=on_bad_image)
+              if pretrain_source_kind(r) == "imagefolder" else ImageListDataset(r, transform, on_bad_image))
+        parts.append(subsample_image_folder(ds, class_fraction, images_per_class, seed))
     return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
 
 

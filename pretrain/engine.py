@@ -167,13 +167,21 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> None:
         cfg, dev = self.cfg, self.dist_info.device
         skip = self.progress.step_in_epoch
-        self.loader.sampler.set_epoch(epoch, skip=skip * cfg["batch_size"])
+        if skip == 0:
+            self.progress.data_state = {}
+        if hasattr(self.loader.dataset, "set_epoch"):  # tar shards: positions per loader role
+            self.loader.dataset.set_epoch(epoch, skip, self.progress.data_state)
+        else:
+            self.loader.sampler.set_epoch(epoch, skip=skip * cfg["batch_size"])
         # worker seeds depend on (seed, epoch, rank) only, never on how the run was interrupted
         self.loader_generator.manual_seed(cfg["seed"] * 100_003 + epoch * 1_009 + self.dist_info.rank)
         self.distiller.train()
         names = self.distiller.loss_names
         window, sums, n_seen = _Window(), torch.zeros(len(names)), 0
-        for batch, n_bad in self.loader:
+        for item in self.loader:
+            (batch, n_bad), position = item if len(item) == 2 and isinstance(item[1], tuple) else (item, None)
+            if position is not None:
+                self.progress.data_state[position[0]] = position[1]
             if batch is None:
                 raise DataError(f"every image of a batch in epoch {epoch} was unreadable: the dataset at "
                                 f"{cfg['data_path']} looks broken (see the warnings above); the last checkpoint "

@@ -26,8 +26,9 @@ import models
 from common import data as cdata
 from common import optim
 from common.checkpoint import remove_orphan_temps
+from common.config import ConfigArgumentParser
 from common.dist import DistInfo, broadcast_object, cleanup, init_distributed, resolve_device
-from common.errors import ConfigError, UserError, cli
+from common.errors import ConfigError, DataError, UserError, cli
 from common.log import MetricLogger, setup_logging, write_json
 from common.precision import resolve_precision
 from common.rundir import claim_run_dir
@@ -36,6 +37,7 @@ from .engine import EXIT_PREEMPTED, PreemptionFlag, StopTraining, Trainer
 from .losses import ProteusDistiller, TargetSpec, select_objectives
 from .targets import TargetNormaliser, fit_normaliser, prepare_targets
 from .masking import MaskGenerator, validate_mask_config
+from . import shards
 from . import state as ckpt_state
 
 log = logging.getLogger("pretrain")
@@ -46,7 +48,9 @@ log = logging.getLogger("pretrain")
 # ==========================================================================================================
 CONFIG = {
     "data": {
-        "data_path": (["data/imagenet/train"], "ImageFolder root(s), ROOT/<class>/<img>; several roots are merged"),
+        "data_path": (["data/imagenet/train"], "ImageFolder root(s) ROOT/<class>/<img>, flat image folders, text "
+                                                "files listing image paths (several are merged), or one tar-shard "
+                                                "pattern 'DIR/shards-{000000..001281}.tar'"),
         "input_size": (224, "training crop size (the teacher sees the same crop)"),
         "batch_size": (128, "images per process per step (original: 128 x 4 GPUs = 512 global)"),
         "global_batch_size": (0, "if > 0: global batch, split over processes (must divide evenly)"),
@@ -168,8 +172,8 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 def build_parser():
     import argparse
 
-    parser = argparse.ArgumentParser("pretrain.main", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ConfigArgumentParser("pretrain.main", description=__doc__.split("\n\n")[0],  # -c/--config FILE
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for group, knobs in CONFIG.items():
         g = parser.add_argument_group(group)
         for name, (default, help_text) in knobs.items():
@@ -289,8 +293,7 @@ def _validate(cfg: dict, world_size: int) -> None:
         except cdata.BAD_IMAGE_ERRORS as e:
             raise ValueError(f"--single-image {cfg['single_image']!r} is not a readable image: {e}") from e
     else:
-        for root in cfg["data_path"]:
-            cdata.check_image_folder(root, "--data-path")
+        check_data_sources(cfg)
     for t in teachers:
         if t["checkpoint"] and not os.path.isfile(t["checkpoint"]):
             raise FileNotFoundError(f"--teacher-checkpoint {t['checkpoint']!r} (teacher {t['name']}) does not exist")
@@ -306,6 +309,18 @@ def check_limits(cfg: dict) -> None:
         if (lo is not None and (v < lo if lo_in else v <= lo)) or (hi is not None and (v > hi if hi_in else v >= hi)):
             span = (f"{'[' if lo_in else '('}{lo}, {hi if hi is not None else 'inf'}{']' if hi_in else ')'}")
             raise ValueError(f"{flag} must be in {span}, got {v}")
+
+
+def check_data_sources(cfg: dict) -> None:
+    """Each --data-path is an ImageFolder, a flat folder, a list file, or (alone) a tar-shard pattern."""
+    if any(shards.is_shard_spec(p) for p in cfg["data_path"]):
+        if len(cfg["data_path"]) != 1 or cfg["class_fraction"] != 1.0 or cfg["images_per_class"]:
+            raise ValueError("tar shards take one --data-path pattern and no --class-fraction / --images-per-class "
+                             "(make a proxy subset when writing the shards)")
+        shards.check_shards(cfg["data_path"][0])
+        return
+    for root in cfg["data_path"]:
+        cdata.pretrain_source_kind(root)
 
 
 def check_optimisation(cfg: dict, world_size: int) -> None:
@@ -500,6 +515,8 @@ def build_data(cfg: dict, info: DistInfo):
     cdata.set_max_image_pixels(cfg["max_image_pixels"])
     transform = cdata.build_train_transform(cfg["input_size"], cfg["aa"] or None, cfg["reprob"],
                                             cfg["train_interpolation"], scale=cfg["crop_scale"])
+    if shards.is_shard_spec(cfg["data_path"][0]):
+        return build_shard_data(cfg, info, transform)
     dataset = cdata.build_pretrain_dataset(cfg["data_path"], transform, cfg["on_bad_image"], cfg["class_fraction"],
                                            cfg["images_per_class"], cfg["single_image"],
                                            cfg["single_image_length"], cfg["seed"])
@@ -517,6 +534,42 @@ def build_data(cfg: dict, info: DistInfo):
     log.info("data: %d images, %d steps/epoch of %d x %d processes", len(dataset), steps_per_epoch,
              cfg["batch_size"], info.world_size)
     return loader, generator, steps_per_epoch, fixed_pca_batch(dataset, cfg)
+
+
+def build_shard_data(cfg: dict, info: DistInfo, transform):
+    """Tar shards streamed in whole batches (pretrain/shards.py): DeiT's repeated augmentation does not apply."""
+    stream = shards.ShardStream(cfg["data_path"][0], transform, cfg["batch_size"], world_size=info.world_size,
+                                rank=info.rank, seed=cfg["seed"], on_bad_image=cfg["on_bad_image"])
+    if stream.steps_per_epoch == 0:
+        raise DataError(f"{stream.num_samples} samples in {len(stream.urls)} shards give less than one batch of "
+                        f"{cfg['batch_size']} per process: lower --batch-size or use more data")
+    generator = torch.Generator()
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=cfg["num_workers"], pin_memory=cfg["pin_mem"] and
+        info.device.type == "cuda", collate_fn=shards.collate_shard_batch, worker_init_fn=_worker_init,
+        generator=generator, persistent_workers=False)
+    log.info("data: %d samples in %d shards, %d steps/epoch of %d x %d processes", stream.num_samples,
+             len(stream.urls), stream.steps_per_epoch, cfg["batch_size"], info.world_size)
+    return loader, generator, stream.steps_per_epoch, shard_pca_batch(stream, cfg)
+
+
+def shard_pca_batch(stream, cfg: dict) -> torch.Tensor | None:
+    """The first PCA_IMAGES readable images of the first shard, centre-cropped (no training RNG)."""
+    if not cfg["pca_every_epochs"]:
+        return None
+    from webdataset.tariterators import tarfile_samples
+
+    tf = cdata.build_eval_transform(resize=cfg["input_size"] * 256 // 224, crop=cfg["input_size"])
+    images = []
+    for sample in tarfile_samples([{"url": stream.urls[0]}], handler=lambda e: True):
+        key = next((k for k in shards.IMAGE_KEYS if k in sample), None)
+        try:
+            images.append(tf(shards.decode_image(sample[key], stream.max_pixels)))
+        except (TypeError, KeyError, *cdata.BAD_IMAGE_ERRORS):
+            continue
+        if len(images) == PCA_IMAGES:
+            break
+    return torch.stack(images) if images else None
 
 
 def _worker_init(worker_id: int) -> None:
@@ -625,6 +678,8 @@ def config_diff(old: dict, new: dict) -> dict:
     """{key: (old, new)} over every result-changing key (knobs + the global batch), paths made absolute."""
     keys = [k for group in CONFIG.values() for k in group if k not in RESUME_FREE]
     keys = [k for k in keys if k not in ("batch_size", "global_batch_size")] + ["global_batch"]
+    if any(shards.is_shard_spec(p) for p in new["data_path"]):
+        keys.append("num_workers")  # tar shards: the loader's workers define the sample order
     out = {}
     for k in keys:
         if k == "precision" and "precision_requested" in old:

@@ -16,7 +16,7 @@ The frozen teacher is *not* stored (the original stored it: +4.5 GB for a ViT-g 
 """
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ class Progress:
     step_in_epoch: int = 0  # batches of that epoch already trained on
     global_step: int = 0  # optimizer steps so far
     bad_images: int = 0  # unreadable images skipped so far (all ranks)
+    data_state: dict = field(default_factory=dict)  # tar shards: {loader role: raw samples read this epoch}
 
 
 def capture_rng() -> dict:
@@ -134,7 +135,8 @@ def restore(ckpt: dict, distiller, ema, optimizer, scaler, mask_gen, rank: int, 
         log.warning("checkpoint written by %d processes, now %d: RNG streams are not restored, so data order "
                     "and masks continue correctly but augmentations differ from an uninterrupted run",
                     len(ckpt["rng"]), world_size)
-    return Progress(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt.get("bad_images", 0))
+    return Progress(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt.get("bad_images", 0),
+                    dict(ckpt.get("data_state") or {}))
 
 
 def backbone_weights(student) -> dict:

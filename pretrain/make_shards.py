@@ -1,0 +1,79 @@
+"""Write an image set as WebDataset tar shards for `pretrain.main --data-path 'OUT/shards-{000000..N}.tar'`.
+
+    python -m pretrain.make_shards /data/imagenet/train /data/in1k-shards --shard-size 1000
+
+Input: an ImageFolder root, a flat folder of images or a text file of paths (what pretrain.main takes).
+Each sample is `<index>.<original extension>` (the file's bytes, not re-encoded) plus `<index>.cls` (the
+class index, for other tools; pretraining ignores labels). The image order is shuffled once with --seed
+so that every shard mixes classes. Also writes `shards.json`, the shard index (wids format:
+{"shardlist": [{"url", "nsamples"}]}) that pretrain.main reads for the epoch length, and prints the
+--data-path pattern to use. Shards are written to a temporary name and renamed when complete.
+"""
+import argparse
+import io
+import json
+import os
+import random
+import sys
+import tarfile
+
+from common import data as cdata
+from common.errors import ConfigError, cli
+
+
+def source_samples(source: str) -> list[tuple[str, int]]:
+    kind = cdata.pretrain_source_kind(source)
+    if kind == "imagefolder":
+        from torchvision.datasets import ImageFolder
+
+        return list(ImageFolder(source).samples)
+    return [(p, 0) for p in cdata.list_images(source)]
+
+
+def write_shards(samples: list[tuple[str, int]], out_dir: str, shard_size: int, prefix: str = "shards") -> list[dict]:
+    """Tar files of `shard_size` samples each; returns the index entries."""
+    os.makedirs(out_dir, exist_ok=True)
+    entries = []
+    for start in range(0, len(samples), shard_size):
+        name = f"{prefix}-{start // shard_size:06d}.tar"
+        path = os.path.join(out_dir, name)
+        with tarfile.open(path + ".part", "w") as tar:
+            for i, (image_path, target) in enumerate(samples[start:start + shard_size], start):
+                ext = os.path.splitext(image_path)[1].lstrip(".").lower() or "jpg"
+                with open(image_path, "rb") as f:
+                    _add(tar, f"{i:09d}.{ext}", f.read())
+                _add(tar, f"{i:09d}.cls", str(target).encode())
+        os.replace(path + ".part", path)
+        entries.append({"url": name, "nsamples": min(shard_size, len(samples) - start)})
+    with open(os.path.join(out_dir, f"{prefix}.json"), "w") as f:
+        json.dump({"__kind__": "wids-shard-index-v1", "shardlist": entries}, f, indent=1)
+    return entries
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644  # reproducible archives
+    tar.addfile(info, io.BytesIO(payload))
+
+
+@cli("pretrain.make_shards")
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser("pretrain.make_shards", description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="ImageFolder root, flat image folder or text file of image paths")
+    p.add_argument("output_dir")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--seed", type=int, default=0, help="seed of the one-time shuffle")
+    a = p.parse_args(argv)
+    if a.shard_size < 1:
+        raise ConfigError(f"--shard-size must be >= 1, got {a.shard_size}")
+    samples = source_samples(a.source)
+    random.Random(a.seed).shuffle(samples)
+    entries = write_shards(samples, a.output_dir, a.shard_size)
+    last = len(entries) - 1
+    print(f"wrote {len(samples)} samples in {len(entries)} shards; pretrain with --data-path "
+          f"'{os.path.join(a.output_dir, f'shards-{{000000..{last:06d}}}.tar')}'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""WebDataset-style tar shards for pretraining: `--data-path "/data/in1k/shards-{000000..001281}.tar"`.
+
+Large image sets are streamed on clusters as tar files of a few thousand samples each (one image per
+`<key>.jpg`/`.jpeg`/`.png`/`.webp` member; other members, e.g. `<key>.cls`, are ignored: labels are never
+used). Reading uses the `webdataset` package (`tarfile_samples`: tar members grouped into samples by key).
+
+Order and resume, exact at step level:
+- epoch e: the shard list is shuffled with (seed, e); rank r of R takes every R-th shard; its DataLoader
+  workers take every W-th of those. Each worker reads its shards in order (cycling when it runs out, so
+  every rank yields exactly `steps_per_epoch` batches) and yields whole batches; the DataLoader takes
+  batches from the workers in turn, so batch k of the epoch comes from the worker with role k mod W.
+- every sample's augmentation is seeded by (seed, epoch, rank, role, sample position), so a view does not
+  depend on which process made it or on what ran before;
+- every batch reports how many raw samples its role has read; the trainer keeps the latest count per
+  role in the checkpoint (`data_state`), and a resumed epoch skips exactly those samples (read, not
+  decoded) and starts each role at its next batch. So kill -9 and resume give the same batches.
+Undecodable samples are skipped and counted like unreadable files (`--on-bad-image skip`), or fail.
+The epoch length comes from the shard index `<prefix>.json` that `python -m pretrain.make_shards` writes
+(wids format: {"shardlist": [{"url", "nsamples"}]}), or from counting the members once when it is absent.
+"""
+import io
+import json
+import logging
+import os
+import random
+import re
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import data as cdata
+from common.errors import ConfigError, DataError, MissingFileError
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+def is_shard_spec(path: str) -> bool:
+    return isinstance(path, str) and (path.endswith(".tar") or bool(re.search(r"\{\d+\.\.\d+\}", path)))
+
+
+def expand_shards(spec: str) -> list[str]:
+    """'shards-{000000..000009}.tar' -> the ten paths (braceexpand), each checked to exist."""
+    from braceexpand import braceexpand
+
+    urls = list(braceexpand(spec))
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise MissingFileError(f"--data-path {spec!r}: {len(missing)} of {len(urls)} shard files do not exist "
+                               f"(first: {missing[0]}); write shards with `python -m pretrain.make_shards`")
+    return urls
+
+
+def index_path(urls: list[str]) -> str:
+    """The shard index beside the shards: '<dir>/<common prefix without trailing -/_>.json'."""
+    stems = [os.path.splitext(os.path.basename(u))[0] for u in urls]
+    prefix = os.path.commonprefix(stems).rstrip("-_0123456789") or "shards"
+    return os.path.join(os.path.dirname(urls[0]), prefix + ".json")
+
+
+def shard_sizes(urls: list[str]) -> list[int]:
+    """Samples per shard, from the index file if it lists these shards, else by counting (logged)."""
+    path = index_path(urls)
+    if os.path.isfile(path):
+        with open(path) as f:
+            listed = {os.path.basename(s["url"]): int(s["nsamples"]) for s in json.load(f)["shardlist"]}
+        if all(os.path.basename(u) in listed for u in urls):
+            return [listed[os.path.basename(u)] for u in urls]
+    log.info("no shard index %s: counting the samples of %d shards once", path, len(urls))
+    return [count_samples(u) for u in urls]
+
+
+def count_samples(url: str) -> int:
+    import tarfile
+
+    keys = set()
+    with tarfile.open(url) as tf:
+        for m in tf:
+            stem, _, ext = os.path.basename(m.name).partition(".")
+            if m.isfile() and ext.lower() in IMAGE_KEYS:
+                keys.add(os.path.join(os.path.dirname(m.name), stem))
+    return len(keys)
+
+
+def decode_image(data: bytes, max_pixels):
+    """Bytes -> 8-bit RGB PIL image, with the same pixel limit and 16-bit/float handling as files."""
+    img = Image.open(io.BytesIO(data))
+    if max_pixels is not None and img.width * img.height > max_pixels:
+        raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels is above the limit {max_pixels} "
+                                           f"(--max-image-pixels)")
+    return cdata._to_rgb8(img)
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches of augmented images from tar shards, in the deterministic order described above.
+
+    Yields ((images (B, 3, H, W), zeros (B,)), n_bad, (role, raw samples read by that role)).
+    """
+
+    def __init__(self, spec: str, transform, batch_size: int, steps_per_epoch: int | None = None,
+                 world_size: int = 1, rank: int = 0, seed: int = 0, on_bad_image: str = "skip"):
+        self.urls = expand_shards(spec)
+        self.sizes = shard_sizes(self.urls)
+        self.transform, self.batch_size = transform, batch_size
+        self.world_size, self.rank, self.seed, self.on_bad_image = world_size, rank, seed, on_bad_image
+        self.max_pixels = cdata._max_image_pixels
+        if len(self.urls) < world_size:
+            raise ConfigError(f"{len(self.urls)} shards for {world_size} processes: every rank needs at least one "
+                              f"shard; write more, smaller shards (python -m pretrain.make_shards --shard-size)")
+        self.num_samples = sum(self.sizes)
+        self.steps_per_epoch = steps_per_epoch or self.num_samples // (world_size * batch_size)
+        self.epoch, self.skip_batches, self.raw_done = 0, 0, {}
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0, raw_done: dict | None = None) -> None:
+        """Start `epoch` after `skip_batches` batches; raw_done: {role: raw samples that role had read}."""
+        self.epoch, self.skip_batches, self.raw_done = epoch, skip_batches, dict(raw_done or {})
+
+    def rank_shards(self) -> list[str]:
+        order = list(self.urls)
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        role = (worker + self.skip_batches) % n_workers  # so request i of the loader is batch skip + i
+        shards = self.rank_shards()
+        mine = shards[role::n_workers] or shards  # more workers than shards: roles share shards
+        first = self.skip_batches + (role - self.skip_batches) % n_workers  # this role's next batch index
+        n_batches = len(range(first, self.steps_per_epoch, n_workers))
+        return self._batches(mine, role, n_batches, int(self.raw_done.get(role, self.raw_done.get(str(role), 0))))
+
+    def _batches(self, shards: list[str], role: int, n_batches: int, raw_start: int):
+        samples = self._samples(shards, raw_start)
+        for _ in range(n_batches):
+            images, n_bad = [], 0
+            while len(images) < self.batch_size:
+                position, sample = next(samples)
+                view = self._view(sample, role, position)
+                if view is None:
+                    n_bad += 1
+                else:
+                    images.append(view)
+            yield (torch.stack(images), torch.zeros(len(images), dtype=torch.long)), n_bad, (role, position + 1)
+
+    def _samples(self, shards: list[str], raw_start: int):
+        """(raw position, sample dict) forever: the role's shards in order, cycling; the first raw_start skipped."""
+        from webdataset.tariterators import tarfile_samples
+
+        position = 0
+        while True:
+            for url in shards:
+                for sample in tarfile_samples([{"url": url}], handler=_warn_and_continue):
+                    if position >= raw_start:
+                        yield position, sample
+                    position += 1
+
+    def _view(self, sample: dict, role: int, position: int):
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        try:
+            if key is None:
+                raise ValueError(f"no image member ({', '.join(IMAGE_KEYS)})")
+            img = decode_image(sample[key], self.max_pixels)
+        except cdata.BAD_IMAGE_ERRORS as e:
+            if self.on_bad_image == "fail":
+                raise cdata.BadImageError(f"unreadable sample {where}: {e} (use --on-bad-image skip)") from e
+            warnings.warn(f"skipping unreadable sample {where}: {e}", stacklevel=1)
+            return None
+        _seed_sample(self.seed, self.epoch, self.rank, role, position)
+        return self.transform(img)
+
+
+def _seed_sample(seed: int, epoch: int, rank: int, role: int, position: int) -> None:
+    """The augmentation of a sample is a function of where it is in the run, not of the process."""
+    s = (seed * 1_000_003 + epoch * 10_007 + rank * 101 + role) * 1_000_033 + position
+    s %= 2**63
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def _warn_and_continue(exn) -> bool:
+    warnings.warn(f"skipping part of a shard: {type(exn).__name__}: {exn}", stacklevel=1)
+    return True
+
+
+def collate_shard_batch(item):
+    """DataLoader(batch_size=None) passes the worker's batch through; split off the position."""
+    batch, n_bad, position = item
+    return (batch, n_bad), position
+
+
+def check_shards(spec: str) -> None:
+    """Cheap validation: the files exist and the brace pattern expands."""
+    urls = expand_shards(spec)
+    if not urls:
+        raise DataError(f"--data-path {spec!r} expands to no shard")
