@@ -191,7 +191,7 @@ class Trainer:
             values, stop = self.train_step(images, n_bad, epoch, want_norm=log_now)
             sums += torch.tensor(values[:len(names)])
             n_seen += 1
-            window.add(images.shape[0] * self.dist_info.world_size)
+            window.add(images.shape[0] * self.dist_info.world_size, values[:len(names)])
             if log_now:
                 self.log_progress(epoch, values, window)
             if stop:
@@ -303,7 +303,8 @@ class Trainer:
 
     def log_progress(self, epoch: int, values: list[float], window: "_Window") -> None:
         names = self.distiller.loss_names
-        losses, (lr, norm) = dict(zip(names, values)), values[len(names):]
+        # the losses printed and logged are the mean over the steps since the last line, not one step's value
+        losses, (lr, norm) = dict(zip(names, window.mean_losses())), values[len(names):]
         total = self.cfg["epochs"] * self.steps_per_epoch
         ips, sec_per_step = window.rate()
         eta = (total - self.progress.global_step) * sec_per_step
@@ -339,19 +340,24 @@ class Trainer:
 
 
 class _Window:
-    """Images and seconds since the last progress line (throughput and ETA)."""
+    """Images, seconds and summed losses since the last progress line (throughput, ETA, smoothed losses)."""
 
     def __init__(self):
-        self.t0, self.images, self.steps = time.perf_counter(), 0, 0
+        self.t0, self.images, self.steps, self.loss_sums = time.perf_counter(), 0, 0, None
 
-    def add(self, n_images: int) -> None:
+    def add(self, n_images: int, losses: list[float]) -> None:
         self.images += n_images
         self.steps += 1
+        self.loss_sums = list(losses) if self.loss_sums is None else [a + b for a, b in zip(self.loss_sums, losses)]
+
+    def mean_losses(self) -> list[float]:
+        return [v / max(self.steps, 1) for v in self.loss_sums]
 
     def rate(self) -> tuple[float, float]:
+        """(img/s, s/step) over the window; resets it."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
         ips, sps = self.images / dt, dt / max(self.steps, 1)
-        self.t0, self.images, self.steps = time.perf_counter(), 0, 0
+        self.t0, self.images, self.steps, self.loss_sums = time.perf_counter(), 0, 0, None
         return ips, sps
 
 

@@ -333,3 +333,14 @@ def test_teacher_dtype_choices():
     assert dt({"teacher_dtype": "fp32", "precision": "bf16"}, cuda) == torch.float32  # the original
     assert dt({"teacher_dtype": "bf16", "precision": "fp32"}, cpu) == torch.bfloat16
     assert dt({"teacher_dtype": "auto", "precision": "fp32"}, cuda) == torch.float32
+
+
+def test_logged_training_loss_is_the_mean_over_the_log_window(tmp_path, tiny_data, teacher_ckpt):
+    per_step, windowed = str(tmp_path / "every"), str(tmp_path / "window")
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, per_step, epochs=1, pca_every_epochs=0)) == 0
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, windowed, epochs=1, pca_every_epochs=0,
+                                        log_every=3)) == 0
+    steps, means = train_losses(per_step), train_losses(windowed)
+    assert sorted(means) == [3, 6]
+    assert means[3] == pytest.approx(sum(steps[s] for s in (1, 2, 3)) / 3, rel=1e-6)
+    assert means[6] == pytest.approx(sum(steps[s] for s in (4, 5, 6)) / 3, rel=1e-6)
