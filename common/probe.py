@@ -5,13 +5,16 @@
   decides the features: resume checks and feature-cache keys);
 - the features: `frozen_features` (one forward giving the last-n CLS tokens and the mean patch token),
   `head_input` (DINOv2's linear input built from them) and `extract_features` (the same over a loader,
-  gathered over ranks, in dataset order).
+  gathered over ranks, in dataset order);
+- progress: `Progress` (img/s and ETA lines), for feature extraction and the linear probe's loops.
 
 The linear-probe grid and kNN live in `linear_eval/`, logistic regression and the feature cache in
 `fine_grained/`.
 """
+import contextlib
 import logging
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -188,28 +191,77 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader, device: torch.device, n_last_blocks: int = 1,
-                     autocast_dtype: torch.dtype | None = None, log_every: int = 50) -> dict:
+                     autocast_dtype: torch.dtype | None = None, log_every: int = 50, desc: str = "features") -> dict:
     """Frozen features of a whole dataset, in dataset order, on every rank.
 
     The loader's dataset must return (image, target, index) (see `IndexedDataset`); under torchrun each
     rank extracts its shard and the shards are all-gathered, then sorted by index (duplicates added by
-    DistributedSampler's padding are dropped). Returns dict(cls (N, n, D), patch_mean (N, D),
-    targets (N,) or (N, K)) as float32 / int64 CPU tensors.
+    DistributedSampler's padding are dropped). Returns dict(cls (N, n, D), patch_mean (N, Dp),
+    targets (N,) or (N, K)) as float32 / int64 CPU tensors. A `desc` progress line with img/s (all ranks)
+    and ETA is logged every `log_every` batches or PROGRESS_SECONDS (0: none).
     """
     model = model.to(device)
     parts = {"cls": [], "patch_mean": [], "targets": [], "index": []}
-    for step, (images, targets, index) in enumerate(loader):
+    progress = Progress(desc, len(loader), every=log_every)
+    for images, targets, index in loader:
         with autocast(device, autocast_dtype):
             cls, patch_mean = frozen_features(model, images.to(device, non_blocking=True), n_last_blocks)
         for k, v in zip(parts, (cls, patch_mean, targets, index)):
             parts[k].append(v.to(device))
-        if log_every and step % log_every == 0:
-            log.info("features: batch %d / %d", step, len(loader))
+        if progress.update(len(images) * dist.get_world_size()) and log_every:
+            log.info("%s", progress.line)
     out = {k: torch.cat(v) for k, v in parts.items()}
     if dist.get_world_size() > 1:
         out = {k: _all_gather_cat(v) for k, v in out.items()}
     order = _unique_order(out.pop("index"))
     return {k: v[order].cpu() for k, v in out.items()}
+
+
+# A progress line at least this often (seconds), however slow the batches: a long pass never looks hung.
+PROGRESS_SECONDS = 10.0
+
+
+class Progress:
+    """Progress of a loop over batches: img/s over the window since the last line, and the ETA at that rate.
+
+    `update(images)` counts one batch and returns True when a line is due: every `every` batches, after
+    PROGRESS_SECONDS, and at the last batch. Then `line` ("<what> <done>/<total>  <img/s> img/s  eta
+    h:mm:ss"), `img_per_s` and `eta_s` describe the window that just closed.
+    """
+
+    def __init__(self, what: str, total: int, start: int = 0, every: int = 50, seconds: float | None = None,
+                 clock=time.perf_counter):
+        self.what, self.total, self.done = what, total, start
+        self.every, self.seconds = max(every, 1), PROGRESS_SECONDS if seconds is None else seconds
+        self.clock = clock
+        self.t_last, self.images, self.steps = clock(), 0, 0
+        self.img_per_s = self.eta_s = 0.0
+        self.line = ""
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpoints) counts neither in img/s nor in the ETA."""
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.t_last += self.clock() - t0
+
+    def update(self, images: int) -> bool:
+        self.done, self.images, self.steps = self.done + 1, self.images + images, self.steps + 1
+        now = self.clock()
+        if self.steps < self.every and now - self.t_last < self.seconds and self.done < self.total:
+            return False
+        dt = max(now - self.t_last, 1e-9)
+        self.img_per_s, self.eta_s = self.images / dt, max(self.total - self.done, 0) * dt / self.steps
+        self.line = f"{self.what} {self.done}/{self.total}  {self.img_per_s:.1f} img/s  eta {hms(self.eta_s)}"
+        self.t_last, self.images, self.steps = now, 0, 0
+        return True
+
+
+def hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:

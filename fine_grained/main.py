@@ -14,6 +14,7 @@ train+val and scored on test. `results.json` holds dataset, metric and test_scor
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from common import probe
 from common.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from common.dist import resolve_device
 from common.errors import ConfigError, DataError, cli
-from common.log import setup_logging, write_json
+from common.log import MetricLogger, setup_logging, write_json
 from common.precision import CHOICES as PRECISIONS, autocast_dtype, resolve_precision
 from common.rundir import claim_run_dir, write_config
 from fine_grained.cache import backbone_fingerprint, cache_path, default_cache_dir, read_cache, write_cache
@@ -134,8 +135,11 @@ def check_splits(args, parsed, splits) -> None:
                         f"dataset); a classifier needs at least 2, and one class would score 100 % trivially")
 
 
-def split_features(args, backbone, splits, transform, device, precision: str) -> dict:
-    """Features of each split, from the cache when its key matches: {split: dict(cls, patch_mean, targets)}."""
+def split_features(args, backbone, splits, transform, device, precision: str, metrics) -> dict:
+    """Features of each split, from the cache when its key matches: {split: dict(cls, patch_mean, targets)}.
+
+    Each split's image count, time and img/s go to `metrics` (log.txt and TensorBoard, under features/<split>/).
+    """
     n_last = 4 if args.multiple else 1
     build_size = probe.backbone_img_size(args.arch, args.image_size)
     # the fingerprint hashes the checkpoint file: only worth it when the cache is used
@@ -148,13 +152,19 @@ def split_features(args, backbone, splits, transform, device, precision: str) ->
         if cached is not None:
             log.info("features of %s/%s from cache %s", args.dataset, name, path)
             out[name] = cached
+            metrics.log(0, prefix=f"features/{name}/", images=len(ds), cached=True)
             continue
         loader = torch.utils.data.DataLoader(probe.IndexedDataset(ds), batch_size=args.batch_size, shuffle=False,
                                              num_workers=args.num_workers, pin_memory=device.type == "cuda")
         t0 = time.time()
         out[name] = probe.extract_features(backbone, loader, device, n_last_blocks=n_last,
-                                           autocast_dtype=autocast_dtype(precision))
-        log.info("extracted %s/%s: %d images in %.1fs", args.dataset, name, len(ds), time.time() - t0)
+                                           autocast_dtype=autocast_dtype(precision),
+                                           desc=f"features {args.dataset}/{name}")
+        seconds = time.time() - t0
+        log.info("extracted %s/%s: %d images in %.1fs (%.1f img/s)", args.dataset, name, len(ds), seconds,
+                 len(ds) / max(seconds, 1e-9))
+        metrics.log(0, prefix=f"features/{name}/", images=len(ds), cached=False, seconds=seconds,
+                    img_per_s=len(ds) / max(seconds, 1e-9))
         write_cache(path, out[name])
     return out
 
@@ -197,8 +207,9 @@ def run(argv=None) -> dict:
     backbone = probe.build_frozen_backbone(args.pretrained, args.arch, args.patch_size,
                                            img_size=probe.backbone_img_size(args.arch, args.image_size),
                                            model_kwargs=args.model_kwargs, ema=args.ema)
+    metrics = MetricLogger(output_dir)  # log.txt (JSON lines) + tensorboard/
     t0 = time.time()
-    feats = split_features(args, backbone, splits, transform, device, precision)
+    feats = split_features(args, backbone, splits, transform, device, precision, metrics)
     t_feat = time.time() - t0
     sets = protocol_sets(feats, args.multiple)
     log.info("train %d / val %d / trainval %d / test %d samples, %d-d features", *(len(sets[k][1]) for k in
@@ -215,10 +226,20 @@ def run(argv=None) -> dict:
                "precision": precision, "precision_reason": reason,
                "sizes": {k: len(v[1]) for k, v in sets.items()},
                "feature_seconds": t_feat, "classifier_seconds": time.time() - t0}
+    log_sweep(metrics, result)
+    metrics.close()
     write_json(os.path.join(output_dir, "results.json"), results)
     log.info("Final %s for %s on %s: %.2f%% (C=%.3g)", spec.metric, args.arch, args.dataset, result.test_score,
              result.best_C)
     return results
+
+
+def log_sweep(metrics, result) -> None:
+    """The C sweep as scalars: sweep/val_score at step i for the i-th C of C_SWEEP (from 1e6 down), and the
+    refit's test score."""
+    for i, (c, score) in enumerate(zip(C_SWEEP, result.val_scores)):
+        metrics.log(i, prefix="sweep/", C=c, log10_C=math.log10(c), val_score=score)
+    metrics.log(0, prefix="test/", score=result.test_score, best_C=result.best_C)
 
 
 def resolve_eval_device(requested: str) -> torch.device:

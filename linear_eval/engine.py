@@ -1,6 +1,5 @@
 """Training and evaluation loops of the linear probe (the grid itself lives in linear_eval/grid.py)."""
 import logging
-import time
 
 import torch
 
@@ -13,40 +12,68 @@ log = logging.getLogger(__name__)
 
 
 def train_grid(backbone, grid, opt, sched, loader, device, start_iter: int, max_iter: int, eval_fn, save_fn,
-               eval_period: int, ckpt_period: int, autocast_dtype=None, metric_logger=None):
+               eval_period: int, ckpt_period: int, autocast_dtype=None, metric_logger=None, log_every: int = 20):
     """Run iterations start_iter..max_iter of SGD on all heads; evaluate / checkpoint periodically.
 
     `loader` is infinite (ResumableSampler) and yields collated (images, targets) or None when every
     image of a batch was unreadable. eval_fn(it) -> dict is called every eval_period iterations and at
-    the end; save_fn(it) every ckpt_period iterations and at the end.
+    the end; save_fn(it) every ckpt_period iterations and at the end. A progress line (the loss averaged
+    over the iterations since the last line, img/s, ETA) goes to the log and to `metric_logger` every
+    `log_every` iterations, every few seconds and at the end.
     """
-    it, t0, history = start_iter, time.time(), []
+    it, history = start_iter, []
+    progress = probe.Progress("it", max_iter, start=start_iter, every=log_every)
+    window = LossWindow(device)
     data = iter(loader)
     while it < max_iter:
         batch = next(data)
+        n_images = 0
         if batch is not None:
             images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             with torch.no_grad(), probe.autocast(device, autocast_dtype):
-                cls, patch_mean = probe.frozen_features(backbone, images, max_blocks(grid))  # (B,n,D), (B,D)
+                cls, patch_mean = probe.frozen_features(backbone, images, max_blocks(grid))  # (B,n,D), (B,Dp)
             grid.train()
             loss = grid_loss(grid(cls, patch_mean), targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            loss = loss.detach()
             opt.step()
+            window.add(loss.detach())
+            n_images = len(images) * dist.get_world_size()
         sched.step()  # per iteration, even for a skipped batch, so the schedule length is fixed
         it += 1
-        if it % 20 == 0 or it == max_iter:
-            loss_value = loss.item() if batch is not None else float("nan")
-            log.info("it %d/%d  loss (sum over heads) %.4f  %.2fs/it", it, max_iter, loss_value,
-                     (time.time() - t0) / max(it - start_iter, 1))
-            if metric_logger:
-                metric_logger.log(it, prefix="train/", loss=loss_value, lr_max=max(g["lr"] for g in opt.param_groups))
-        if it % eval_period == 0 or it == max_iter:
-            history.append({"iteration": it, **eval_fn(it)})
-        if it % ckpt_period == 0 or it == max_iter:
-            save_fn(it, history)
+        if progress.update(n_images):
+            log_progress(progress, window.mean(), opt, metric_logger)
+        with progress.paused():  # img/s and ETA of the training iterations alone
+            if it % eval_period == 0 or it == max_iter:
+                history.append({"iteration": it, **eval_fn(it)})
+            if it % ckpt_period == 0 or it == max_iter:
+                save_fn(it, history)
     return history
+
+
+class LossWindow:
+    """Sum of the losses since the last progress line, kept on the device (no sync per iteration)."""
+
+    def __init__(self, device):
+        self.total, self.count = torch.zeros((), device=device), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss
+        self.count += 1
+
+    def mean(self) -> float:
+        """The mean since the last call (NaN when every batch of the window was unreadable), then reset."""
+        value = self.total.item() / self.count if self.count else float("nan")
+        self.total.zero_()
+        self.count = 0
+        return value
+
+
+def log_progress(progress, loss: float, opt, metric_logger) -> None:
+    lr_max = max(g["lr"] for g in opt.param_groups)
+    log.info("%s  loss (sum over heads, mean of the window) %.4f  lr max %.3g", progress.line, loss, lr_max)
+    if metric_logger:
+        metric_logger.log(progress.done, prefix="train/", loss=loss, lr_max=lr_max, img_per_s=progress.img_per_s)
 
 
 def best_head(scores: dict) -> str:
@@ -113,15 +140,16 @@ def restore_state(state: dict, grid, opt, sched, meta: dict) -> int:
 
 
 @torch.no_grad()
-def evaluate_grid(backbone, grid, loader, device, autocast_dtype=None,
-                  class_subset: torch.Tensor | None = None) -> dict:
-    """Top-1/top-5 (%) of every head on `loader`, summed over ranks.
+def evaluate_grid(backbone, grid, loader, device, autocast_dtype=None, class_subset: torch.Tensor | None = None,
+                  desc: str = "", log_every: int = 50) -> dict:
+    """Top-1/top-5 (%) of every head on `loader`, summed over ranks (progress lines named `desc`).
 
     class_subset (S,) restricts the logits to S of the classes and the loader's targets index that
     subset (ImageNet-A/-R: 200 of the 1000 classes).
     """
     grid.eval()
     counts = None
+    progress = probe.Progress(f"eval {desc}", len(loader), every=log_every)
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device)
         with probe.autocast(device, autocast_dtype):
@@ -130,6 +158,8 @@ def evaluate_grid(backbone, grid, loader, device, autocast_dtype=None,
         batch = torch.tensor([[*topk_correct(v if class_subset is None else v[:, class_subset], targets), len(targets)]
                               for v in logits.values()], dtype=torch.float64, device=device)  # (H, 3)
         counts = batch if counts is None else counts + batch
+        if progress.update(len(images) * dist.get_world_size()):
+            log.info("%s", progress.line)
     if counts is None:
         raise DataError("the evaluation set is empty (no readable images): check the val / selection root")
     if dist.get_world_size() > 1:

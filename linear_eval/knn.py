@@ -28,8 +28,10 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 def knn_eval(backbone, train_loader, test_loader, num_classes: int, device, ks=(10, 20), temperature=0.07,
              autocast_dtype=None) -> dict:
     """DINO's weighted kNN on the final normed CLS token: top-1/top-5 (%) for each k."""
-    train = extract_features(backbone, train_loader, device, n_last_blocks=1, autocast_dtype=autocast_dtype)
-    test = extract_features(backbone, test_loader, device, n_last_blocks=1, autocast_dtype=autocast_dtype)
+    train = extract_features(backbone, train_loader, device, n_last_blocks=1, autocast_dtype=autocast_dtype,
+                             desc="features train")
+    test = extract_features(backbone, test_loader, device, n_last_blocks=1, autocast_dtype=autocast_dtype,
+                            desc="features val")
     bank, labels = train["cls"][:, -1].to(device), train["targets"].to(device)  # (N, D), (N,)
     queries, targets = test["cls"][:, -1].to(device), test["targets"].to(device)
     out = {}

@@ -238,7 +238,8 @@ def run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_l
     scores_at = {}  # iteration -> all heads' selection scores (the final one is reused by report)
 
     def evaluate(it):
-        scores = scores_at[it] = engine.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp)
+        scores = scores_at[it] = engine.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp,
+                                                      desc=args.selection)
         name = engine.best_head(scores)
         log.info("it %d: best head on %s %s top-1 %.2f", it, args.selection, name, scores[name]["top1"])
         metric_logger.log(it, prefix=f"{args.selection}/", top1=scores[name]["top1"], top5=scores[name]["top5"])
@@ -260,10 +261,11 @@ def report(args, info, backbone, model, classes, loaders, amp, history, selectio
     end has none), so the selection set is not passed over twice.
     """
     if selection_scores is None:
-        selection_scores = engine.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp)
+        selection_scores = engine.evaluate_grid(backbone, model, loaders[args.selection], info.device, amp,
+                                                desc=args.selection)
     name = engine.best_head(selection_scores)
     val_scores = selection_scores if args.selection == "val" else \
-        engine.evaluate_grid(backbone, model, loaders["val"], info.device, amp)
+        engine.evaluate_grid(backbone, model, loaders["val"], info.device, amp, desc="val")
     results = {"mode": "linear", "selection": args.selection, "best_head": name,
                "top1": val_scores[name]["top1"], "top5": val_scores[name]["top5"],
                "selection_top1": selection_scores[name]["top1"], "heads_val": val_scores, "history": history}
@@ -281,14 +283,16 @@ def evaluate_robustness(args, info, backbone, model, classes, head, amp) -> dict
         if root:
             loader, subset = robustness.build_robustness_loader(root, classes, transform, args.batch_size,
                                                                 args.num_workers)
-            out[key] = engine.evaluate_grid(backbone, model, loader, info.device, amp, class_subset=subset)[head]
+            out[key] = engine.evaluate_grid(backbone, model, loader, info.device, amp, class_subset=subset,
+                                            desc=key)[head]
             log.info("%s: top-1 %.2f (%s classes)", key, out[key]["top1"], "all" if subset is None else len(subset))
     if args.imagenet_c:
         errors = {}
         for (c, s), root in robustness.corruption_folders(args.imagenet_c).items():
             loader, subset = robustness.build_robustness_loader(root, classes, transform, args.batch_size,
                                                                 args.num_workers)
-            top1 = engine.evaluate_grid(backbone, model, loader, info.device, amp, class_subset=subset)[head]["top1"]
+            top1 = engine.evaluate_grid(backbone, model, loader, info.device, amp, class_subset=subset,
+                                        desc=f"imagenet_c {c}/{s}")[head]["top1"]
             errors[(c, s)] = 1.0 - top1 / 100.0
         out["imagenet_c"] = robustness.mean_corruption_error(errors)
         out["imagenet_c"]["errors"] = {f"{c}/{s}": 100.0 * e for (c, s), e in errors.items()}
@@ -316,7 +320,7 @@ def run(argv=None) -> dict:
     backbone = probe.build_frozen_backbone(args.pretrained, args.arch, args.patch_size,
                                            img_size=probe.backbone_img_size(args.arch, args.image_size),
                                            model_kwargs=args.model_kwargs, ema=args.ema).to(info.device)
-    metric_logger = MetricLogger(args.output_dir, enabled=info.is_main, tensorboard=False)
+    metric_logger = MetricLogger(args.output_dir, enabled=info.is_main)  # log.txt (JSON lines) + tensorboard/
     amp = autocast_dtype(precision)
     if args.mode == "knn":
         results = run_knn(args, info, backbone, classes, train_view, loaders, amp)
@@ -324,10 +328,27 @@ def run(argv=None) -> dict:
         results = run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_logger, meta, resume)
     results.update(arch=args.arch, pretrained=args.pretrained, image_size=args.image_size, precision=precision,
                    precision_reason=reason)
+    log_results(metric_logger, results, meta["max_iter"] if meta else 0)
+    metric_logger.close()
     if info.is_main:
         write_json(os.path.join(args.output_dir, "results.json"), results)
     dist.cleanup()
     return results
+
+
+def log_results(metric_logger, results: dict, step: int) -> None:
+    """The reported numbers as scalars (log.txt and TensorBoard): kNN per k, or the chosen head on val and on
+    the robustness sets."""
+    if results["mode"] == "knn":
+        scores = {f"{k}_{m}": v[m] for k, v in results.items() if k.startswith("k") and isinstance(v, dict)
+                  for m in ("top1", "top5")}
+        metric_logger.log(step, prefix="knn/", **scores)
+        return
+    robust = {f"{k}_top1": v["top1"] for k, v in results["robustness"].items() if "top1" in v}
+    if "imagenet_c" in results["robustness"]:
+        robust["imagenet_c_mCE"] = results["robustness"]["imagenet_c"]["mCE"]
+    metric_logger.log(step, prefix="final/", top1=results["top1"], top5=results["top5"],
+                      selection_top1=results["selection_top1"], **robust)
 
 
 @cli("linear_eval.main")
