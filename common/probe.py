@@ -43,7 +43,8 @@ def build_frozen_backbone(pretrained: str | None, arch: str, patch_size: int = 1
     kwargs = dict(model_kwargs or {})
     img_size = kwargs.pop("img_size", img_size)
     timm_arch = models.is_timm_name(arch)
-    build = f"{arch} ({img_size} px" + ("" if timm_arch else f", patch {patch_size}") + f"{', EMA' if ema else ''})"
+    patch = "" if timm_arch else f", patch {patch_size}"  # timm models have no patch-size flag
+    build = f"{arch} ({img_size} px{patch}{', EMA' if ema else ''})"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -57,8 +58,8 @@ def build_frozen_backbone(pretrained: str | None, arch: str, patch_size: int = 1
         except TypeError as e:
             if "unexpected keyword argument" not in str(e):
                 raise
-            keys = "timm.create_model's keywords" if timm_arch else "the ViT's size keys (depth, embed_dim, " \
-                                                                    "num_heads, img_size, ...)"
+            keys = ("timm.create_model's keywords" if timm_arch
+                    else "the ViT's size keys (depth, embed_dim, num_heads, img_size, ...)")
             raise ConfigError(f"--model-kwargs {model_kwargs}: {e}; use {keys}") from e
         except FileNotFoundError as e:  # models/ raising plain errors: they are the user's, say so
             raise MissingFileError(str(e)) from e
