@@ -1,0 +1,571 @@
+"""Export a distilled student for use elsewhere: a timm / Hugging Face folder, an ONNX graph, a DINOv2 .pth.
+
+    python -m models.export CHECKPOINT --to {timm,onnx,dinov2} --output PATH [--ema]
+
+CHECKPOINT is any `checkpoint.pth` of `pretrain.main` (any step) or a flat `student_backbone[_ema].pth`.
+The architecture is read from the checkpoint's own config, else from the run's config.json beside the
+file; --arch, --patch-size, --img-size and --model-kwargs give it (for a file with neither) or override it.
+
+- timm:   PATH/config.json + model.safetensors + README.md (a model card): the layout of a Hugging Face
+          Hub repo, loaded by `timm.create_model("local-dir:PATH", pretrained=True)`. A ViT student becomes
+          timm's DINOv2 ViT (`vit_<size>_patch14[_reg4]_dinov2`, the exact sizes in `model_args`; ViT-Ti
+          has no timm DINOv2 name and uses ViT-S's with its own sizes); a timm student keeps its name.
+- onnx:   one graph: input `images` (batch, 3, S, S), ImageNet-normalised; outputs `cls` (batch, D) and
+          `patch` (batch, N, D), the features `forward_features` gives. The batch is dynamic, S is fixed.
+- dinov2: the flat DINOv2-keyed state dict that student_backbone.pth holds, which DINOv2's own
+          `vit_small(...)`, `models.load_backbone` and every evaluation here read. ViT students only.
+
+Every export checks itself before anything appears at PATH. The timm folder and the DINOv2 file are
+reloaded (timm's `local-dir:`, `models.load_backbone`) and must give bit-identical features. The ONNX
+graph is run by onnxruntime on random inputs at two batch sizes and on the images of --check-images; for
+each output, max |onnx - torch| / max |torch| must stay within --tolerance (default 1e-4). Float32
+kernels that sum in another order differ by about 1e-6 of the feature scale; a changed weight or a
+mistranslated op shows up far above 1e-4.
+Exit codes: 0 done; 2 a user error (one message, no traceback); 3 a failed self-check (PATH not written).
+"""
+import argparse
+import contextlib
+import glob
+import json
+import os
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError, ConfigError, DataError, MissingFileError, UserError
+from .teachers import IMAGENET_MEAN, IMAGENET_STD
+from .timm_student import is_timm_name
+from .vit import STUDENTS, DinoVisionTransformer, build_student
+from .weights import (EVAL_ALLOWED_MISSING, PROTEUS_TRAINING_GLOBALS, backbone_state_dict, fit_pos_embed,
+                      load_backbone, load_state_dict_checked, read_checkpoint)
+
+PROG = "models.export"
+FORMATS = ("timm", "onnx", "dinov2")
+EXIT_USER_ERROR, EXIT_CHECK_FAILED = 2, 3
+TOLERANCE = 1e-4  # ONNX: max |onnx - torch| over max |torch|, per output
+OPSET = 17
+# The evaluation view (common.data.build_eval_transform): bicubic resize to S * 256/224, centre crop S.
+EVAL_VIEW = dict(interpolation="bicubic", crop_pct=224 / 256, crop_mode="center")
+# timm's DINOv2 ViT names per student size (ViT-Ti has none: it reuses ViT-S's with its own sizes).
+TIMM_VIT = {"vit_tiny": "vit_small", "vit_small": "vit_small", "vit_base": "vit_base", "vit_large": "vit_large"}
+# pretrained_cfg fields that describe timm's own release of an architecture, not these weights.
+TIMM_SOURCE_FIELDS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "description")
+# The recipe a model card lists, when the run's configuration has it.
+CARD_RECIPE = ("teacher", "teacher_weight", "objectives", "lambda_token", "lambda_fea", "lambda_patch",
+               "mask_probability", "mask_ratio", "epochs", "global_batch", "lr", "lr_scaled", "weight_decay",
+               "precision", "data_path", "single_image", "git_sha")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MAX_CHECK_IMAGES = 16
+
+
+class CheckFailed(RuntimeError):
+    """An export gives other features than the PyTorch model it came from (not the user's mistake)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The source: weights and architecture of one checkpoint
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    path: str
+    arch: str  # "vit_small", or "timm:convnext_atto"
+    patch_size: int
+    img_size: int
+    kwargs: dict  # size overrides (the run's --student-kwargs), or a timm student's own arguments
+    state_dict: dict  # DINOv2 keys (ViT students) or the timm model's own keys (timm students)
+    ema: bool
+    config: dict = field(default_factory=dict)  # the run's configuration; {} when none was found
+    global_step: int | None = None  # None for the flat backbone files, written when the run finished
+
+    @property
+    def is_timm(self) -> bool:
+        return is_timm_name(self.arch)
+
+
+def read_source(path: str, ema: bool = False, arch: str | None = None, patch_size: int | None = None,
+                img_size: int | None = None, model_kwargs: str | None = None) -> Source:
+    """The weights of `path` and the architecture they belong to (explicit arguments win over the run's)."""
+    ckpt = read_checkpoint(path, allowed_globals=PROTEUS_TRAINING_GLOBALS)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint or state dict")
+    config = run_config(path, ckpt)
+    arch = arch or config.get("student")
+    if not arch:
+        raise ConfigError(f"cannot tell the architecture of {path}: it holds no run configuration and there is "
+                          f"no pretrain config.json beside it; pass --arch (vit_tiny/small/base/large or "
+                          f"timm:<name>) and, if the run changed them, --patch-size, --img-size, --model-kwargs")
+    try:
+        sd = backbone_state_dict(ckpt, ema=ema)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    if is_timm_name(arch) and sd and all(k.startswith("model.") for k in sd):  # checkpoint.pth: TimmStudent keys
+        sd = {k[len("model."):]: v for k, v in sd.items()}
+    text = model_kwargs if model_kwargs is not None else config.get("student_kwargs", "")
+    step = ckpt.get("global_step") if isinstance(ckpt.get("student"), dict) else None
+    return Source(os.path.abspath(path), arch, int(patch_size or config.get("patch_size") or 14),
+                  int(img_size or config.get("input_size") or 224), parse_kwargs(text), sd, ema, config, step)
+
+
+def run_config(path: str, ckpt: dict) -> dict:
+    """The pretraining configuration: the checkpoint's own, else the run's config.json beside the file."""
+    if isinstance(ckpt.get("config"), dict) and ckpt["config"].get("student"):
+        return ckpt["config"]
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if not os.path.isfile(beside):
+        return {}
+    try:
+        with open(beside) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{beside} is not readable JSON ({err}); fix it or pass --arch and the sizes") from err
+    if not isinstance(cfg, dict) or cfg.get("tool", "pretrain") != "pretrain" or "student" not in cfg:
+        return {}  # another tool's run dir: it says nothing about these weights
+    return cfg
+
+
+def parse_kwargs(text) -> dict:
+    """'depth=2,embed_dim=64' or JSON ('{"depth": 2}'), as pretraining's --student-kwargs takes them."""
+    if isinstance(text, dict):
+        return dict(text)
+    text = (text or "").strip()
+    if text.startswith("{"):
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--model-kwargs is not valid JSON ({err}): {text!r}") from err
+        if not isinstance(out, dict):
+            raise ConfigError(f"--model-kwargs must be a JSON object such as '{{\"depth\": 2}}', got {text!r}")
+        return out
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise ConfigError(f"--model-kwargs expects key=int pairs such as depth=2,embed_dim=64 (or JSON); "
+                              f"got {item!r}")
+        out[key.strip()] = int(value)
+    return out
+
+
+def build_backbone(src: Source) -> nn.Module:
+    """The student of `src` with its weights loaded strictly, in eval mode on the CPU."""
+    what = f"{src.arch} (patch {src.patch_size}, {src.img_size} px, {src.kwargs or 'no size overrides'}) from " \
+           f"{src.path}"
+    if src.is_timm:
+        model = _build(src.arch, img_size=src.img_size, **src.kwargs)
+        load_state_dict_checked(model.model, src.state_dict, what=what)
+        return model.eval()
+    if src.arch not in STUDENTS:
+        raise ConfigError(f"unknown architecture {src.arch!r}; expected one of {STUDENTS} or timm:<name>")
+    kwargs = dict(src.kwargs)
+    if "register_tokens" in src.state_dict:  # registers are taken from the weights, as load_backbone does
+        kwargs.setdefault("num_register_tokens", src.state_dict["register_tokens"].shape[1])
+    model = _build(src.arch, patch_size=src.patch_size, img_size=src.img_size, **kwargs)
+    load_state_dict_checked(model, fit_pos_embed(src.state_dict, model), allowed_missing=EVAL_ALLOWED_MISSING,
+                            what=what)
+    return model.eval()
+
+
+def _build(arch: str, **kwargs) -> nn.Module:
+    try:
+        return build_student(arch, **kwargs)
+    except (TypeError, ValueError) as err:  # unknown timm name or keyword, sizes that do not fit
+        raise ConfigError(f"cannot build {arch} with {kwargs}: {err}") from err
+
+
+def features(model: nn.Module, x: torch.Tensor) -> dict:
+    """dict(cls=(B, D), patch=(B, N, D)) of a DinoVisionTransformer or TimmStudent."""
+    with torch.no_grad():
+        out = model.eval().forward_features(x)
+    return {"cls": out["cls"], "patch": out["patch"]}
+
+
+def timm_features(model: nn.Module, x: torch.Tensor) -> dict:
+    """The same two features from a plain timm model: pre-logits, and the final tokens or feature map."""
+    with torch.no_grad():
+        feats = model.eval().forward_features(x)
+        cls = model.forward_head(feats, pre_logits=True)
+    patch = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats[:, model.num_prefix_tokens:]
+    return {"cls": cls, "patch": patch}
+
+
+def require_identical(ours: dict, theirs: dict, what: str) -> None:
+    for name, ref in ours.items():
+        got = theirs[name]
+        if got.shape != ref.shape or not torch.equal(got, ref):
+            diff = (got - ref).abs().max().item() if got.shape == ref.shape else f"shape {tuple(got.shape)}"
+            raise CheckFailed(f"{what}: `{name}` differs from the PyTorch model (max |diff| {diff}, expected 0)")
+
+
+def random_images(img_size: int, batch: int, seed: int = 0) -> torch.Tensor:
+    """Normalised-image-like inputs: standard normal, seeded so every check sees the same ones."""
+    return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing: nothing appears at PATH until its self-check passed
+# ----------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def staged(output: str, overwrite: bool):
+    """Yield a temporary sibling of `output`; it replaces `output` only if the block finishes."""
+    output = os.path.abspath(output)
+    if os.path.lexists(output) and not overwrite:
+        raise ConfigError(f"--output {output} exists; pass --overwrite to replace it, or choose another path")
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    tmp = f"{output}.tmp-{os.getpid()}"
+    _remove(tmp)
+    try:
+        yield tmp
+        _remove(output)
+        os.replace(tmp, output)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --to timm
+# ----------------------------------------------------------------------------------------------------------
+def data_config(img_size: int) -> dict:
+    """The preprocessing the student was trained and evaluated with (ImageNet statistics)."""
+    return dict(input_size=(3, img_size, img_size), mean=IMAGENET_MEAN, std=IMAGENET_STD, **EVAL_VIEW)
+
+
+def to_timm(model: nn.Module, src: Source) -> nn.Module:
+    """A timm model holding the student's weights: the TimmStudent's own, or timm's DINOv2 ViT."""
+    if src.is_timm:
+        return model.model
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    name = f"{TIMM_VIT[src.arch]}_patch14{'_reg4' if model.num_register_tokens else ''}_dinov2"
+    vit = timm.create_model(name, pretrained=False, num_classes=0, **timm_vit_args(model))
+    # DINOv2 keys -> timm's (registers: CLS absorbs its position, the position table loses its CLS row)
+    load_state_dict_checked(vit, checkpoint_filter_fn(dict(model.state_dict()), vit), what=f"timm {name}")
+    return vit.eval()
+
+
+def timm_vit_args(model: DinoVisionTransformer) -> dict:
+    """The arguments that rebuild `model` as a timm VisionTransformer with the same computation."""
+    block = model.blocks[0]
+    if not hasattr(block.mlp, "fc1"):
+        raise ConfigError("a SwiGLU ViT has no timm DINOv2 equivalent here; export it --to dinov2 or --to onnx")
+    return dict(img_size=model.patch_embed.img_size[0], patch_size=model.patch_size, embed_dim=model.embed_dim,
+                depth=len(model.blocks), num_heads=model.num_heads,
+                mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+                init_values=1.0 if hasattr(block.ls1, "gamma") else None,  # LayerScale or not; values are loaded
+                reg_tokens=model.num_register_tokens, no_embed_class=bool(model.num_register_tokens))
+
+
+def export_timm(model: nn.Module, src: Source, output: str, overwrite: bool) -> str:
+    from timm.models import save_for_hf
+
+    timm_model = to_timm(model, src)
+    with staged(output, overwrite) as tmp:
+        save_for_hf(timm_model, tmp, safe_serialization=True, data_config=data_config(src.img_size))
+        architecture = forget_timm_release(os.path.join(tmp, "config.json"))
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(src, architecture, os.path.basename(os.path.abspath(output))))
+        check_timm_folder(tmp, model, src.img_size)
+    return (f"timm folder {output} ({architecture}): `timm.create_model(\"local-dir:{output}\", pretrained=True)` "
+            f"gives the same features bit for bit")
+
+
+def forget_timm_release(config_path: str) -> str:
+    """Drop what config.json inherited from timm's own release of the architecture (its tag, licence,
+    paper): these weights are not that release. Returns the architecture name."""
+    with open(config_path) as f:
+        cfg = json.load(f)
+    for key in TIMM_SOURCE_FIELDS:
+        cfg["pretrained_cfg"].pop(key, None)
+    with open(config_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    return cfg["architecture"]
+
+
+def check_timm_folder(folder: str, model: nn.Module, img_size: int) -> None:
+    import timm
+
+    reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    x = random_images(img_size, 2)
+    require_identical(features(model, x), timm_features(reloaded, x), "timm local-dir reload")
+
+
+def model_card(src: Source, architecture: str, title: str) -> str:
+    """README.md of the timm folder: what was distilled from what, how, for how long, and how it scored.
+
+    Paths are shown by their last component: the card is meant to be published with the weights."""
+    cfg = src.config
+    sizes = ", ".join(f"{k}={v}" for k, v in src.kwargs.items())
+    rows = [("student", f"{src.arch} (patch {src.patch_size}, {src.img_size} px{', ' + sizes if sizes else ''})"),
+            ("timm architecture", f"`{architecture}`"),
+            ("weights", f"EMA of the student (decay {cfg.get('ema_decay', '?')})" if src.ema else "the student"),
+            ("source", f"`{os.path.basename(src.path)}` of run `{os.path.basename(os.path.dirname(src.path))}`")]
+    rows += [(key, f"`{_card_value(cfg[key])}`") for key in CARD_RECIPE if cfg.get(key) not in (None, "", [], {})]
+    rows.append(("steps", steps_line(src)))
+    teacher = f" from `{cfg['teacher']}`" if cfg.get("teacher") else ""
+    lines = ["---", "library_name: timm", "tags: [image-feature-extraction, timm, proteus, distillation]", "---",
+             f"# {title}", "", f"A {src.arch} distilled{teacher} with Proteus (ICLR 2025), exported by "
+             f"`python -m models.export`.", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+             "## Use", "", "```python", "import timm", "from PIL import Image", "",
+             f'model = timm.create_model("local-dir:{title}", pretrained=True).eval()',
+             "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
+             'features = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))  # pre-logits',
+             "```", ""]
+    return "\n".join(lines + results_section(os.path.dirname(src.path)))
+
+
+def _card_value(value) -> str:
+    """A configuration value as card text; paths lose their local part."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_card_value(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return os.path.basename(value.rstrip(os.sep)) if isinstance(value, str) and os.sep in value else str(value)
+
+
+def steps_line(src: Source) -> str:
+    total = src.config.get("total_steps")
+    if src.global_step is not None:
+        return f"{src.global_step}" + (f" of {total}" if total else "") + " optimizer steps"
+    return (f"the run's final weights ({total} optimizer steps planned)" if total
+            else "unknown (a backbone file without its run's config.json)")
+
+
+def results_section(run_dir: str) -> list[str]:
+    """Every results.json in the run dir or below (evaluations written into the run), as a table."""
+    patterns = [os.path.join(run_dir, *["*"] * depth, "results.json") for depth in range(4)]
+    found = sorted(path for pattern in patterns for path in glob.glob(pattern))
+    rows = [row for path in found for row in result_rows(path, run_dir)]
+    if not rows:
+        return ["## Evaluation", "", "No results.json was found in the run directory.", ""]
+    return ["## Evaluation", "", "| results | metric | value |", "|---|---|---|", *rows, ""]
+
+
+def result_rows(path: str, run_dir: str) -> list[str]:
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return []  # a half-written or foreign file: leave it out of the card
+    if not isinstance(results, dict):
+        return []
+    where = os.path.relpath(os.path.dirname(path), run_dir)
+    where += f" ({results['dataset']})" if "dataset" in results else ""
+    return [f"| {where} | {key} | {value:.4g} |" for key, value in results.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.endswith("_seconds")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --to onnx
+# ----------------------------------------------------------------------------------------------------------
+class FeatureGraph(nn.Module):
+    """What the ONNX graph computes: images -> (cls, patch)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor):
+        out = self.backbone.forward_features(images)
+        return out["cls"], out["patch"]
+
+
+def export_onnx(model: nn.Module, src: Source, output: str, overwrite: bool, tolerance: float = TOLERANCE,
+                check_images: str | None = None, opset: int = OPSET) -> str:
+    inputs = check_inputs(src.img_size, check_images)  # before the export: a bad folder fails fast
+    with staged(output, overwrite) as tmp:
+        write_onnx(model, src, tmp, opset)
+        report = check_onnx(tmp, model, inputs, tolerance)
+    return f"ONNX graph {output} (opset {opset}, dynamic batch); parity with PyTorch:\n" + "\n".join(report)
+
+
+def write_onnx(model: nn.Module, src: Source, path: str, opset: int) -> None:
+    onnx, _ = _onnx_packages()
+    graph = FeatureGraph(model).eval()  # eval: the exporter puts the module back in the mode it found
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice and tracer warnings
+        warnings.simplefilter("ignore")
+        # dynamo=False: the TorchScript exporter needs no onnxscript; the spatial size is fixed, so the
+        # position embedding is folded into a constant and only the batch is dynamic
+        torch.onnx.export(graph, (random_images(src.img_size, 2),), path, dynamo=False, opset_version=opset,
+                          input_names=["images"], output_names=["cls", "patch"],
+                          dynamic_axes={"images": {0: "batch"}, "cls": {0: "batch"}, "patch": {0: "batch"}})
+    proto = onnx.load(path)
+    meta = {"proteus.arch": src.arch, "proteus.patch_size": src.patch_size, "proteus.kwargs": json.dumps(src.kwargs),
+            "proteus.input_size": f"3x{src.img_size}x{src.img_size}", "proteus.mean": list(IMAGENET_MEAN),
+            "proteus.std": list(IMAGENET_STD), "proteus.ema": src.ema,
+            "proteus.source": os.path.basename(src.path)}  # no local path: the graph is meant to be shared
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=str(value))
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+
+
+def check_inputs(img_size: int, image_dir: str | None) -> dict:
+    """{name: input batch}: random at two batch sizes (the batch is dynamic), and real images if given."""
+    inputs = {"random, batch 2": random_images(img_size, 2, seed=1),
+              "random, batch 3": random_images(img_size, 3, seed=2)}
+    if image_dir:
+        images = load_images(image_dir, img_size)
+        inputs[f"{len(images)} images of {image_dir}"] = images
+    return inputs
+
+
+def load_images(image_dir: str, img_size: int) -> torch.Tensor:
+    """Up to MAX_CHECK_IMAGES images under `image_dir`, in the evaluation view (unreadable ones skipped)."""
+    import timm.data
+    from PIL import Image
+
+    if not os.path.isdir(image_dir):
+        raise MissingFileError(f"--check-images {image_dir}: no such folder")
+    paths = sorted(os.path.join(root, name) for root, _, files in os.walk(image_dir) for name in files
+                   if name.lower().endswith(IMAGE_EXTENSIONS))
+    transform = timm.data.create_transform(**data_config(img_size))
+    batch = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                batch.append(transform(img.convert("RGB")))
+        except (OSError, ValueError, SyntaxError):  # PIL's errors for truncated or non-image files
+            continue
+        if len(batch) == MAX_CHECK_IMAGES:
+            break
+    if not batch:
+        raise DataError(f"--check-images {image_dir}: no readable image ({', '.join(IMAGE_EXTENSIONS)}) in it")
+    return torch.stack(batch)
+
+
+def check_onnx(path: str, model: nn.Module, inputs: dict, tolerance: float = TOLERANCE) -> list[str]:
+    """Run the graph at `path` with onnxruntime and compare every output with the PyTorch model.
+
+    Returns one line per input and output; raises CheckFailed when an output's max |onnx - torch| exceeds
+    `tolerance` x max |torch| (or its shape differs).
+    """
+    _, ort = _onnx_packages()
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    report, failures = [], []
+    for name, x in inputs.items():
+        ref = features(model, x)
+        got = dict(zip(("cls", "patch"), session.run(["cls", "patch"], {"images": x.numpy()})))
+        for key, value in ref.items():
+            line, ok = compare(torch.from_numpy(got[key]), value, tolerance, f"{name}: {key}")
+            report.append(line)
+            if not ok:
+                failures.append(line)
+    if failures:
+        raise CheckFailed(f"the ONNX graph {path} does not reproduce the PyTorch model within {tolerance:g} "
+                          f"of the feature scale:\n  " + "\n  ".join(failures))
+    return report
+
+
+def compare(got: torch.Tensor, ref: torch.Tensor, tolerance: float, label: str) -> tuple[str, bool]:
+    if got.shape != ref.shape:
+        return f"  {label}: shape {tuple(got.shape)}, PyTorch {tuple(ref.shape)}", False
+    diff = (got - ref).abs().max().item()
+    scale = ref.abs().max().item() or 1.0
+    line = f"  {label}: max |diff| {diff:.3g} = {diff / scale:.3g} of max |feature| {scale:.3g} (limit {tolerance:g})"
+    return line, diff <= tolerance * scale
+
+
+def _onnx_packages():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as err:
+        raise ConfigError(f"--to onnx needs the onnx and onnxruntime packages ({err}); install them with "
+                          f"`pip install -r requirements.txt`") from err
+    return onnx, onnxruntime
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --to dinov2
+# ----------------------------------------------------------------------------------------------------------
+def export_dinov2(model: nn.Module, src: Source, output: str, overwrite: bool) -> str:
+    if src.is_timm:
+        raise ConfigError(f"{src.arch} is a timm model: it has no DINOv2 layout. Use --to timm (or --to onnx)")
+    sizes = {k: v for k, v in src.kwargs.items() if k != "num_register_tokens"}  # registers: read from the file
+    with staged(output, overwrite) as tmp:
+        torch.save(model.state_dict(), tmp)
+        reloaded = load_backbone(tmp, src.arch, patch_size=src.patch_size, img_size=src.img_size, **sizes)
+        x = random_images(src.img_size, 2)
+        require_identical(features(model, x), features(reloaded, x), "DINOv2 .pth reload")
+    flags = f"--arch {src.arch} --patch-size {src.patch_size}"
+    flags += f" --model-kwargs '{json.dumps(sizes)}'" if sizes else ""
+    return f"DINOv2 state dict {output}: models.load_backbone / the evaluations read it ({flags})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint.pth of pretrain.main, or student_backbone[_ema].pth")
+    p.add_argument("--to", required=True, choices=FORMATS, help="timm folder, ONNX graph or DINOv2 .pth")
+    p.add_argument("--output", required=True, help="the folder (timm) or file (onnx, dinov2) to write")
+    p.add_argument("--ema", action="store_true", help="export the student's EMA (checkpoint.pth: student_ema)")
+    p.add_argument("--arch", "--student", dest="arch", help="vit_tiny/small/base/large or timm:<name> "
+                   "(default: the run's --student)")
+    p.add_argument("--patch-size", type=int, help="ViT patch size (default: the run's)")
+    p.add_argument("--img-size", "--image-size", "--input-size", dest="img_size", type=int,
+                   help="input size S of the export (default: the run's --input-size)")
+    p.add_argument("--model-kwargs", "--student-kwargs", dest="model_kwargs",
+                   help="size overrides, depth=2,embed_dim=64 or JSON (default: the run's --student-kwargs)")
+    p.add_argument("--check-images", metavar="DIR", help="onnx: also check parity on (up to 16) images of DIR")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help="onnx: max |onnx - torch| allowed, as a share of max |torch| per output")
+    p.add_argument("--opset", type=int, default=OPSET, help="onnx: opset version")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    return p
+
+
+def check_args(args) -> None:
+    """What can be refused before the checkpoint is read."""
+    if os.path.lexists(args.output) and not args.overwrite:
+        raise ConfigError(f"--output {args.output} exists; pass --overwrite to replace it, or choose another path")
+    if args.check_images and args.to != "onnx":
+        raise ConfigError("--check-images is for --to onnx (the timm and DINOv2 exports are checked bit for bit)")
+    if args.check_images and not os.path.isdir(args.check_images):
+        raise MissingFileError(f"--check-images {args.check_images}: no such folder")
+    if not args.tolerance >= 0:
+        raise ConfigError(f"--tolerance must be >= 0, got {args.tolerance}")
+    for flag in ("patch_size", "img_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+
+
+def export(args) -> str:
+    src = read_source(args.checkpoint, args.ema, args.arch, args.patch_size, args.img_size, args.model_kwargs)
+    model = build_backbone(src)
+    if args.to == "timm":
+        return export_timm(model, src, args.output, args.overwrite)
+    if args.to == "onnx":
+        return export_onnx(model, src, args.output, args.overwrite, args.tolerance, args.check_images, args.opset)
+    return export_dinov2(model, src, args.output, args.overwrite)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        print(export(args))
+    except UserError as err:  # models/ cannot import common.errors: the same boundary, here
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except CheckFailed as err:
+        print(f"{PROG}: self-check failed, nothing written at {args.output}: {err}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
