@@ -68,8 +68,8 @@ def test_make_shards_writes_tar_files_and_an_index(shard_dir):
     assert len(members) == 10 and {m.rsplit(".", 1)[1] for m in members} == {"jpeg", "cls"}
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_shards_kill9_then_resume_is_exact(workers, tmp_path, shard_dir, teacher_ckpt):
+def test_shards_kill9_then_resume_is_exact_with_workers(tmp_path, shard_dir, teacher_ckpt):
+    workers = 2  # the stronger case: with 0 workers the main process's RNG state alone would suffice
     spec = os.path.join(shard_dir, SPEC)
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     argv_ref = tiny_args(spec, teacher_ckpt, ref_out, num_workers=workers, pca_every_epochs=1)

@@ -43,14 +43,28 @@ def _stopped_run(tiny_data, teacher_ckpt, out, monkeypatch, at_step: int = 2, **
 
 
 # ---- resume refuses a changed configuration --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stopped_dir(tmp_path_factory, tiny_data, teacher_ckpt):
+    """One stopped run, copied by each test that only reads it (a resume refused before any work)."""
+    out = str(tmp_path_factory.mktemp("stopped") / "run")
+    mp = pytest.MonkeyPatch()
+    try:
+        _stopped_run(tiny_data, teacher_ckpt, out, mp)
+    finally:
+        mp.undo()
+    return out
+
+
 @pytest.mark.parametrize("change,key", [
     (dict(lr=0.1), "lr"), (dict(seed=7), "seed"), (dict(mask_ratio=[0.3]), "mask_ratio"),
     (dict(batch_size=3), "global_batch"), (dict(epochs=3), "epochs"),
 ])
 def test_resume_with_a_changed_flag_is_refused_before_any_work(change, key, tmp_path, tiny_data, teacher_ckpt,
-                                                               monkeypatch, capsys):
+                                                               stopped_dir, capsys):
+    import shutil
+
     out = str(tmp_path / "run")
-    _stopped_run(tiny_data, teacher_ckpt, out, monkeypatch)
+    shutil.copytree(stopped_dir, out)
     before = {n: _sha(os.path.join(out, n)) for n in ("checkpoint.pth", "config.json", "log.txt")}
     capsys.readouterr()
     assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out, **change)) == 2
@@ -59,11 +73,13 @@ def test_resume_with_a_changed_flag_is_refused_before_any_work(change, key, tmp_
     assert {n: _sha(os.path.join(out, n)) for n in before} == before  # nothing rewritten
 
 
-def test_changed_data_path_is_refused(tmp_path, tiny_data, teacher_ckpt, monkeypatch, capsys):
+def test_changed_data_path_is_refused(tmp_path, tiny_data, teacher_ckpt, stopped_dir, capsys):
+    import shutil
+
     from test_pretrain_fixtures import write_image_folder
 
     out = str(tmp_path / "run")
-    _stopped_run(tiny_data, teacher_ckpt, out, monkeypatch)
+    shutil.copytree(stopped_dir, out)
     other = write_image_folder(tmp_path / "other", seed=1)
     assert pretrain_main.main(tiny_args(other, teacher_ckpt, out)) == 2
     assert "  data_path: checkpoint" in capsys.readouterr().err
