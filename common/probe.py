@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def build_frozen_backbone(pretrained: str | None, arch: str, patch_size: int = 14, img_size: int = 224,
                           model_kwargs: dict | None = None, ema: bool = False, seed: int = 0) -> nn.Module:
     """Load the evaluation backbone (eval mode, no grads): a DINOv2 ViT through `models.load_backbone`, or
-    `timm:<name>` through `load_timm_backbone`.
+    `timm:<name>` through `models.load_backbone` (a `models.TimmStudent`).
 
     `model_kwargs` (e.g. {"depth": 2, "embed_dim": 64, "num_heads": 2}, optionally "img_size") overrides
     the size of `arch`; for timm archs they go to `timm.create_model`. Random init ("none") is seeded so
@@ -48,11 +48,8 @@ def build_frozen_backbone(pretrained: str | None, arch: str, patch_size: int = 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            if timm_arch:
-                model = load_timm_backbone(pretrained, arch, img_size=img_size, ema=ema, **kwargs)
-            else:
-                model = models.load_backbone(pretrained, arch, patch_size=patch_size, img_size=img_size, ema=ema,
-                                             **kwargs)
+            model = models.load_backbone(pretrained, arch, patch_size=patch_size, img_size=img_size, ema=ema,
+                                         **kwargs)
         except UserError:
             raise
         except TypeError as e:
@@ -69,30 +66,6 @@ def build_frozen_backbone(pretrained: str | None, arch: str, patch_size: int = 1
             raise CheckpointError(f"--pretrained {pretrained} cannot be used as {build}: {e}") from e
     model.requires_grad_(False)
     return model.eval()
-
-
-def load_timm_backbone(path: str | None, arch: str, img_size: int = 224, ema: bool = False, **kwargs) -> nn.Module:
-    """`timm:<name>` for evaluation: the `models.TimmStudent` that `pretrain.main --student timm:<name>` trains,
-    its timm model loaded strictly. Returns it in eval mode.
-
-    Accepted files: the export `student_backbone[_ema].pth` (the timm model's own state dict, no classifier),
-    a pretrain `checkpoint.pth` (its `student` / `student_ema` hold the TimmStudent's state dict, whose keys
-    carry the `model.` prefix of the wrapped timm model), or a TimmStudent state dict. `path` None / "none":
-    random init. `kwargs` go to `timm.create_model` (as pretraining's --student-kwargs).
-    TODO(lead): move into models/weights.py, with `load_backbone` dispatching `timm:` archs here.
-    """
-    student = models.build_student(arch, img_size=img_size, **kwargs)
-    if is_random_init(path):
-        return student.eval()
-    ckpt = models.read_checkpoint(path)
-    try:
-        sd = models.backbone_state_dict(ckpt, ema=ema)
-    except CheckpointError as err:  # name the file
-        raise CheckpointError(f"{path}: {err}") from None
-    if sd and all(k.startswith("model.") for k in sd):  # TimmStudent keys -> the timm model's own
-        sd = {k[len("model."):]: v for k, v in sd.items()}
-    models.load_state_dict_checked(student.model, sd, what=f"{arch} from {path}")
-    return student.eval()
 
 
 def check_model_kwargs(arch: str, model_kwargs) -> None:

@@ -316,6 +316,10 @@ def load_backbone(path: str | None, arch: str, patch_size: int = 14, img_size: i
     Returns the model in eval mode.
     """
     from .vit import build_vit  # local: vit imports this module's siblings only
+    from .timm_student import is_timm_name
+
+    if is_timm_name(arch):
+        return load_timm_backbone(path, arch, img_size=img_size, ema=ema, **overrides)
 
     if path in (None, "", "none"):
         model = build_vit(arch, patch_size=patch_size, img_size=img_size, **overrides)
@@ -332,3 +336,28 @@ def load_backbone(path: str | None, arch: str, patch_size: int = 14, img_size: i
     if absent:  # allowed, but say so: e.g. timm exports carry no mask token (unused at evaluation)
         logging.getLogger(__name__).info("%s: keys not in the checkpoint, left at init: %s", path, absent)
     return model.eval()
+
+
+def load_timm_backbone(path: str | None, arch: str, img_size: int = 224, ema: bool = False, **kwargs) -> nn.Module:
+    from .vit import build_student  # local: vit imports this module's siblings only
+
+    """`timm:<name>` for evaluation: the `models.TimmStudent` that `pretrain.main --student timm:<name>` trains,
+    its timm model loaded strictly. Returns it in eval mode.
+
+    Accepted files: the export `student_backbone[_ema].pth` (the timm model's own state dict, no classifier),
+    a pretrain `checkpoint.pth` (its `student` / `student_ema` hold the TimmStudent's state dict, whose keys
+    carry the `model.` prefix of the wrapped timm model), or a TimmStudent state dict. `path` None / "none":
+    random init. `kwargs` go to `timm.create_model` (as pretraining's --student-kwargs).
+    """
+    student = build_student(arch, img_size=img_size, **kwargs)
+    if path in (None, "", "none"):
+        return student.eval()
+    ckpt = read_checkpoint(path)
+    try:
+        sd = backbone_state_dict(ckpt, ema=ema)
+    except CheckpointError as err:  # name the file
+        raise CheckpointError(f"{path}: {err}") from None
+    if sd and all(k.startswith("model.") for k in sd):  # TimmStudent keys -> the timm model's own
+        sd = {k[len("model."):]: v for k, v in sd.items()}
+    load_state_dict_checked(student.model, sd, what=f"{arch} from {path}")
+    return student.eval()
