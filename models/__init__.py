@@ -2,10 +2,10 @@
 from .heads import ProjectionHead
 from .teachers import TEACHER_SPECS, TEACHERS, Teacher, TeacherSpec, build_teacher, teacher_spec
 from .timm_student import TimmStudent, is_timm_name, resample_grid
-from .vit import STUDENTS, VIT_SIZES, DinoVisionTransformer, build_student, build_vit
+from .vit import STUDENTS, VIT_SIZES, DinoVisionTransformer, build_student, build_vit, parse_size_kwargs
 from .weights import backbone_state_dict, load_backbone, load_state_dict_checked, read_checkpoint
 
 __all__ = ["DinoVisionTransformer", "ProjectionHead", "STUDENTS", "Teacher", "TeacherSpec", "TEACHERS", "TEACHER_SPECS",
-           "TimmStudent", "VIT_SIZES", "backbone_state_dict", "is_timm_name", "resample_grid", "teacher_spec",
+           "TimmStudent", "VIT_SIZES", "backbone_state_dict", "is_timm_name", "parse_size_kwargs", "resample_grid", "teacher_spec",
            "build_student", "build_teacher", "build_vit", "load_backbone", "load_state_dict_checked",
            "read_checkpoint"]

@@ -39,7 +39,7 @@ import torch.nn as nn
 from .errors import CheckpointError, ConfigError, DataError, MissingFileError, UserError
 from .teachers import IMAGENET_MEAN, IMAGENET_STD
 from .timm_student import is_timm_name
-from .vit import STUDENTS, DinoVisionTransformer, build_student
+from .vit import STUDENTS, DinoVisionTransformer, build_student, parse_size_kwargs
 from .weights import (EVAL_ALLOWED_MISSING, PROTEUS_TRAINING_GLOBALS, backbone_state_dict, fit_pos_embed,
                       load_backbone, load_state_dict_checked, read_checkpoint)
 
@@ -129,25 +129,7 @@ def run_config(path: str, ckpt: dict) -> dict:
 
 def parse_kwargs(text) -> dict:
     """'depth=2,embed_dim=64' or JSON ('{"depth": 2}'), as pretraining's --student-kwargs takes them."""
-    if isinstance(text, dict):
-        return dict(text)
-    text = (text or "").strip()
-    if text.startswith("{"):
-        try:
-            out = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"--model-kwargs is not valid JSON ({err}): {text!r}") from err
-        if not isinstance(out, dict):
-            raise ConfigError(f"--model-kwargs must be a JSON object such as '{{\"depth\": 2}}', got {text!r}")
-        return out
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not value.strip().lstrip("-").isdigit():
-            raise ConfigError(f"--model-kwargs expects key=int pairs such as depth=2,embed_dim=64 (or JSON); "
-                              f"got {item!r}")
-        out[key.strip()] = int(value)
-    return out
+    return parse_size_kwargs(text, "--model-kwargs", ints_only=False)
 
 
 def build_backbone(src: Source) -> nn.Module:

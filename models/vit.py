@@ -194,3 +194,33 @@ def build_student(name: str, patch_size: int = 14, img_size: int = 224, num_regi
     if name not in STUDENTS:
         raise ValueError(f"unknown student {name!r}; expected one of {STUDENTS} or timm:<name>")
     return build_vit(name, patch_size, img_size, num_register_tokens, drop_path_rate, init_values=1.0, **kwargs)
+
+
+def parse_size_kwargs(text, flag: str = "--student-kwargs", ints_only: bool = True) -> dict:
+    """'depth=2,embed_dim=64' or JSON ('{"depth": 2}') -> dict: the size overrides every entry point takes
+    (pretraining's --student-kwargs, the evaluations' --model-kwargs, models.export). A dict passes through.
+    `ints_only`: JSON values must be integers too (key=value pairs always are)."""
+    import json
+
+    from .errors import ConfigError
+
+    if isinstance(text, dict):
+        return dict(text)
+    text = (text or "").strip()
+    if text.startswith("{"):
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{flag} is not valid JSON ({e}): {text!r}") from e
+        if not isinstance(out, dict):
+            raise ConfigError(f"{flag} must be a JSON object such as '{{\"depth\": 2}}', got {text!r}")
+        if ints_only and not all(isinstance(v, int) and not isinstance(v, bool) for v in out.values()):
+            raise ConfigError(f"{flag} values must be integers, got {out}")
+        return out
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise ConfigError(f"{flag} expects key=int pairs such as depth=2,embed_dim=64 (or JSON); got {item!r}")
+        out[key.strip()] = int(value)
+    return out

@@ -193,23 +193,7 @@ def parse_config(argv=None) -> dict:
 
 def parse_student_kwargs(text: str) -> dict:
     """'depth=2,embed_dim=64' or the JSON the evaluation entry points take ('{"depth": 2}') -> dict of ints."""
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            out = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--student-kwargs is not valid JSON ({e}): {text!r}") from e
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in out.values()):
-            raise ValueError(f"--student-kwargs values must be integers, got {out}")
-        return out
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"--student-kwargs expects key=int pairs such as depth=2,embed_dim=64 (or JSON); "
-                             f"got {item!r}")
-        out[key.strip()] = int(value)
-    return out
+    return models.parse_size_kwargs(text, "--student-kwargs")
 
 
 # ---- teachers: comma lists of names, checkpoints and weights ----------------------------------------------
