@@ -46,8 +46,10 @@ NORMS = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Fine-grained logistic-regression transfer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common.config import ConfigArgumentParser  # -c/--config FILE
+
+    p = ConfigArgumentParser("Fine-grained logistic-regression transfer", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True, choices=sorted(DATASETS),
                    help="registry entry (fine_grained/datasets.py)")

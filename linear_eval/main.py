@@ -38,8 +38,10 @@ ROBUSTNESS_SETS = ("imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a",
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Linear probe / kNN on frozen features", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common.config import ConfigArgumentParser  # -c/--config FILE
+
+    p = ConfigArgumentParser("Linear probe / kNN on frozen features", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--train-root", required=True, help="ImageFolder of training images (ImageNet: .../train)")
     g.add_argument("--val-root", required=True, help="ImageFolder of val images in the same class folders")

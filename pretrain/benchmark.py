@@ -36,6 +36,7 @@ import torch
 import models
 from models.teachers import DINOV2_SIZES, SYNCLR
 from common import optim
+from common.config import ConfigArgumentParser
 from common.dist import DistInfo, resolve_device
 from common.errors import ConfigError, UserError, cli
 from common.log import MetricLogger, write_json
@@ -54,7 +55,7 @@ STUDENTS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("pretrain.benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ConfigArgumentParser("pretrain.benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default="dinov2_vitb14")
     p.add_argument("--teacher-checkpoint", default="", help="official-format weights (default: random)")
     p.add_argument("--teacher-dtype", default="auto", choices=("auto", "fp32", "bf16"),
