@@ -1,6 +1,7 @@
 """-c/--config FILE (common/config.py): precedence flag > file > constant, values through each flag's own type,
-clear user errors, .py configs parsed and never run."""
+clear user errors, .py configs parsed and never run, and the paper's configs/pretrain/ runs."""
 import argparse
+import glob
 import json
 import os
 import re
@@ -11,6 +12,9 @@ from common.config import ConfigArgumentParser, read_config_file
 from common.errors import ConfigError, MissingFileError
 from pretrain import main as pretrain_main
 from test_pretrain_fixtures import REPO, teacher_ckpt, tiny_args, tiny_data, write_image_folder  # noqa: F401
+
+PRETRAIN_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "pretrain", "*.yaml")))
+
 
 def write(path, text: str) -> str:
     path.write_text(text)
@@ -178,3 +182,48 @@ def test_python_config_code_never_runs(tmp_path, payload):
 def test_missing_file_is_a_missing_file_error(tmp_path):
     with pytest.raises(MissingFileError, match="does not exist"):
         read_config_file(str(tmp_path / "nope.yaml"))
+
+
+# ---- configs/pretrain: the paper's runs -------------------------------------------------------------------------
+@pytest.mark.parametrize("name, shown", [
+    ("vit_small_dinov2.yaml", ["(default: 512)", "(default: output/proteus_small_dinov2)", "(default: vit_small)"]),
+    ("vit_base_dinov2.yaml", ["(default: dinov2_vitl14)", "(default: vit_base)", "(default: 512)"]),
+])
+def test_help_shows_the_config_values_as_defaults(capsys, name, shown):
+    with pytest.raises(SystemExit) as exit_info:  # python -m pretrain.main -c configs/pretrain/NAME --help
+        pretrain_main.main(["-c", os.path.join(REPO, "configs", "pretrain", name), "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert all(s in text for s in shown), [s for s in shown if s not in text]
+    assert "(default: output/pretrain)" not in text and "(default: 0)" in text  # a constant the file leaves alone
+    assert f"Defaults from {os.path.join(REPO, 'configs', 'pretrain', name)}" in text
+
+
+def test_the_paper_runs_are_all_there():
+    names = {os.path.basename(p) for p in PRETRAIN_CONFIGS}
+    assert {f"vit_{s}_dinov2.yaml" for s in ("tiny", "small", "base", "large")} <= names
+    assert {"vit_base_synclr.yaml", "vit_base_clip.yaml", "vit_small_dinov2_single_image.yaml"} <= names
+    assert any("classes" in n for n in names) and any("per_class" in n for n in names)
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=os.path.basename)
+def test_pretrain_config_validates_and_repeats_no_default(tmp_path, path):
+    values = read_config_file(path)  # unknown keys and bad values fail in the parse below
+    data = write_image_folder(tmp_path / "data", 1)
+    image = os.path.join(data, "n00000000", "0.JPEG")
+    cfg = pretrain_main.parse_config(["-c", path, "--data-path", data] +
+                                     (["--single-image", image] if "single_image" in values else []))
+    pretrain_main.validate_config(cfg, world_size=8)
+    defaults = {k: d for group in pretrain_main.CONFIG.values() for k, (d, _) in group.items()}
+    repeated = {k: v for k, v in cfg["config_values"].items() if v == defaults[k]}
+    assert not repeated, f"{path} repeats pretrain.main's defaults {repeated}"
+    assert cfg["global_batch_size"] == 512 and cfg["output_dir"] != defaults["output_dir"]
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=os.path.basename)
+def test_pretrain_config_header_gives_its_command_and_target(path):
+    with open(path) as f:
+        header = "".join(line[1:] for line in f.read().split("\n\n")[0].splitlines() if line.startswith("#"))
+    rel = os.path.relpath(path, REPO)
+    assert re.search(rf"-m pretrain\.main -c {re.escape(rel)}\b", header), f"{rel}: no command naming this file"
+    assert re.search(r"Target: ImageNet linear ~?\d+\.\d+ top-1, fine-grained mean ~?\d+\.\d+", header), rel
