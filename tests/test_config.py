@@ -1,5 +1,6 @@
 """-c/--config FILE (common/config.py): precedence flag > file > constant, values through each flag's own type,
-clear user errors, .py configs parsed and never run, and the paper's configs/pretrain/ runs."""
+clear user errors, .py configs parsed and never run, the paper's configs/pretrain/ runs, and the dense configs'
+per-size backbone bases."""
 import argparse
 import glob
 import json
@@ -227,3 +228,30 @@ def test_pretrain_config_header_gives_its_command_and_target(path):
     rel = os.path.relpath(path, REPO)
     assert re.search(rf"-m pretrain\.main -c {re.escape(rel)}\b", header), f"{rel}: no command naming this file"
     assert re.search(r"Target: ImageNet linear ~?\d+\.\d+ top-1, fine-grained mean ~?\d+\.\d+", header), rel
+
+
+# ---- dense configs: each leaf takes its size from a backbone base ---------------------------------------------
+SIZES = {"t14": ("vit_tiny", 192), "s14": ("vit_small", 384), "b14": ("vit_base", 768), "l14": ("vit_large", 1024)}
+DENSE_LEAVES = sorted(p for task in ("segmentation", "depth")
+                      for p in glob.glob(os.path.join(REPO, task, "configs", "*proteus-vit-*.py")))
+
+
+@pytest.mark.parametrize("path", DENSE_LEAVES, ids=os.path.basename)
+def test_dense_leaf_takes_the_size_of_its_name(path):
+    from mmengine.config import Config
+
+    size = re.search(r"proteus-vit-(\w\d\d)_", path).group(1)
+    arch, width = SIZES[size]
+    cfg = Config.fromfile(path, import_custom_modules=False).to_dict()
+    assert "proteus_vit" not in cfg  # the size table is popped, not left in the resolved config
+    backbone, head = cfg["model"]["backbone"], cfg["model"]["decode_head"]
+    assert (backbone["arch"], backbone["checkpoint"]) == (arch, f"pretrained/proteus-vit-{size}.pth")
+    assert backbone["out_indices"] == ([7, 11, 15, 23] if size == "l14" else [3, 5, 7, 11])
+    assert head["in_channels"] == [width] * 4
+    if "upernet" in path:
+        assert (head["channels"], cfg["model"]["neck"]["embed_dim"]) == (width, width)
+        assert cfg["model"]["auxiliary_head"]["in_channels"] == width
+        assert backbone["drop_path_rate"] == (0.2 if size == "l14" else 0.1)
+    if "dpt" in path:
+        assert (head["embed_dims"], head["post_process_channels"]) == (width, [width // 8, width // 4, width // 2, width])
+        assert (backbone.get("frozen", False), backbone["drop_path_rate"]) == ((True, 0.0) if "frozen" in path else (False, 0.1))

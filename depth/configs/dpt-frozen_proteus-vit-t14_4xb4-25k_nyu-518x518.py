@@ -1,13 +1,8 @@
 # Proteus ViT-Ti/14 frozen + DPT head on NYU-Depth V2 at 518, 25k iterations, 4 GPUs x 4 images.
 # No paper number (the paper reports the NYU linear column for ViT-S only).
 _base_ = [
-    './_base_/models/dpt_proteus.py', './_base_/datasets/nyu_518.py',
-    'mmseg::_base_/default_runtime.py', './_base_/schedules/schedule_25k.py'
+    './_base_/models/dpt_frozen_proteus.py', './_base_/backbones/vit-t14.py',
+    './_base_/datasets/nyu_518.py', 'mmseg::_base_/default_runtime.py', './_base_/schedules/schedule_25k.py'
 ]
-model = dict(
-    backbone=dict(
-        arch='vit_tiny',
-        checkpoint='pretrained/proteus-vit-t14.pth',
-        out_indices=[3, 5, 7, 11], frozen=True, drop_path_rate=0.0),
-    decode_head=dict(in_channels=[192] * 4, embed_dims=192, post_process_channels=[24, 48, 96, 192]))
+model = _base_.pop('proteus_vit').dpt  # ViT-Ti/14 sizes of the dpt keys (backbones/vit-t14.py)
 optim_wrapper = dict(optimizer=dict(lr=0.0004))

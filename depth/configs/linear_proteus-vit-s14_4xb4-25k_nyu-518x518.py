@@ -2,13 +2,8 @@
 # Paper: 0.404 RMSE is the "Linear" column (Table 3), produced by the frozen-DPT recipe; this is DINOv2's linear
 # protocol.
 _base_ = [
-    './_base_/models/linear_depth_proteus.py', './_base_/datasets/nyu_518.py',
-    'mmseg::_base_/default_runtime.py', './_base_/schedules/schedule_25k.py'
+    './_base_/models/linear_depth_proteus.py', './_base_/backbones/vit-s14.py',
+    './_base_/datasets/nyu_518.py', 'mmseg::_base_/default_runtime.py', './_base_/schedules/schedule_25k.py'
 ]
-model = dict(
-    backbone=dict(
-        arch='vit_small',
-        checkpoint='pretrained/proteus-vit-s14.pth',
-        out_indices=[3, 5, 7, 11]),
-    decode_head=dict(in_channels=[384] * 4))
+model = _base_.pop('proteus_vit').linear  # ViT-S/14 sizes of the linear keys (backbones/vit-s14.py)
 optim_wrapper = dict(optimizer=dict(lr=0.0004))

@@ -1,4 +1,5 @@
-# DPT depth fine-tuning on a Proteus ViT (defaults: ViT-S/14 at 518). Leaves set the size-specific keys.
+# DPT depth fine-tuning on a Proteus ViT (defaults: ViT-S/14 at 518). The size-specific keys come
+# from _base_/backbones/vit-*.py (its `dpt` overlay).
 custom_imports = dict(imports=['common.mmseg_plugin', 'depth.heads'], allow_failed_imports=False)
 norm_cfg = dict(type='SyncBN', requires_grad=True)  # the Runner reverts SyncBN to BN when not distributed
 data_preprocessor = dict(
@@ -19,7 +20,7 @@ model = dict(
         arch='vit_small',
         patch_size=14,
         img_size=518,
-        checkpoint=None,  # leaves point this at a Proteus backbone file
+        checkpoint=None,  # _base_/backbones/vit-*.py point this at a Proteus backbone file
         out_indices=[3, 5, 7, 11],
         final_norm=False,
         output_cls_token=True,  # DPT's 'project' readout uses the CLS token of each level

@@ -1,4 +1,5 @@
-# UperNet fine-tuning on a Proteus ViT (defaults: ViT-S/14 at 518). Leaves set the size-specific keys.
+# UperNet fine-tuning on a Proteus ViT (defaults: ViT-S/14 at 518). The size-specific keys come from
+# _base_/backbones/vit-*.py (its `upernet` overlay).
 custom_imports = dict(imports=['common.mmseg_plugin'], allow_failed_imports=False)
 norm_cfg = dict(type='SyncBN', requires_grad=True)  # the Runner reverts SyncBN to BN when not distributed
 data_preprocessor = dict(
@@ -18,7 +19,7 @@ model = dict(
         arch='vit_small',
         patch_size=14,
         img_size=518,
-        checkpoint=None,  # leaves point this at a Proteus backbone file
+        checkpoint=None,  # _base_/backbones/vit-*.py point this at a Proteus backbone file
         out_indices=[3, 5, 7, 11],
         final_norm=False,  # as the original (its MAE backbone dropped the final LayerNorm)
         drop_path_rate=0.1),
