@@ -24,7 +24,7 @@ import sys
 
 import yaml
 
-from common.errors import ConfigError, MissingFileError
+from common.errors import ConfigError, MissingFileError, UserError
 
 __all__ = ["ConfigArgumentParser", "read_config_file", "apply_config"]
 
@@ -253,3 +253,16 @@ def assigned_name(node: ast.stmt) -> ast.Name | None:
     else:
         return None
     return target if isinstance(target, ast.Name) else None
+
+
+def size_kwargs(text: str) -> dict:
+    """argparse type of --model-kwargs / --student-kwargs: 'depth=2,embed_dim=64' or JSON, one vocabulary.
+
+    A bad value raises the plain UserError, which argparse does not catch: the entry point's boundary
+    prints it as `prog: error: ...` like every other user error (exit 2)."""
+    import models
+
+    try:
+        return models.parse_size_kwargs(text, "--model-kwargs", ints_only=False)
+    except ValueError as e:
+        raise UserError(str(e)) from None

@@ -46,7 +46,7 @@ NORMS = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
 
 
 def get_args_parser():
-    from common.config import ConfigArgumentParser  # -c/--config FILE
+    from common.config import ConfigArgumentParser, size_kwargs  # -c/--config FILE; one size-override syntax
 
     p = ConfigArgumentParser("Fine-grained logistic-regression transfer", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,18 +54,20 @@ def get_args_parser():
     g.add_argument("--dataset", required=True, choices=sorted(DATASETS),
                    help="registry entry (fine_grained/datasets.py)")
     g.add_argument("--data-root", required=True, help="local root in the layout the dataset's error message shows")
-    g.add_argument("--image-size", type=int, default=224, help="centre-crop size fed to the backbone")
+    g.add_argument("--image-size", "--input-size", dest="image_size", type=int, default=224,
+                   help="centre-crop size fed to the backbone")
     g.add_argument("--resize", type=int, default=None, help="short side before the crop (default: --image-size)")
     g.add_argument("--norm", default="clip", choices=sorted(NORMS), help="input normalisation (original: clip)")
     g.add_argument("--batch-size", type=int, default=32, help="feature-extraction batch size")
     g.add_argument("--num-workers", type=int, default=4)
     g = p.add_argument_group("backbone")
-    g.add_argument("--arch", default="vit_small", help="vit_tiny | vit_small | vit_base | vit_large | vit_giant2, "
+    g.add_argument("--arch", "--student", dest="arch", default="vit_small",
+                   help="vit_tiny | vit_small | vit_base | vit_large | vit_giant2, "
                    "or timm:<name> for a student trained with pretrain.main --student timm:<name>")
     g.add_argument("--patch-size", type=int, default=14, help="ViT patch size (not used by timm archs)")
     g.add_argument("--pretrained", default="none", help="checkpoint path, or 'none' for the random-init baseline")
     g.add_argument("--ema", action="store_true", help="evaluate the EMA student of a pretrain checkpoint")
-    g.add_argument("--model-kwargs", type=json.loads, default=None,
+    g.add_argument("--model-kwargs", "--student-kwargs", dest="model_kwargs", type=size_kwargs, default=None,
                    help='JSON size overrides for small models, e.g. \'{"depth": 2, "embed_dim": 64, "num_heads": 2}\'')
     g.add_argument("--multiple", action="store_true", help="features = last 4 CLS tokens + mean patch token (5D)")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,

@@ -38,26 +38,29 @@ ROBUSTNESS_SETS = ("imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a",
 
 
 def get_args_parser():
-    from common.config import ConfigArgumentParser  # -c/--config FILE
+    from common.config import ConfigArgumentParser, size_kwargs  # -c/--config FILE; one size-override syntax
 
     p = ConfigArgumentParser("Linear probe / kNN on frozen features", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--train-root", required=True, help="ImageFolder of training images (ImageNet: .../train)")
     g.add_argument("--val-root", required=True, help="ImageFolder of val images in the same class folders")
-    g.add_argument("--image-size", type=int, default=224, help="crop size; eval resizes to size*256/224 first")
+    g.add_argument("--image-size", "--input-size", dest="image_size", type=int, default=224,
+                   help="crop size; eval resizes to size*256/224 first")
     g.add_argument("--batch-size", type=int, default=128, help="per-process batch (lr scales with the global one)")
     g.add_argument("--num-workers", type=int, default=8)
     g.add_argument("--selection", default="val", choices=("val", "train-holdout"),
                    help="pick the best head on val (DINOv2) or on a held-out part of train")
     g.add_argument("--holdout-fraction", type=float, default=0.01, help="part of train held out for selection")
     g = p.add_argument_group("backbone")
-    g.add_argument("--arch", default="vit_small", help="vit_tiny | vit_small | vit_base | vit_large | vit_giant2, "
+    g.add_argument("--arch", "--student", dest="arch", default="vit_small",
+                   help="vit_tiny | vit_small | vit_base | vit_large | vit_giant2, "
                    "or timm:<name> for a student trained with pretrain.main --student timm:<name>")
     g.add_argument("--patch-size", type=int, default=14, help="ViT patch size (not used by timm archs)")
     g.add_argument("--pretrained", default="none", help="checkpoint path, or 'none' (random init)")
     g.add_argument("--ema", action="store_true", help="evaluate the EMA student of a pretrain checkpoint")
-    g.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON size overrides for small models")
+    g.add_argument("--model-kwargs", "--student-kwargs", dest="model_kwargs", type=size_kwargs, default=None,
+                   help="size overrides for small models: depth=2,embed_dim=64 or JSON")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="backbone precision (auto: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, "
                         "else fp32)")

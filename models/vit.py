@@ -207,7 +207,7 @@ def parse_size_kwargs(text, flag: str = "--student-kwargs", ints_only: bool = Tr
     if isinstance(text, dict):
         return dict(text)
     text = (text or "").strip()
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         try:
             out = json.loads(text)
         except json.JSONDecodeError as e:

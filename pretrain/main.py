@@ -160,6 +160,8 @@ RESUME_FREE = ("output_dir", "num_workers", "pin_mem", "log_every", "pca_every_e
                "compile", "allow_resume_change", "world_size")
 RESUME_CHANGEABLE = ("epochs", "lr", "min_lr", "warmup_lr", "clip_grad", "data_path", "teacher_checkpoint",
                      "precision", "teacher_dtype", "on_bad_image", "max_image_pixels", "fused_adamw")
+# One vocabulary with the evaluations and models.export (--arch / --model-kwargs / --image-size there)
+ALIASES = {"student": ("--arch",), "student_kwargs": ("--model-kwargs",), "input_size": ("--image-size",)}
 EXIT_BAD_CONFIG = 2
 RUN_FILES = ("config.json", "checkpoint.pth", "log.txt", "student_backbone.pth")  # what a run writes at its top
 PCA_IMAGES = 4  # images in the fixed PCA batch
@@ -177,13 +179,13 @@ def build_parser():
     for group, knobs in CONFIG.items():
         g = parser.add_argument_group(group)
         for name, (default, help_text) in knobs.items():
-            flag = "--" + name.replace("_", "-")
+            flags = ["--" + name.replace("_", "-"), *ALIASES.get(name, ())]
             if isinstance(default, bool):
-                g.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_text)
+                g.add_argument(*flags, default=default, action=argparse.BooleanOptionalAction, help=help_text)
             elif isinstance(default, list):
-                g.add_argument(flag, default=default, nargs="+", type=type(default[0]), help=help_text)
+                g.add_argument(*flags, default=default, nargs="+", type=type(default[0]), help=help_text)
             else:
-                g.add_argument(flag, default=default, type=type(default), choices=CHOICES.get(name), help=help_text)
+                g.add_argument(*flags, default=default, type=type(default), choices=CHOICES.get(name), help=help_text)
     return parser
 
 

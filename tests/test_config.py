@@ -255,3 +255,20 @@ def test_dense_leaf_takes_the_size_of_its_name(path):
     if "dpt" in path:
         assert (head["embed_dims"], head["post_process_channels"]) == (width, [width // 8, width // 4, width // 2, width])
         assert (backbone.get("frozen", False), backbone["drop_path_rate"]) == ((True, 0.0) if "frozen" in path else (False, 0.1))
+
+
+def test_model_flags_are_one_vocabulary_across_entry_points():
+    from fine_grained.main import get_args_parser as fine_grained_parser
+    from linear_eval.main import get_args_parser as linear_eval_parser
+    from pretrain.main import parse_config
+
+    cfg = parse_config(["--arch", "timm:resnet18", "--model-kwargs", "depth=2", "--image-size", "112"])
+    assert (cfg["student"], cfg["student_kwargs"], cfg["input_size"]) == ("timm:resnet18", "depth=2", 112)
+    for parser, extra in ((linear_eval_parser(), ["--train-root", "a", "--val-root", "b", "--output-dir", "o"]),
+                          (fine_grained_parser(), ["--dataset", "imagefolder", "--data-root", "a", "--output-dir", "o"])):
+        a = parser.parse_args(extra + ["--student", "vit_tiny", "--student-kwargs", "depth=2,embed_dim=64",
+                                       "--input-size", "56"])
+        b = parser.parse_args(extra + ["--arch", "vit_tiny", "--model-kwargs", '{"depth": 2, "embed_dim": 64}',
+                                       "--image-size", "56"])
+        assert (a.arch, a.model_kwargs, a.image_size) == (b.arch, b.model_kwargs, b.image_size) == (
+            "vit_tiny", {"depth": 2, "embed_dim": 64}, 56)
