@@ -73,14 +73,14 @@ class Found:
 # ==========================================================================================================
 # Reading run dirs
 # ==========================================================================================================
-def scan(run_dirs: list, exclude: str | None = None) -> Found:
+def scan(run_dirs: list) -> Found:
     """Everything recognisable under each run dir; MissingFileError for a dir with nothing to report."""
     found = Found()
     for root in run_dirs:
         if not os.path.isdir(root):
             raise MissingFileError(f"run dir {root} does not exist or is not a directory")
         before = len(found.sources)
-        for path in walk(root, exclude):
+        for path in walk(root):
             read_dir(path, found)
         if len(found.sources) == before:
             skipped = "".join(f"; skipped {p} ({why})" for p, why in found.skipped if _under(p, root))
@@ -89,12 +89,10 @@ def scan(run_dirs: list, exclude: str | None = None) -> Found:
     return found
 
 
-def walk(root: str, exclude: str | None):
+def walk(root: str):
     """Dirs under root (root included) that hold a file some tool writes; not TensorBoard or hidden dirs."""
-    exclude = os.path.realpath(exclude) if exclude else None
     for path, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(".")
-                         and os.path.realpath(os.path.join(path, d)) != exclude)
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
         if {"results.json", "log.txt", "test_metrics.json"} & set(files):
             yield path
 
@@ -460,7 +458,7 @@ def loss_plot(run: LossRun, path: str) -> None:
     plt.close(fig)
 
 
-def grouped_bars(groups: list, series: dict, path: str, title: str, ylabel: str) -> None:
+def grouped_bars(groups: list, series: dict, path: str, title: str, xlabel: str, ylabel: str) -> None:
     """Bars of series {name: [value or None per group]} side by side within each group."""
     plt = _pyplot()
     n = max(len(series), 1)
@@ -472,8 +470,9 @@ def grouped_bars(groups: list, series: dict, path: str, title: str, ylabel: str)
         bars = ax.bar(xs, [v for v in values if v is not None], width, label=name, color=colours[i % 10])
         if len(groups) * n <= 40:  # values on the bars while they stay readable
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    tilt = len(groups) > 4 or max(map(len, groups)) > 12  # dataset names overlap unless tilted
+    tilt = len(groups) > 4 or max(map(len, groups)) > 16  # dataset names overlap unless tilted
     ax.set_xticks(range(len(groups)), groups, rotation=20 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=10)
@@ -498,14 +497,16 @@ def probe_bars(found: Found, path: str) -> bool:
         groups.append("fine-grained mean (12)")
         for label, values in series.items():
             values.append(means[label])
-    grouped_bars(groups, series, path, "Frozen-feature probes (linear_eval, fine_grained)", "test score (%)")
+    grouped_bars(groups, series, path, "Frozen-feature probes (linear_eval, fine_grained)", "probe / dataset",
+                 "test score (%)")
     return True
 
 
 def demo_bars(scores: dict, path: str) -> None:
     datasets = list(scores)
     series = {label: [scores[d][m] for d in datasets] for m, label in DEMO_MODELS.items()}
-    grouped_bars(datasets, series, path, "Demo: logistic-regression probe on frozen features", "test accuracy (%)")
+    grouped_bars(datasets, series, path, "Demo: logistic-regression probe on frozen features", "dataset",
+                 "test accuracy (%)")
 
 
 # ==========================================================================================================
@@ -602,7 +603,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @cli("common.report")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    found = scan(args.run_dirs, exclude=args.output)  # refuses a dir with nothing to report before writing
+    found = scan(args.run_dirs)  # refuses a dir with nothing to report before writing anything
     os.makedirs(args.output, exist_ok=True)
     figures = make_figures(found, args.output)
     report = os.path.join(args.output, "report.md")
