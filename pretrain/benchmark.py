@@ -14,10 +14,12 @@ stored in the JSON. An explicit bf16 on a CPU without native bf16 runs, emulated
 
 FLOPs come from torch.utils.flop_counter on one step (matmuls, convolutions, attention). MFU = achieved
 FLOP/s / peak: on GPU the device's dense bf16 (or fp32) data-sheet peak from the table below, else a
-measured matmul peak; on CPU a measured 1024^2 matmul peak in the run's dtype (best of the two operand
-layouts a @ b and a @ b^T: without native bf16, ATen's fallback bf16 GEMM is about 7x faster on the
-second, and a 2048^2 a @ b took minutes). Peak memory: CUDA max allocated; CPU: the process's peak
-resident set size (includes Python and torch).
+measured matmul peak; on CPU a measured 1024^2 matmul peak in the run's dtype (best of the operand layouts
+a @ b, a @ b^T and a^T @ b: without native bf16, ATen's fallback bf16 GEMM runs a @ b at about 1 GFLOP/s
+and the other two 15-35x faster; a 2048^2 a @ b peak took 10 minutes there). Peak memory: CUDA max allocated; CPU: the process's peak
+resident set size (includes Python and torch). `CPU ms/step` is the process's CPU time per timed step (all
+threads): on a shared machine, where wall time depends on the neighbours, `--threads 1` makes it the
+steadier measure of the work a step needs.
 
 --ablations starts from an original-Proteus-like step (fp32, attention without SDPA, the masked view run
 for the whole batch as a second pass, foreach AdamW) and adds one speed-up at a time; under bf16/fp16 it
@@ -70,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup steps)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--mask-probability", type=float, default=0.5)
     p.add_argument("--mask-ratio", type=float, nargs="+", default=[0.5])
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
@@ -86,7 +89,8 @@ def parse_args(argv=None):
 def validate(a) -> None:
     """ConfigError for any setting the benchmark cannot time; prepares the --json folder."""
     for flag, value, low in (("--steps", a.steps, 1), ("--warmup", a.warmup, 0), ("--batch-size", a.batch_size, 1),
-                             ("--input-size", a.input_size, 1), ("--patch-size", a.patch_size, 1)):
+                             ("--input-size", a.input_size, 1), ("--patch-size", a.patch_size, 1),
+                             ("--threads", a.threads, 0)):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
     cfg = {"student": a.student, "student_kwargs": a.student_kwargs, "input_size": a.input_size,
@@ -175,8 +179,6 @@ def build_trainer(a, variant: dict, teacher: models.Teacher, device: torch.devic
     for m in distiller.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = variant["sdpa"]
-    if variant["compile"]:
-        distiller.student.compile()
     groups = optim.param_groups(distiller, 0.05)
     opt = optim.build_adamw(groups, 1e-4, fused={"auto": None, "on": True, "off": False}[variant["fused_adamw"]])
     sched = optim.build_cosine_schedule(opt, 1000, 10, 1e-5, 1e-6)
@@ -188,6 +190,14 @@ def build_trainer(a, variant: dict, teacher: models.Teacher, device: torch.devic
                       MetricLogger(None), grids={a.teacher: (a.input_size // teacher.patch_size,) * 2})
     tr.teacher_autocast = variant["teacher_autocast"]
     return tr
+
+
+def compile_step(tr: Trainer, teacher: models.Teacher) -> None:
+    """torch.compile the student (in place, as pretrain.main) and, once, the shared teacher."""
+    tr.distiller.student.compile()
+    if not getattr(teacher, "bench_compiled", False):  # compile variants come last (variants()): never undone
+        teacher.backbone.compile()
+        teacher.bench_compiled = True
 
 
 def prepare_teacher(teacher: models.Teacher, variant: dict, device: torch.device) -> None:
@@ -257,38 +267,43 @@ def measured_matmul_peak(device: torch.device, precision: str) -> tuple[float, s
     n = 4096 if device.type == "cuda" else CPU_PEAK_N
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
-    for rhs in (b, b.t()):  # F.linear's layout is a @ b^T; ATen's fallback GEMM differs a lot between the two
+    for lhs, rhs in ((a, b), (a, b.t()), (a.t(), b)):  # ATen's fallback bf16 GEMM differs 30x between layouts
         spent, t = 0.0, []
         for rep in range(6):  # rep 0 warms up
             with timed(device, t):
-                a @ rhs
+                lhs @ rhs
             spent += t[-1]
             if rep:
                 best = max(best, 2 * n ** 3 / t[-1])
             if spent > PEAK_BUDGET_S and rep:
                 break
     return best, (f"measured {n}x{n} {precision} matmul peak on {device.type} ({torch.get_num_threads()} "
-                  f"threads, best of a@b and a@b^T)")
+                  f"threads, best of a@b, a@b^T, a^T@b)")
 
 
 def run_variant(a, variant: dict, teacher: models.Teacher, device: torch.device) -> dict:
     prepare_teacher(teacher, variant, device)
     tr = build_trainer(a, variant, teacher, device)
     x = torch.randn(a.batch_size, 3, a.input_size, a.input_size, device=device)
+    flops = step_flops(tr, x)  # before compiling: the counter sees eager aten ops, not compiled kernels
+    if variant["compile"]:
+        compile_step(tr, teacher)
     for _ in range(a.warmup):
         one_step(tr, x)
-    flops = step_flops(tr, x)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = {"teacher": [], "student": [], "optimizer": []}
+    cpu0 = time.process_time()
     for _ in range(a.steps):
         one_step(tr, x, times)
+    cpu_ms = 1e3 * (time.process_time() - cpu0) / a.steps
     ms = {k: 1e3 * sum(v) / len(v) for k, v in times.items()}
     step_s = sum(ms.values()) / 1e3
     mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     peak, peak_desc = matmul_peak(device, variant["precision"])
     return {"variant": variant["name"], "img_per_s": a.batch_size / step_s, "ms_step": step_s * 1e3,
+            "cpu_ms_step": cpu_ms,
             "ms_teacher": ms["teacher"], "ms_student": ms["student"], "ms_optimizer": ms["optimizer"],
             "peak_mem_gib": mem / 2**30, "tflop_per_step": flops / 1e12, "tflops_per_s": flops / step_s / 1e12,
             "mfu": flops / step_s / peak, "peak_tflops": peak / 1e12, "peak_source": peak_desc,
@@ -329,11 +344,12 @@ def variants(a, precision: str, device: torch.device) -> list[dict]:
 def print_table(results: list[dict], a, device: torch.device) -> None:
     print(f"\n{a.student}/{a.patch_size} <- {a.teacher}, batch {a.batch_size}, {a.input_size}px, {device}, "
           f"{a.steps} steps; MFU vs each row's peak: {results[-1]['peak_source']}")
-    print("| variant | img/s | ms/step | teacher ms | student ms | optimizer ms | peak mem GiB | TFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| variant | img/s | ms/step | CPU ms/step | teacher ms | student ms | optimizer ms | peak mem GiB | "
+          "TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['variant']} | {r['img_per_s']:.2f} | {r['ms_step']:.1f} | {r['ms_teacher']:.1f} | "
-              f"{r['ms_student']:.1f} | {r['ms_optimizer']:.1f} | {r['peak_mem_gib']:.2f} | "
+        print(f"| {r['variant']} | {r['img_per_s']:.2f} | {r['ms_step']:.1f} | {r['cpu_ms_step']:.0f} | "
+              f"{r['ms_teacher']:.1f} | {r['ms_student']:.1f} | {r['ms_optimizer']:.1f} | {r['peak_mem_gib']:.2f} | "
               f"{r['tflops_per_s']:.3f} | {100 * r['mfu']:.1f}% |")
 
 
@@ -350,13 +366,13 @@ def hardware(device: torch.device) -> dict:
 def main(argv=None) -> int:
     a = parse_args(argv)
     validate(a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
     precision, reason = resolve_precision(a.precision, device)
     print(f"pretrain.benchmark: precision {precision} ({reason})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         teacher = random_teacher(a.teacher, a.teacher_checkpoint, a.input_size, tmp)
-    if a.compile:
-        teacher.backbone.compile()
     results = [run_variant(a, v, teacher, device) for v in variants(a, precision, device)]
     print_table(results, a, device)
     headline = next(r for r in results if r["headline"])

@@ -36,20 +36,22 @@ def test_json_into_a_missing_folder_is_created_with_the_resolved_precision(tmp_p
     row = summary["results"][0]
     assert row["precision"] == "fp32" and row["img_per_s"] > 0 and row["tflop_per_step"] > 0
     assert row["ms_step"] == pytest.approx(row["ms_teacher"] + row["ms_student"] + row["ms_optimizer"])
+    assert row["cpu_ms_step"] > 0 and summary["threads"] == 1  # the one_thread fixture's setting
 
 
 def test_auto_picks_bf16_on_a_cpu_with_native_bf16(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PROTEUS_CPU_BF16", "1")
     out = tmp_path / "bench.json"
-    assert benchmark.main(TINY + ["--json", str(out)]) == 0
+    assert benchmark.main(TINY + ["--threads", "2", "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
+    assert summary["threads"] == 2 and summary["config"]["threads"] == 2
     assert summary["precision"] == "bf16" and summary["results"][0]["precision"] == "bf16"
     assert "precision bf16 (auto: PROTEUS_CPU_BF16=1)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--steps", "-2"), ("--batch-size", "0"),
                                         ("--batch-size", "-4"), ("--warmup", "-1"), ("--input-size", "0"),
-                                        ("--input-size", "30"), ("--mask-probability", "1.5"),
+                                        ("--input-size", "30"), ("--mask-probability", "1.5"), ("--threads", "-1"),
                                         ("--student", "vit_huge"), ("--teacher", "dinov9"),
                                         ("--student-kwargs", "depth=0"), ("--patch-size", "16"),
                                         ("--teacher-checkpoint", "/no/such/teacher.pth")])
@@ -119,5 +121,5 @@ def test_teacher_outside_autocast_gives_exact_fp32_targets(tmp_path):
 
 def test_measured_cpu_peak_is_cached_per_dtype():
     first = benchmark.matmul_peak(torch.device("cpu"), "fp32")
-    assert first[0] > 0 and "best of a@b and a@b^T" in first[1]
+    assert first[0] > 0 and "best of a@b, a@b^T, a^T@b" in first[1]
     assert benchmark.matmul_peak(torch.device("cpu"), "fp32") is first
