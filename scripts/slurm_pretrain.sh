@@ -7,6 +7,8 @@
 # again"). The trap then requeues the job; the requeued job runs the same command and resumes from
 # --output-dir. torchrun gives workers 30 s after forwarding a signal: enough for one step + one save.
 # Exit codes of pretrain.main: 0 done, 75 preempted (requeue), 3 non-finite loss (do not requeue), 2 bad config.
+# The global batch is the original's 512 whatever the node and GPU count (GLOBAL_BATCH; a later
+# --global-batch-size in the arguments wins); nodes x GPUS_PER_NODE must divide it.
 #SBATCH --job-name=proteus
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -31,11 +33,14 @@ requeue() {
 trap requeue USR1
 
 srun --kill-on-bad-exit=1 torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$GPUS_PER_NODE" \
+  --max-restarts="${MAX_RESTARTS:-0}" \
   --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
-  -m pretrain.main "$@" &
+  -m pretrain.main --global-batch-size "${GLOBAL_BATCH:-512}" "$@" &
 SRUN_PID=$!
 wait "$SRUN_PID"
 STATUS=$?
 # torchrun reports any worker failure (75 included) as its own exit 1, so requeueing is the trap's job.
-# Inside one allocation, torchrun --max-restarts=N restarts failed workers, which resume by themselves.
+# torchrun --max-restarts=N would restart the workers after ANY non-zero exit, 2 (bad config) and 3
+# (non-finite loss) included, which only fail again: 0 by default; MAX_RESTARTS=N for flaky nodes
+# (restarted workers resume from the checkpoint by themselves).
 exit "$STATUS"
