@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 CHOICES = ("auto", "bf16", "fp16", "fp32")
 # /proc/cpuinfo flags meaning "native bf16 matmul" on x86 (AVX512_BF16: Cooper Lake, Zen 4+; AMX: SPR+)
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# ONEDNN_MAX_CPU_ISA values that keep oneDNN's bf16 kernels (any lower cap emulates bf16)
+ONEDNN_BF16_ISAS = ("ALL", "DEFAULT", "AVX2_VNNI_2", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
+                    "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16",
+                    "AVX10_2_512", "AVX10_2_512_AMX_2")
 
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
@@ -39,6 +43,10 @@ def cpu_native_bf16() -> tuple[bool, str]:
         return forced == "1", f"PROTEUS_CPU_BF16={forced}"
     flags = cpu_flags()
     found = [f for f in NATIVE_BF16_FLAGS if f in flags]
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if found and cap and cap not in ONEDNN_BF16_ISAS:
+        # oneDNN (the bf16 GEMM path) is capped below its bf16 kernels: bf16 is emulated as on AVX2 CPUs
+        return False, f"CPU has {', '.join(found)} but ONEDNN_MAX_CPU_ISA={cap} disables oneDNN's bf16 kernels"
     if found:
         return True, f"CPU has native bf16 ({', '.join(found)})"
     if "bf16" in flags:  # ARMv8.6 BF16 extension (the Features line)

@@ -79,8 +79,8 @@ CONFIG = {
         "teacher_norm": ("auto", "per-teacher target normalisation: phi-s (PHI-S, RADIO), none, or auto "
                                  "(phi-s with several teachers, none with one)"),
         "teacher_norm_batches": (8, "training batches that estimate the PHI-S statistics at the start"),
-        "teacher_dtype": ("auto", "teacher weights: auto (bf16 on GPU under bf16/fp16, else fp32), fp32 (the "
-                                  "original), bf16"),
+        "teacher_dtype": ("auto", "teacher weights: auto (on GPU the autocast dtype, bf16 or fp16; else fp32), "
+                                  "fp32 (the original), bf16"),
         "student": ("vit_small", "student: vit_tiny, vit_small, vit_base, vit_large (DINOv2 ViT) or timm:<name> "
                                  "(any timm model, random init)"),
         "student_kwargs": ("", "size overrides: depth=2,embed_dim=64,num_heads=2 or JSON as --model-kwargs of the evals"),
@@ -449,7 +449,8 @@ def teacher_weight_dtype(cfg: dict, device: torch.device) -> torch.dtype:
     if choice == "bf16":
         return torch.bfloat16
     if choice == "auto" and device.type == "cuda" and cfg["precision"] != "fp32":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # the autocast dtype itself: bf16 weights under fp16 autocast mix dtypes in the token concat
+        return torch.bfloat16 if cfg["precision"] == "bf16" else torch.float16
     return torch.float32
 
 

@@ -339,7 +339,13 @@ def test_cpu_capability_decision_reads_the_flags(monkeypatch, tmp_path, caplog):
     assert "no native bf16" in precision.resolve_precision("auto", "cpu")[1]
     assert precision.resolve_precision("bf16", "cpu")[0] == "bf16" and "emulated" in caplog.text
     monkeypatch.setattr(precision, "cpu_flags", lambda: real(str(amx)))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     assert precision.resolve_precision("auto", "cpu") == ("bf16", "auto: CPU has native bf16 (avx512_bf16, amx_bf16)")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN capped below its bf16 kernels: emulated again
+    assert precision.resolve_precision("auto", "cpu")[0] == "fp32"
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in precision.resolve_precision("auto", "cpu")[1]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert precision.resolve_precision("auto", "cpu")[0] == "bf16"
 
 
 def test_teacher_dtype_choices():
@@ -349,6 +355,8 @@ def test_teacher_dtype_choices():
     assert dt({"teacher_dtype": "fp32", "precision": "bf16"}, cuda) == torch.float32  # the original
     assert dt({"teacher_dtype": "bf16", "precision": "fp32"}, cpu) == torch.bfloat16
     assert dt({"teacher_dtype": "auto", "precision": "fp32"}, cuda) == torch.float32
+    assert dt({"teacher_dtype": "auto", "precision": "bf16"}, cuda) == torch.bfloat16
+    assert dt({"teacher_dtype": "auto", "precision": "fp16"}, cuda) == torch.float16  # never bf16 under fp16
 
 
 def test_logged_training_loss_is_the_mean_over_the_log_window(tmp_path, tiny_data, teacher_ckpt):
