@@ -763,19 +763,7 @@ def train(cfg: dict, info: DistInfo) -> int:
         ckpt, ckpt_path = find_resume_checkpoint(cfg, info)
         cfg = check_resume_config(cfg, ckpt, ckpt_path)
         seed_everything(cfg["seed"] + info.rank)
-        loader, loader_gen, steps_per_epoch, pca_batch = build_data(cfg, info)
-        check_steps_per_epoch(cfg, ckpt, steps_per_epoch)
-        cfg["steps_per_epoch"] = steps_per_epoch
-        teachers = build_teachers(cfg, info.device)
-        grid = distillation_grid(cfg, teachers)
-        distiller, model = build_model(cfg, teachers, grid, info)
-        optimizer, scheduler, scaler, ema = build_optimisation(cfg, distiller, steps_per_epoch)
-        mask_gen = MaskGenerator(grid[0] * grid[1], cfg["mask_probability"] if distiller.masked_view else 0.0,
-                                 cfg["mask_ratio"], seed=cfg["seed"] + info.rank)
-        metrics = MetricLogger(cfg["output_dir"], enabled=info.is_main)
-        trainer = Trainer(cfg, info, distiller, model, teachers, ema, optimizer, scheduler, scaler, mask_gen, loader,
-                          loader_gen, steps_per_epoch, metrics, pca_batch=pca_batch, preempt=preempt,
-                          grids=teacher_grids(cfg, teachers), normaliser=build_normaliser(cfg, teachers))
+        trainer = build_trainer(cfg, info, ckpt, preempt)
         resume(trainer, ckpt, ckpt_path, info)
         del ckpt
         fit_teacher_norm(trainer, cfg)
@@ -783,6 +771,23 @@ def train(cfg: dict, info: DistInfo) -> int:
         return run(trainer, cfg, info)
     finally:
         preempt.restore()
+
+
+def build_trainer(cfg: dict, info: DistInfo, ckpt: dict | None, preempt: PreemptionFlag) -> Trainer:
+    """Data, teachers, student + heads, optimisation and masks, in the order their RNG use requires."""
+    loader, loader_gen, steps_per_epoch, pca_batch = build_data(cfg, info)
+    check_steps_per_epoch(cfg, ckpt, steps_per_epoch)
+    cfg["steps_per_epoch"] = steps_per_epoch
+    teachers = build_teachers(cfg, info.device)
+    grid = distillation_grid(cfg, teachers)  # (gh, gw): every target lives on it
+    distiller, model = build_model(cfg, teachers, grid, info)
+    optimizer, scheduler, scaler, ema = build_optimisation(cfg, distiller, steps_per_epoch)
+    mask_gen = MaskGenerator(grid[0] * grid[1], cfg["mask_probability"] if distiller.masked_view else 0.0,
+                             cfg["mask_ratio"], seed=cfg["seed"] + info.rank)
+    metrics = MetricLogger(cfg["output_dir"], enabled=info.is_main)
+    return Trainer(cfg, info, distiller, model, teachers, ema, optimizer, scheduler, scaler, mask_gen, loader,
+                   loader_gen, steps_per_epoch, metrics, pca_batch=pca_batch, preempt=preempt,
+                   grids=teacher_grids(cfg, teachers), normaliser=build_normaliser(cfg, teachers))
 
 
 def run(trainer: Trainer, cfg: dict, info: DistInfo) -> int:
