@@ -7,6 +7,7 @@ arrays, not torchvision datasets, so there are no md5 checks and no download cod
 
     python -m fine_grained.datasets make-caltech101-splits ROOT   # writes ROOT/{train,test}.txt
 """
+import codecs
 import hashlib
 import json
 import os
@@ -110,6 +111,8 @@ class DatasetSpec:
     def load(self, root: str) -> Parsed:
         try:
             return self.parse(root)
+        except UnsafePickleError:
+            raise  # a planted file, not a layout problem: the layout text would only distract
         # what a missing, truncated or malformed file raises in the parsers (a truncated pickle: EOFError)
         except (OSError, KeyError, ValueError, IndexError, EOFError, pickle.UnpicklingError) as e:
             if isinstance(e, DatasetLayoutError):
@@ -193,9 +196,54 @@ def parse_cars(root):
                   split(os.path.join(base, "cars_test_annos_withlabels.mat"), "cars_test"))
 
 
-def _unpickle(path):
+class UnsafePickleError(DataError):
+    """A CIFAR file that names a global outside `_CifarUnpickler`'s list (it could run code): refused."""
+
+
+def _numpy_globals() -> dict:
+    """What numpy arrays in a pickle refer to, under both module names (numpy 1.x `core`, 2.x `_core`)."""
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:
+        from numpy.core import multiarray, numeric
+    found = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core", "numpy._core"):
+        found[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct  # protocol <= 4
+        found[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+    return found
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Resolves only the globals that CIFAR's python pickles (numpy arrays in dicts and lists) need.
+
+    Plain `pickle.load` calls whatever a file names, so a planted `cifar-10-batches-py/data_batch_1`
+    could run a shell command; the official files (Python 2 protocol 2) need only numpy's array
+    reconstruction. `_codecs.encode` and `bytes` are how Python 3 writes bytes at protocol 2.
+    """
+
+    ALLOWED = {**_numpy_globals(), ("_codecs", "encode"): codecs.encode, ("builtins", "bytes"): bytes}
+
+    def __init__(self, f, path: str):
+        super().__init__(f, encoding="latin1")  # Python 2 str -> str; numpy re-encodes array bytes
+        self.path = path
+
+    def find_class(self, module, name):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"refused to load {self.path}: it names the global {module}.{name}, which a CIFAR file "
+                f"never needs (only numpy arrays, lists and dicts) and which could run code; replace the "
+                f"file with the official one from https://www.cs.toronto.edu/~kriz/cifar.html") from None
+
+
+def _unpickle(path) -> dict:
     with open(_need(path, "file"), "rb") as f:
-        return pickle.load(f, encoding="latin1")
+        data = _CifarUnpickler(f, path).load()
+    if not isinstance(data, dict):
+        raise DatasetLayoutError(f"{path} holds a {type(data).__name__}, not a CIFAR dict")
+    # bytes keys: a file re-pickled by Python 3 from one loaded with encoding="bytes"
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in data.items()}
 
 
 def _cifar(root, folder, train_files, test_files, label_key, meta_file, names_key):

@@ -1,9 +1,11 @@
 """fine_grained/: every on-disk format parsed from synthetic roots, the metrics against hand-computed
 values, the layout error, and end-to-end runs (colour classes, VOC multi-label, feature cache)."""
+import io
 import json
 import os
 import pickle
 import shutil
+import struct
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -120,11 +122,34 @@ def make_cars(root, rng):
     return {"classes": 2, "train": 2, "val": None, "test": 1, "first_train_label": 1}
 
 
-def _cifar_batch(path, n, label_key, rng, num_classes):
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 `str` opcodes, as in the official CIFAR files (Python 2 cPickle, protocol 2)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        n = len(obj)
+        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256
+                   else pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+
+def _py2_pickle(path, obj):
+    """`obj` pickled as Python 2 wrote it: bytes as `str`, numpy under its 1.x module name."""
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
-        pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
-                     label_key: [i % num_classes for i in range(n)]}, f)
+        f.write(buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+
+
+def _cifar_batch(path, n, label_key, rng, num_classes):
+    _py2_pickle(path, {b"batch_label": b"training batch 1 of 5",
+                       label_key.encode(): [i % num_classes for i in range(n)],
+                       b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                       b"filenames": [f"img_{i}.png".encode() for i in range(n)]})
 
 
 def make_cifar10(root, rng):
@@ -132,8 +157,8 @@ def make_cifar10(root, rng):
     for i in range(1, 6):
         _cifar_batch(os.path.join(base, f"data_batch_{i}"), 2, "labels", rng, 10)
     _cifar_batch(os.path.join(base, "test_batch"), 3, "labels", rng, 10)
-    with open(os.path.join(base, "batches.meta"), "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    _py2_pickle(os.path.join(base, "batches.meta"), {b"label_names": [f"c{i}".encode() for i in range(10)],
+                                                     b"num_cases_per_batch": 10000, b"num_vis": 3072})
     return {"classes": 10, "train": 10, "val": None, "test": 3, "first_train_label": 0}
 
 
@@ -141,8 +166,8 @@ def make_cifar100(root, rng):
     base = os.path.join(root, "cifar-100-python")
     _cifar_batch(os.path.join(base, "train"), 4, "fine_labels", rng, 100)
     _cifar_batch(os.path.join(base, "test"), 2, "fine_labels", rng, 100)
-    with open(os.path.join(base, "meta"), "wb") as f:
-        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
+    _py2_pickle(os.path.join(base, "meta"), {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+                                             b"coarse_label_names": [f"s{i}".encode() for i in range(20)]})
     return {"classes": 100, "train": 4, "val": None, "test": 2, "first_train_label": 0}
 
 
@@ -284,6 +309,55 @@ def test_malformed_root_names_the_layout(tmp_path):
     os.remove(tmp_path / "fgvc-aircraft-2013b" / "data" / "images_variant_val.txt")
     with pytest.raises(DatasetLayoutError, match="images_variant_val.txt"):
         DATASETS["aircraft"].load(str(tmp_path))
+
+
+def test_cifar_fixture_is_in_the_official_format(tmp_path):
+    """The files load as the CIFAR page says (encoding="bytes": bytes keys), and the images round-trip."""
+    make_cifar10(str(tmp_path), np.random.default_rng(0))
+    base = tmp_path / "cifar-10-batches-py"
+    with open(base / "data_batch_1", "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    assert set(batch) == {b"batch_label", b"labels", b"data", b"filenames"}
+    assert batch[b"data"].dtype == np.uint8 and batch[b"data"].shape == (2, 3072)
+    assert b"numpy.core.multiarray" in (base / "data_batch_1").read_bytes()  # the name numpy 1.x wrote
+    parsed = DATASETS["cifar10"].load(str(tmp_path))
+    assert parsed.classes[:2] == ["c0", "c1"]
+    assert np.array_equal(np.asarray(parsed.train[0][0]), batch[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_re_pickled_by_python3_loads(tmp_path, protocol):
+    """A file re-saved by Python 3 (bytes keys; protocol 2 writes bytes via _codecs, 5 arrays via _frombuffer)."""
+    make_cifar10(str(tmp_path), np.random.default_rng(0))
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
+    parsed = DATASETS["cifar10"].load(str(tmp_path))
+    assert len(parsed.test) == 3 and np.array_equal(parsed.test.images.reshape(3, -1),
+                                                    batch[b"data"].reshape(3, 3, 32, 32).transpose(0, 2, 3, 1)
+                                                    .reshape(3, -1))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_pickle_payload_is_refused_without_running(tmp_path, capsys):
+    make_cifar10(str(tmp_path), np.random.default_rng(0))
+    marker = tmp_path / "MARK"
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(pickle.dumps({"data": _Payload(marker), "labels": [0]}, protocol=2))
+    rc = fg_main.main(["--dataset", "cifar10", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+                       "--arch", "vit_tiny", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not marker.exists()
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert str(path) in err and "posix.system" in err and "refused" in err
 
 
 def test_holdout_split_is_the_seeded_80_20():
