@@ -21,6 +21,8 @@ graph is run by onnxruntime on random inputs at two batch sizes and on the image
 each output, max |onnx - torch| / max |torch| must stay within --tolerance (default 1e-4). Float32
 kernels that sum in another order differ by about 1e-6 of the feature scale; a changed weight or a
 mistranslated op shows up far above 1e-4.
+--overwrite replaces a file, or a folder an earlier `--to timm` wrote (its config.json says
+`"exported_by": "models.export"` and it holds only the three files); any other folder is refused.
 Exit codes: 0 done; 2 a user error (one message, no traceback); 3 a failed self-check (PATH not written).
 """
 import argparse
@@ -30,6 +32,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -60,6 +63,9 @@ CARD_RECIPE = ("teacher", "teacher_weight", "objectives", "lambda_token", "lambd
                "precision", "data_path", "single_image", "git_sha")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_CHECK_IMAGES = 16
+# What `--to timm` writes; config.json carries EXPORT_MARK so that --overwrite knows the folder is ours.
+TIMM_FILES = ("config.json", "model.safetensors", "README.md")
+EXPORT_MARK = "exported_by"
 
 
 class CheckFailed(RuntimeError):
@@ -194,8 +200,7 @@ def random_images(img_size: int, batch: int, seed: int = 0) -> torch.Tensor:
 def staged(output: str, overwrite: bool):
     """Yield a temporary sibling of `output`; it replaces `output` only if the block finishes."""
     output = os.path.abspath(output)
-    if os.path.lexists(output) and not overwrite:
-        raise ConfigError(f"--output {output} exists; pass --overwrite to replace it, or choose another path")
+    check_replaceable(output, overwrite)
     os.makedirs(os.path.dirname(output), exist_ok=True)
     tmp = f"{output}.tmp-{os.getpid()}"
     _remove(tmp)
@@ -205,6 +210,55 @@ def staged(output: str, overwrite: bool):
         os.replace(tmp, output)
     finally:
         _remove(tmp)
+
+
+def check_replaceable(output: str, overwrite: bool) -> None:
+    """--overwrite replaces a file or a timm folder this tool wrote, never any other folder (rmtree)."""
+    if not os.path.lexists(output):
+        return
+    if not overwrite:
+        raise ConfigError(f"--output {output} exists; pass --overwrite to replace it, or choose another path")
+    if not os.path.isdir(output) or os.path.islink(output):
+        return  # a file or a link: replacing it removes only that entry
+    config = os.path.join(output, "config.json")
+    foreign = sorted(set(os.listdir(output)) - set(TIMM_FILES))
+    if not _exported_here(config) or foreign:
+        why = f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which models.export " \
+              f"does not write" if foreign else f"it has no {EXPORT_MARK!r} in config.json"
+        raise ConfigError(f"--output {output} is a folder that models.export did not write ({why}); --overwrite "
+                          f"only replaces a file or an earlier timm export. Choose another path, or remove the "
+                          f"folder yourself if it is yours to delete")
+
+
+def _exported_here(config_path: str) -> bool:
+    try:
+        with open(config_path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get(EXPORT_MARK) == PROG
+
+
+def check_writable(output: str) -> None:
+    """Refuse an --output whose folder cannot be created or written, before the model is built."""
+    folder = os.path.dirname(os.path.abspath(output))
+    missing, parent = [], folder
+    while not os.path.lexists(parent):  # the folders the probe creates, removed again after it
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        for path in reversed(missing):
+            os.mkdir(path)
+        fd, probe = tempfile.mkstemp(prefix=".export-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f"cannot write --output {output}: its folder {folder} cannot be created or written "
+                          f"({err.strerror or err}); choose a path in a folder you can write") from None
+    finally:
+        for path in missing:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
 
 def _remove(path: str) -> None:
@@ -269,6 +323,7 @@ def forget_timm_release(config_path: str) -> str:
         cfg = json.load(f)
     for key in TIMM_SOURCE_FIELDS:
         cfg["pretrained_cfg"].pop(key, None)
+    cfg[EXPORT_MARK] = PROG  # timm ignores unknown top-level keys
     with open(config_path, "w") as f:
         json.dump(cfg, f, indent=2)
     return cfg["architecture"]
@@ -512,8 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """What can be refused before the checkpoint is read."""
-    if os.path.lexists(args.output) and not args.overwrite:
-        raise ConfigError(f"--output {args.output} exists; pass --overwrite to replace it, or choose another path")
+    check_replaceable(os.path.abspath(args.output), args.overwrite)
+    check_writable(args.output)
     if args.check_images and args.to != "onnx":
         raise ConfigError("--check-images is for --to onnx (the timm and DINOv2 exports are checked bit for bit)")
     if args.check_images and not os.path.isdir(args.check_images):

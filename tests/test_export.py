@@ -9,6 +9,7 @@ with the timm model's own keys).
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import types
@@ -317,6 +318,56 @@ def test_user_errors_exit_2_with_one_message(vit_run, timm_run, tmp_path, capsys
     assert rc == 2 and err.startswith("models.export: error: ") and expected in err, err
     assert not out.exists() and os.listdir(tmp_path / "taken") == []
     assert sorted(os.listdir(tmp_path)) == ["lonely", "taken"]  # no temporary left behind
+
+
+def _user_folder(path) -> str:
+    os.makedirs(path)
+    with open(os.path.join(path, "precious.txt"), "w") as f:
+        f.write("precious")
+    return str(path)
+
+
+@pytest.mark.parametrize("to, target", [("dinov2", "user_dir"), ("timm", "user_dir"), ("timm", "run_dir"),
+                                        ("onnx", "export_plus_user_file")])
+def test_overwrite_never_deletes_a_folder_it_did_not_write(vit_run, tmp_path, capsys, to, target):
+    run = shutil.copytree(vit_run, tmp_path / "run")
+    if target == "user_dir":
+        out = _user_folder(tmp_path / "mine")
+    elif target == "run_dir":
+        out = str(run)
+    else:  # an earlier timm export, to which the user added a file
+        out = str(tmp_path / "exported")
+        assert run_export(capsys, f"{run}/checkpoint.pth", "--to", "timm", "--output", out)[0] == 0
+        with open(os.path.join(out, "precious.txt"), "w") as f:
+            f.write("precious")
+    before = sorted(os.listdir(out))
+    rc, _, err = run_export(capsys, f"{run}/checkpoint.pth", "--to", to, "--output", out, "--overwrite")
+    assert rc == 2 and err.count("error:") == 1 and "did not write" in err, err
+    assert sorted(os.listdir(out)) == before  # the run dir keeps checkpoint.pth, config.json, ...
+    if target != "run_dir":
+        assert open(os.path.join(out, "precious.txt")).read() == "precious"
+
+
+def test_overwrite_replaces_an_earlier_timm_export(vit_run, tmp_path, capsys):
+    out = tmp_path / "proteus_tiny"
+    assert run_export(capsys, f"{vit_run}/checkpoint.pth", "--to", "timm", "--output", out)[0] == 0
+    assert json.loads((out / "config.json").read_text())["exported_by"] == "models.export"
+    first = (out / "model.safetensors").read_bytes()
+    rc, _, err = run_export(capsys, f"{vit_run}/checkpoint.pth", "--to", "timm", "--output", out, "--ema",
+                            "--overwrite")
+    assert rc == 0, err
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() != first  # the EMA weights replaced the student's
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_unwritable_output_fails_before_the_model_is_built(vit_run, tmp_path, capsys, monkeypatch, where):
+    (tmp_path / "afile").write_text("x")
+    out = {"under_a_file": tmp_path / "afile" / "sub" / "x.pth", "proc": "/proc/proteus-export-test/x.pth"}[where]
+    monkeypatch.setattr(export, "read_source", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    rc, stdout, err = run_export(capsys, f"{vit_run}/checkpoint.pth", "--to", "dinov2", "--output", out)
+    assert rc == 2 and err.count("\n") == 1 and f"cannot write --output {out}" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["afile"] and not os.path.exists("/proc/proteus-export-test")
 
 
 def test_command_line_entry_point(tmp_path):
