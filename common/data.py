@@ -34,11 +34,21 @@ def check_image_folder(root: str, what: str = "dataset") -> None:
         loose = [e.name for e in os.scandir(root) if e.is_file()][:3]
         hint = f" (found loose files such as {loose}: put them in class sub-folders)" if loose else ""
         raise ValueError(f"{what} root {root!r} has no class sub-folders{hint}; {LAYOUT_HELP}")
-    for c in classes:
-        for _, _, files in os.walk(os.path.join(root, c), followlinks=True):
-            if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
-                return
-    raise ValueError(f"{what} root {root!r} has {len(classes)} class folders but no image files; {LAYOUT_HELP}")
+    empty = [c for c in classes if not _has_image(os.path.join(root, c))]
+    if len(empty) == len(classes):
+        raise ValueError(f"{what} root {root!r} has {len(classes)} class folders but no image files; {LAYOUT_HELP}")
+    if empty:
+        shown = ", ".join(empty[:5]) + (f", ... ({len(empty)} in all)" if len(empty) > 5 else "")
+        raise DataError(f"{what} root {root!r}: class folder(s) without any image: {shown}. Remove them or add "
+                        f"images (every folder under the root is a class)")
+
+
+def _has_image(folder: str) -> bool:
+    """True at the first image file found below `folder` (stops early: cheap on large classes)."""
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
+            return True
+    return False
 
 
 class BadImageError(DataError, RuntimeError):
@@ -159,8 +169,12 @@ def list_images(source: str) -> list[str]:
         paths = sorted(e.path for e in os.scandir(source) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
     else:
         base = os.path.dirname(os.path.abspath(source))
-        with open(source) as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        try:
+            with open(source, encoding="utf-8") as f:
+                lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source} is not a text file of image paths (one per line): {e}; {PRETRAIN_LAYOUTS}") \
+                from None
         paths = [ln if os.path.isabs(ln) else os.path.join(base, ln) for ln in lines]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
@@ -181,6 +195,7 @@ def pretrain_source_kind(path: str) -> str:
     Tar shards are recognised by pretrain.shards.is_shard_spec before this is called.
     """
     if os.path.isfile(path):
+        list_images(path)  # read now: a binary file or missing images fail here, before any work
         return "list"
     if not os.path.isdir(path):
         raise MissingFileError(f"--data-path {path!r} does not exist; expected {PRETRAIN_LAYOUTS}")

@@ -233,6 +233,8 @@ def _module_tensors(obj: _ScriptObject, declared: dict, prefix: str = "", ancest
 # ----------------------------------------------------------------------------------------------------------
 def unwrap_state_dict(ckpt: dict, prefix: str = "") -> dict:
     """Descend into `state_dict` / `model` wrappers, keep keys under `prefix` (stripped), drop `module.`."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"the checkpoint holds a {type(ckpt).__name__}, not a state dict (a dict of tensors)")
     sd = ckpt
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):

@@ -7,8 +7,8 @@ Single process (CPU or one GPU) or torchrun (NCCL on GPU, gloo on CPU, multi-nod
 Running the same command again resumes from `--output-dir/checkpoint.pth` (mid-epoch, exactly).
 Rerunning with a different configuration is refused (the differing keys are listed) unless the keys
 are named in --allow-resume-change (e.g. `--epochs 400 --allow-resume-change epochs` extends a run).
-Exit codes: 0 done, 2 bad input (one message, nothing written), 3 non-finite loss, 74 checkpoints could
-not be written, 75 stopped by SIGTERM/SIGINT/SIGUSR1/SIGHUP after a checkpoint (rerun the same command).
+Exit codes: 0 done, 2 bad input (one message; no checkpoint, config.json or log.txt written), 3 non-finite
+loss, 74 checkpoints could not be written, 75 stopped by SIGTERM/SIGINT/SIGUSR1/SIGHUP after a checkpoint (rerun the same command).
 """
 import itertools
 import json
@@ -25,7 +25,7 @@ import torch
 import models
 from common import data as cdata
 from common import optim
-from common.checkpoint import remove_orphan_temps
+from common.checkpoint import remove_orphan_temps, set_aside
 from common.config import ConfigArgumentParser
 from common.dist import DistInfo, broadcast_object, cleanup, init_distributed, resolve_device
 from common.errors import ConfigError, DataError, UserError, cli
@@ -244,6 +244,20 @@ def objectives_of(cfg: dict, patch_targets: bool) -> tuple[str, ...]:
     return select_objectives(patch_targets, lambdas_of(cfg), cfg["mask_probability"])
 
 
+def file_fingerprint(path: str, chunk: int = 1 << 20) -> str:
+    """Size + SHA-256 of the first and last MiB: a file overwritten in place changes it, a copy does not
+    (cheap for multi-GB teachers)."""
+    import hashlib
+
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        f.seek(max(size - chunk, 0))
+        h.update(f.read(chunk))
+    return f"{size}:{h.hexdigest()[:16]}"
+
+
 def lambdas_of(cfg: dict) -> dict:
     return {"token": cfg["lambda_token"], "fea": cfg["lambda_fea"], "patch": cfg["lambda_patch"]}
 
@@ -269,6 +283,7 @@ def _validate(cfg: dict, world_size: int) -> None:
         objectives_of(cfg, spec.patch_targets if spec is not None else True)
     check_optimisation(cfg, world_size)
     check_augmentation(cfg)
+    check_output_dir(cfg)
     parse_resume_changes(cfg["allow_resume_change"])
     resolve_device(cfg["device"])  # --device cuda without a GPU fails here, not after the teacher loaded
     if cfg["single_image"]:
@@ -361,12 +376,32 @@ def check_student_kwargs(kwargs: dict, student: str) -> None:
 
 def check_augmentation(cfg: dict) -> None:
     """Build the training transform once: timm rejects unknown RandAugment policies here, not in a worker."""
+    import re
+
+    aa = cfg["aa"]
+    if aa.startswith("rand") and not all(re.fullmatch(RAND_AUGMENT_SECTION, sec) for sec in aa.split("-")[1:]):
+        raise ValueError(f"--aa {aa!r} is not a timm augmentation policy such as rand-m9-mstd0.5-inc1: its sections "
+                         f"after 'rand' must be m<int>, n<int>, mstd<float>, mmax<int>, inc<0|1> or p<float>")
     try:
         cdata.build_train_transform(cfg["input_size"], cfg["aa"] or None, cfg["reprob"], cfg["train_interpolation"],
                                     scale=cfg["crop_scale"])
     except (AssertionError, KeyError, ValueError, IndexError) as e:
         raise ValueError(f"--aa {cfg['aa']!r} is not a timm augmentation policy such as rand-m9-mstd0.5-inc1 "
                          f"(or '' for none): {type(e).__name__}: {e}") from e
+
+
+def check_output_dir(cfg: dict) -> None:
+    """The run must not write into its own data (every folder under an ImageFolder root is a class)."""
+    out = os.path.realpath(cfg["output_dir"])
+    roots = [] if cfg["single_image"] else [p for p in cfg["data_path"] if os.path.isdir(p)]
+    for root in roots:
+        root = os.path.realpath(root)
+        if out == root or out.startswith(root + os.sep):
+            raise ValueError(f"--output-dir {cfg['output_dir']!r} is inside --data-path {root!r}: the run would write "
+                             f"into its own training data; choose an output dir outside it")
+
+
+RAND_AUGMENT_SECTION = r"(m|n|mstd|mmax|inc|p)[0-9.]+|t\w+"  # timm's rand-* keys (others are silently skipped)
 
 
 def parse_resume_changes(text: str) -> set[str]:
@@ -385,6 +420,8 @@ def resolve_derived(cfg: dict, info: DistInfo) -> dict:
     cfg["teacher_checkpoint"] = ",".join(os.path.abspath(t["checkpoint"]) if t["checkpoint"] else ""
                                          for t in teacher_list(cfg))
     cfg["single_image"] = os.path.abspath(cfg["single_image"]) if cfg["single_image"] else ""
+    cfg["teacher_fingerprint"] = ",".join(file_fingerprint(t["checkpoint"]) if t["checkpoint"] else ""
+                                          for t in teacher_list(cfg))
     cfg["data_path"] = [os.path.abspath(p) for p in cfg["data_path"]]
     cfg["precision_requested"] = cfg["precision"]
     cfg["precision"], cfg["precision_reason"] = resolve_precision(cfg["precision"], info.device)
@@ -502,7 +539,7 @@ def build_data(cfg: dict, info: DistInfo):
     cdata.set_max_image_pixels(cfg["max_image_pixels"])
     transform = cdata.build_train_transform(cfg["input_size"], cfg["aa"] or None, cfg["reprob"],
                                             cfg["train_interpolation"], scale=cfg["crop_scale"])
-    if shards.is_shard_spec(cfg["data_path"][0]):
+    if shards.is_shard_spec(cfg["data_path"][0]) and not cfg["single_image"]:  # --single-image replaces the data
         return build_shard_data(cfg, info, transform)
     dataset = cdata.build_pretrain_dataset(cfg["data_path"], transform, cfg["on_bad_image"], cfg["class_fraction"],
                                            cfg["images_per_class"], cfg["single_image"],
@@ -510,8 +547,8 @@ def build_data(cfg: dict, info: DistInfo):
     sampler = cdata.build_train_sampler(dataset, info.world_size, info.rank, cfg["repeated_aug"], cfg["seed"])
     steps_per_epoch = len(sampler) // cfg["batch_size"]
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images give {len(sampler)} per process, less than one batch of "
-                         f"{cfg['batch_size']}: lower --batch-size or use more data")
+        raise DataError(f"{len(dataset)} images give {len(sampler)} per process, less than one batch of "
+                        f"{cfg['batch_size']}: lower --batch-size or use more data")
     generator = torch.Generator()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
@@ -634,6 +671,19 @@ def find_resume_checkpoint(cfg: dict, info: DistInfo):
     return ckpt, path
 
 
+def prepare_fresh_start(cfg: dict, info: DistInfo) -> None:
+    """No usable checkpoint: refuse to overwrite a finished run's exports; set an old log.txt aside."""
+    out = cfg["output_dir"]
+    exports = [n for n in ("student_backbone.pth", "student_backbone_ema.pth") if os.path.exists(os.path.join(out, n))]
+    if exports:
+        raise ConfigError(f"{out} holds a finished run's {', '.join(exports)} but no usable checkpoint to resume "
+                          f"from (see the warnings above); starting again would overwrite them. Use a new "
+                          f"--output-dir, or move the exports away to train from scratch here")
+    log_txt = os.path.join(out, "log.txt")
+    if info.is_main and os.path.isfile(log_txt) and os.path.getsize(log_txt):
+        set_aside(log_txt, "previous", "starting from scratch: its steps would repeat in the new log")
+
+
 def check_resume_config(cfg: dict, ckpt: dict | None, path: str | None) -> dict:
     """Refuse to resume with a configuration that differs from the checkpoint's, except for the keys named in
     --allow-resume-change; record the allowed changes. Returns cfg (with `resume_changes`)."""
@@ -641,7 +691,10 @@ def check_resume_config(cfg: dict, ckpt: dict | None, path: str | None) -> dict:
         return cfg
     old = ckpt.get("config") or {}
     diffs = config_diff(old, cfg)
-    refused = {k: v for k, v in diffs.items() if k not in parse_resume_changes(cfg["allow_resume_change"])}
+    allowed = parse_resume_changes(cfg["allow_resume_change"])
+    if "teacher_checkpoint" in allowed:
+        allowed.add("teacher_fingerprint")  # a replaced teacher file is a teacher change
+    refused = {k: v for k, v in diffs.items() if k not in allowed}
     if refused:
         lines = "\n".join(f"  {k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in refused.items())
         changeable = sorted(set(refused) & set(RESUME_CHANGEABLE))
@@ -653,6 +706,11 @@ def check_resume_config(cfg: dict, ckpt: dict | None, path: str | None) -> dict:
     if old.get("precision") and old["precision"] != cfg["precision"] and "precision" not in diffs:
         log.warning("precision resolved to %s here (%s); the checkpoint was trained with %s", cfg["precision"],
                     cfg["precision_reason"], old["precision"])
+    done = ckpt.get("global_step", 0)
+    if "epochs" in diffs and cfg["epochs"] * (old.get("steps_per_epoch") or 1) < done:
+        raise ConfigError(f"--epochs {cfg['epochs']} is shorter than what {path} has already trained ({done} steps, "
+                          f"{ckpt.get('epoch')} epochs): extending a run is allowed, shortening it is not; use its "
+                          f"exports or a checkpoint as they are")
     history = list(old.get("resume_changes", []))
     if diffs:
         log.warning("resuming with changed %s (allowed by --allow-resume-change; schedule rebuilt from the new "
@@ -667,6 +725,8 @@ def config_diff(old: dict, new: dict) -> dict:
     keys = [k for k in keys if k not in ("batch_size", "global_batch_size")] + ["global_batch"]
     if any(shards.is_shard_spec(p) for p in new["data_path"]):
         keys.append("num_workers")  # tar shards: the loader's workers define the sample order
+    if "teacher_fingerprint" in old:
+        keys.append("teacher_fingerprint")  # the same path holding other weights is another teacher
     out = {}
     for k in keys:
         if k == "precision" and "precision_requested" in old:
@@ -761,6 +821,8 @@ def train(cfg: dict, info: DistInfo) -> int:
     preempt = PreemptionFlag(PREEMPT_SIGNALS)  # from here on a signal means "checkpoint, then exit 75"
     try:
         ckpt, ckpt_path = find_resume_checkpoint(cfg, info)
+        if ckpt is None:
+            prepare_fresh_start(cfg, info)
         cfg = check_resume_config(cfg, ckpt, ckpt_path)
         seed_everything(cfg["seed"] + info.rank)
         trainer = build_trainer(cfg, info, ckpt, preempt)

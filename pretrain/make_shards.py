@@ -30,6 +30,26 @@ def source_samples(source: str) -> list[tuple[str, int]]:
     return [(p, 0) for p in cdata.list_images(source)]
 
 
+def check_output_dir(out_dir: str, source: str) -> None:
+    """A writable folder outside the source, holding no shards of an earlier run (nothing is overwritten)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"output {out_dir!r} exists and is not a folder; name a new folder")
+    src = os.path.realpath(source if os.path.isdir(source) else os.path.dirname(source) or ".")
+    real = os.path.realpath(out_dir)
+    if real == src or real.startswith(src + os.sep):
+        raise ConfigError(f"output {out_dir!r} is inside the source {source!r}; write the shards elsewhere")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output folder {out_dir!r} ({e.strerror}); name a writable folder") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ConfigError(f"output folder {out_dir!r} is not writable; name a writable folder")
+    existing = [n for n in os.listdir(out_dir) if n.startswith("shards-") and n.endswith(".tar")]
+    if existing:
+        raise ConfigError(f"{out_dir!r} already holds {len(existing)} shards (e.g. {existing[0]}); name a new folder "
+                          f"(nothing is overwritten)")
+
+
 def write_shards(samples: list[tuple[str, int]], out_dir: str, shard_size: int, prefix: str = "shards") -> list[dict]:
     """Tar files of `shard_size` samples each; returns the index entries."""
     os.makedirs(out_dir, exist_ok=True)
@@ -67,6 +87,7 @@ def main(argv=None) -> int:
     if a.shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {a.shard_size}")
     samples = source_samples(a.source)
+    check_output_dir(a.output_dir, a.source)
     random.Random(a.seed).shuffle(samples)
     entries = write_shards(samples, a.output_dir, a.shard_size)
     last = len(entries) - 1

@@ -65,8 +65,12 @@ def shard_sizes(urls: list[str]) -> list[int]:
     """Samples per shard, from the index file if it lists these shards, else by counting (logged)."""
     path = index_path(urls)
     if os.path.isfile(path):
-        with open(path) as f:
-            listed = {os.path.basename(s["url"]): int(s["nsamples"]) for s in json.load(f)["shardlist"]}
+        try:
+            with open(path) as f:
+                listed = {os.path.basename(s["url"]): int(s["nsamples"]) for s in json.load(f)["shardlist"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"shard index {path} is not a wids index ({type(e).__name__}: {e}); fix or delete it "
+                            f"(the shards are then counted), or rewrite them with pretrain.make_shards") from None
         if all(os.path.basename(u) in listed for u in urls):
             return [listed[os.path.basename(u)] for u in urls]
     log.info("no shard index %s: counting the samples of %d shards once", path, len(urls))
@@ -77,11 +81,15 @@ def count_samples(url: str) -> int:
     import tarfile
 
     keys = set()
-    with tarfile.open(url) as tf:
-        for m in tf:
-            stem, _, ext = os.path.basename(m.name).partition(".")
-            if m.isfile() and ext.lower() in IMAGE_KEYS:
-                keys.add(os.path.join(os.path.dirname(m.name), stem))
+    try:
+        with tarfile.open(url) as tf:
+            for m in tf:
+                stem, _, ext = os.path.basename(m.name).partition(".")
+                if m.isfile() and ext.lower() in IMAGE_KEYS:
+                    keys.add(os.path.join(os.path.dirname(m.name), stem))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"shard {url} is not a readable tar file ({type(e).__name__}: {e}); rewrite it with "
+                        f"python -m pretrain.make_shards") from None
     return len(keys)
 
 

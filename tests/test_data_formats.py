@@ -102,3 +102,25 @@ def test_broken_sample_in_a_shard_is_skipped_and_counted(tmp_path, shard_dir, te
     assert pretrain_main.main(tiny_args(str(bad_dir / SPEC), teacher_ckpt, out, epochs=1)) == 0
     assert "counting the samples of 5 shards" in text_log(out)
     assert [r for r in read_log(out) if "epoch/bad_images" in r][-1]["epoch/bad_images"] == 1
+
+
+def test_make_shards_refuses_bad_outputs_and_never_overwrites(tmp_path, tiny_data, shard_dir, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert make_shards.main([tiny_data, str(blocker)]) == 2
+    assert make_shards.main([tiny_data, os.path.join(tiny_data, "shards")]) == 2  # inside the source
+    before = sorted(os.listdir(shard_dir))
+    assert make_shards.main([tiny_data, shard_dir]) == 2  # already holds shards
+    err = capsys.readouterr().err
+    assert "not a folder" in err and "inside the source" in err and "already holds" in err
+    assert "Traceback" not in err and sorted(os.listdir(shard_dir)) == before
+
+
+def test_corrupt_shard_is_a_clear_error(tmp_path, shard_dir, teacher_ckpt, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(shard_dir, bad)
+    os.remove(bad / "shards.json")
+    (bad / "shards-000002.tar").write_bytes(b"not a tar file at all" * 100)
+    assert pretrain_main.main(tiny_args(str(bad / SPEC), teacher_ckpt, str(tmp_path / "o"))) == 2
+    err = capsys.readouterr().err
+    assert "shards-000002.tar is not a readable tar file" in err and "Traceback" not in err

@@ -278,6 +278,7 @@ def test_sigterm_to_a_torchrun_process_group_checkpoints_and_resumes(tmp_path, t
     (dict(opt_betas=[0.9, 1.0]), "--opt-betas takes two values in [0, 1)"),
     (dict(aa="rand-m9-foo3"), "--aa 'rand-m9-foo3' is not a timm augmentation policy"),
     (dict(aa="autoaug"), "--aa 'autoaug' is not a timm augmentation policy"),
+    (dict(aa="rand-zzz"), "--aa 'rand-zzz' is not a timm augmentation policy"),
     (dict(device="cuda"), "no GPU is visible"),
     (dict(teacher_checkpoint="missing.pth"), "--teacher-checkpoint"),
 ])
@@ -368,3 +369,89 @@ def test_logged_training_loss_is_the_mean_over_the_log_window(tmp_path, tiny_dat
     assert sorted(means) == [3, 6]
     assert means[3] == pytest.approx(sum(steps[s] for s in (1, 2, 3)) / 3, rel=1e-6)
     assert means[6] == pytest.approx(sum(steps[s] for s in (4, 5, 6)) / 3, rel=1e-6)
+
+
+
+# ---- regressions found by a red-team pass ---------------------------------------------------------------------
+def _copy(stopped_dir, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "run")
+    shutil.copytree(stopped_dir, out)
+    return out
+
+
+def test_teacher_file_overwritten_in_place_is_a_different_teacher(tmp_path, tiny_data, teacher_ckpt, monkeypatch,
+                                                                  capsys):
+    import shutil
+
+    import models
+
+    teacher = str(tmp_path / "teacher.pth")  # a private copy: the same path will hold other weights
+    shutil.copy(teacher_ckpt, teacher)
+    out = str(tmp_path / "run")
+    argv = _stopped_run(tiny_data, teacher, out, monkeypatch, pca_every_epochs=0)
+    torch.manual_seed(5)
+    torch.save(models.build_vit("vit_small", patch_size=14, img_size=518).state_dict(), teacher)
+    capsys.readouterr()
+    assert pretrain_main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "  teacher_fingerprint: checkpoint" in err and "--allow-resume-change teacher_checkpoint" in err, err
+    assert pretrain_main.main(argv + ["--allow-resume-change", "teacher_checkpoint"]) == 0  # named: allowed
+
+
+def test_shortening_epochs_below_what_was_trained_is_refused(tmp_path, tiny_data, teacher_ckpt, capsys):
+    done = str(tmp_path / "done")
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, done, epochs=2, pca_every_epochs=0)) == 0
+    capsys.readouterr()
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, done, epochs=1, pca_every_epochs=0,
+                                        allow_resume_change="epochs")) == 2
+    assert "shorter than what" in capsys.readouterr().err
+
+
+def test_no_usable_checkpoint_never_overwrites_a_finished_runs_exports(tmp_path, tiny_data, teacher_ckpt, capsys):
+    out = str(tmp_path / "run")
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out, epochs=1, pca_every_epochs=0)) == 0
+    for name in os.listdir(out):
+        if name.startswith("checkpoint"):
+            with open(os.path.join(out, name), "wb") as f:
+                f.write(b"garbage")
+    export = _sha(os.path.join(out, "student_backbone.pth"))
+    capsys.readouterr()
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out, epochs=1, pca_every_epochs=0)) == 2
+    assert "finished run's student_backbone.pth" in capsys.readouterr().err
+    assert _sha(os.path.join(out, "student_backbone.pth")) == export
+    os.remove(os.path.join(out, "student_backbone.pth"))
+    os.remove(os.path.join(out, "student_backbone_ema.pth"))
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out, epochs=1, pca_every_epochs=0)) == 0
+    assert [n for n in os.listdir(out) if n.startswith("log.txt.previous-")]  # the old log set aside
+    assert sorted(train_losses(out)) == list(range(1, 7))  # not steps 1..6 twice
+
+
+@pytest.mark.parametrize("case", ["empty_class", "inside_data", "binary_list", "bare_tensor_teacher", "big_batch"])
+def test_bad_data_and_files_are_user_errors(case, tmp_path, tiny_data, teacher_ckpt, capsys):
+    import shutil
+
+    data, teacher, out = tiny_data, teacher_ckpt, str(tmp_path / "out")
+    if case == "empty_class":
+        data = str(tmp_path / "data")
+        shutil.copytree(tiny_data, data)
+        os.makedirs(os.path.join(data, "n_empty"))
+        (tmp_path / "data" / "n_empty" / "readme.txt").write_text("no images here")
+    elif case == "inside_data":
+        data = str(tmp_path / "data")
+        shutil.copytree(tiny_data, data)
+        out = os.path.join(data, "run")
+    elif case == "binary_list":
+        data = str(tmp_path / "list.txt")
+        with open(data, "wb") as f:
+            f.write(bytes(range(256)) * 4)
+    elif case == "bare_tensor_teacher":
+        teacher = str(tmp_path / "tensor.pth")
+        torch.save(torch.zeros(3), teacher)
+    code = pretrain_main.main(tiny_args(data, teacher, out, epochs=1, batch_size=32 if case == "big_batch" else 4))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("pretrain.main: error:") and "Traceback" not in err, err
+    needle = {"empty_class": "n_empty", "inside_data": "inside --data-path", "binary_list": "not a text file",
+              "bare_tensor_teacher": "not a state dict", "big_batch": "less than one batch of 32"}[case]
+    assert needle in err, err
