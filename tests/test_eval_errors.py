@@ -385,6 +385,22 @@ def test_dense_entry_points_user_errors(mmseg_entry_points, data, tmp_path, caps
     assert not os.path.exists(tmp_path / "work")  # nothing created for a refused run
 
 
+def test_dense_config_that_is_not_a_config_is_a_config_error(mmseg_entry_points, data, tmp_path, capsys):
+    seg_train, seg_test, depth_train, _ = mmseg_entry_points
+    work = ["--work-dir", str(tmp_path / "work")]
+    assert_user_error(seg_train, [data["ckpt"], *work], capsys, "segmentation.train", "not an mmengine config",
+                      ".py/.yml/.yaml/.json", os.path.basename(data["ckpt"]))
+    assert_user_error(seg_test, [data["ckpt"], data["ckpt"], *work], capsys, "segmentation.test",
+                      "not an mmengine config")
+    (tmp_path / "typo.py").write_text("_base_ = [SEG_BASE]\n")  # a name the config never defines
+    assert_user_error(depth_train, [str(tmp_path / "typo.py"), *work], capsys, "depth.train", "typo.py",
+                      "NameError", "SEG_BASE")
+    (tmp_path / "other_base.py").write_text(f"_base_ = [{data['ckpt']!r}]\n")  # a _base_ that is no config
+    assert_user_error(seg_train, [str(tmp_path / "other_base.py"), *work], capsys, "segmentation.train",
+                      "other_base.py")
+    assert not os.path.exists(tmp_path / "work")
+
+
 # ---------------------------------------------------------------------------------------------------
 # as the user runs them: python -m ..., exit status 2
 # ---------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from common.rundir import claim_run_dir, write_config
 
 # What the entry points write at the top of a work dir (mmengine's own files go in timestamped subdirs)
 WORK_DIR_FILES = ("config.json",)
+CONFIG_SUFFIXES = (".py", ".yml", ".yaml", ".json")  # what mmengine's Config.fromfile reads
 
 
 class _Runner(Runner):
@@ -73,12 +74,21 @@ def read_config(path: str, task: str) -> Config:
         shipped = sorted(glob.glob(osp.join(task, "configs", "*.py")))[:3]
         raise MissingFileError(f"config file not found: {path}; pass one of {task}/configs/*.py "
                                f"(e.g. {', '.join(shipped) or 'see the README'})")
+    if osp.splitext(path)[1].lower() not in CONFIG_SUFFIXES:
+        raise ConfigError(f"config {path} is not an mmengine config: expected a {'/'.join(CONFIG_SUFFIXES)} file "
+                          f"such as {task}/configs/*.py (a checkpoint goes in --cfg-options "
+                          f"model.backbone.checkpoint=PATH, or after the config for {task}.test)")
     try:
         return Config.fromfile(path)
     except FileNotFoundError as e:  # a missing _base_ file
         raise MissingFileError(f"config {path}: {e}") from e
     except SyntaxError as e:
         raise ConfigError(f"config {path} is not valid Python: {e}") from e
+    except OSError as e:  # mmengine's own refusal of a _base_ of another type, an unreadable file
+        raise ConfigError(f"config {path} cannot be read: {e}") from e
+    # what the config's own code raises while mmengine executes it (an undefined name, a bad _base_)
+    except (NameError, ImportError, AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
+        raise ConfigError(f"config {path} failed while being executed: {type(e).__name__}: {e}") from e
 
 
 def check_inputs(cfg: Config, loaders: tuple, task: str) -> None:
