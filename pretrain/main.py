@@ -795,7 +795,10 @@ def finish(trainer: Trainer, cfg: dict, info: DistInfo) -> None:
         raise StopTraining(f"training finished but the backbone export failed: {e}. The checkpoint "
                            f"({trainer.last_good}) holds the weights: free space and rerun the same command to "
                            f"export.", ckpt_state.EXIT_SAVE_FAILED) from e
-    log.info("exported %s (DINOv2 keys; models.load_backbone or timm vit_*_patch14_dinov2)", ", ".join(paths))
+    how = (f"timm keys: timm.create_model('{cfg['student'][len('timm:'):]}', num_classes=0, pretrained=True, "
+           f"pretrained_cfg_overlay=dict(file=...))" if models.is_timm_name(cfg["student"])
+           else "DINOv2 keys; models.load_backbone or timm vit_*_patch14_dinov2")
+    log.info("exported %s (%s)", ", ".join(paths), how)
 
 
 # ==========================================================================================================
