@@ -283,7 +283,6 @@ def _validate(cfg: dict, world_size: int) -> None:
         objectives_of(cfg, spec.patch_targets if spec is not None else True)
     check_optimisation(cfg, world_size)
     check_augmentation(cfg)
-    check_output_dir(cfg)
     parse_resume_changes(cfg["allow_resume_change"])
     resolve_device(cfg["device"])  # --device cuda without a GPU fails here, not after the teacher loaded
     if cfg["single_image"]:
@@ -295,6 +294,7 @@ def _validate(cfg: dict, world_size: int) -> None:
             raise ValueError(f"--single-image {cfg['single_image']!r} is not a readable image: {e}") from e
     else:
         check_data_sources(cfg)
+        check_output_dir(cfg)
     for t in teachers:
         if t["checkpoint"] and not os.path.isfile(t["checkpoint"]):
             raise FileNotFoundError(f"--teacher-checkpoint {t['checkpoint']!r} (teacher {t['name']}) does not exist")
@@ -697,7 +697,8 @@ def check_resume_config(cfg: dict, ckpt: dict | None, path: str | None) -> dict:
     refused = {k: v for k, v in diffs.items() if k not in allowed}
     if refused:
         lines = "\n".join(f"  {k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in refused.items())
-        changeable = sorted(set(refused) & set(RESUME_CHANGEABLE))
+        changeable = sorted({"teacher_checkpoint" if k == "teacher_fingerprint" else k for k in refused}
+                            & set(RESUME_CHANGEABLE))
         hint = (f" If the change is intended, pass --allow-resume-change {','.join(changeable)}." if changeable
                 else "")
         raise ConfigError(f"{cfg['output_dir']} holds a run with a different configuration ({path}, step "
