@@ -30,7 +30,7 @@ from common.errors import DataError
 from common.log import MetricLogger
 from . import state as ckpt_state
 from .targets import prepare_targets
-from .visualise import pca_figure
+from common.visualise import pca_figure
 
 log = logging.getLogger(__name__)
 

