@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from common.errors import MissingFileError, cli
 from common.log import write_json
 from fine_grained.datasets import PAPER_DATASETS
 
@@ -38,17 +39,21 @@ def table(results: dict) -> tuple[str, float | None]:
     return "\n".join(lines), mean
 
 
-def main(argv=None):
+@cli("fine_grained.summarize")
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or not os.path.isdir(argv[0]):
-        sys.exit("usage: python -m fine_grained.summarize RESULTS_DIR (holding <dataset>/results.json)")
+        raise MissingFileError("usage: python -m fine_grained.summarize RESULTS_DIR (a folder holding "
+                               "<dataset>/results.json); got " + (" ".join(argv) or "no argument"))
     results = collect(argv[0])
+    if not results:
+        raise MissingFileError(f"{argv[0]} holds no <dataset>/results.json of fine_grained.main")
     text, mean = table(results)
     print(text)
     write_json(os.path.join(argv[0], "summary.json"),
                {"scores": {d: r["test_score"] for d, r in results.items()}, "average": mean})
-    return mean
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

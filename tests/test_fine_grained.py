@@ -436,9 +436,14 @@ def test_summary_table_averages_the_12_datasets(tmp_path):
         os.makedirs(tmp_path / d)
         with open(tmp_path / d / "results.json", "w") as f:
             json.dump({"dataset": d, "metric": "accuracy", "test_score": float(i)}, f)
-    assert summarize.main([str(tmp_path)]) == pytest.approx(sum(range(12)) / 12)
+    def average():
+        assert summarize.main([str(tmp_path)]) == 0
+        return json.load(open(tmp_path / "summary.json"))["average"]
+
+    assert average() == pytest.approx(sum(range(12)) / 12)
     os.remove(tmp_path / "cub" / "results.json")
-    assert summarize.main([str(tmp_path)]) is None  # no partial average
+    assert average() is None  # no partial average
+    assert summarize.main([str(tmp_path / "missing")]) == 2  # a user error: one message, exit 2
 
 
 # ---------------------------------------------------------------------------------------------------
