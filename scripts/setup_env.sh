@@ -3,6 +3,8 @@
 # Idempotent and fast when nothing changed: pip only runs when a requirements file changed.
 #   bash scripts/setup_env.sh              # venv + Python packages
 #   bash scripts/setup_env.sh --demo-data  # also the Debian package with Fashion-MNIST (needs root/sudo)
+# The demo's transfer set, scikit-learn's handwritten digits (sklearn.datasets.load_digits), ships inside the
+# scikit-learn wheel pinned in requirements.txt: nothing more to install for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
