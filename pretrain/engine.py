@@ -260,7 +260,9 @@ class Trainer:
             EXIT_NONFINITE)
 
     # ---- checkpoints, logging ---------------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, final: bool = False) -> None:
+        """Write checkpoint.pth; a failure is counted, and stops the run after max_save_failures in a row
+        unless `final` (the preemption save, whose outcome goes into the stop message instead)."""
         ckpt = ckpt_state.build_checkpoint(self.distiller, self.ema, self.optimizer, self.scheduler, self.scaler,
                                            self.progress, self.mask_gen, self.cfg, self.normaliser)
         path, error = ckpt_state.save_checkpoint(ckpt, self.cfg["output_dir"], self.cfg["keep_checkpoints"],
@@ -273,7 +275,7 @@ class Trainer:
         elif error:
             self._save_failures, self._save_error = self._save_failures + 1, error
             limit = self.cfg["max_save_failures"]
-            if self._save_failures >= limit:
+            if self._save_failures >= limit and not final:
                 raise StopTraining(f"{self._save_failures} checkpoint writes in a row failed (last: {error}). "
                                    f"Last good checkpoint: {self.last_good}. Free disk space (or fix the "
                                    f"output dir) and rerun the same command to resume from it.",
@@ -287,8 +289,7 @@ class Trainer:
             self.save_checkpoint()  # the epoch-end save covers the last step of an epoch
 
     def stop_preempted(self) -> None:
-        self._save_failures = -10**9  # the final save must not raise: its outcome goes into the message
-        self.save_checkpoint()
+        self.save_checkpoint(final=True)
         barrier()
         if self._save_error and self.dist_info.is_main:
             raise StopTraining(f"stopped by a signal after step {self.progress.global_step}, but the checkpoint "
