@@ -173,14 +173,26 @@ def read_log(path: str, tool: str | None, config: dict, found: Found) -> None:
     rows, bad = read_jsonl(path)
     if tool not in ("pretrain", None):
         return  # linear_eval's log.txt: its results.json says what counts
+    run_dir = os.path.dirname(path)
+    students = [s.get("key") for s in config.get("students") or [] if isinstance(s, dict)]
+    if len(students) > 1:  # one run, several students: their keys prefix every logged value
+        for key, arch in zip(students, (s.get("arch", "?") for s in config["students"])):
+            own = [{"step": r["step"], **{f"train/{k[len(f'train/{key}/'):]}": v for k, v in r.items()
+                                          if k.startswith(f"train/{key}/")}} for r in rows]
+            add_loss_run(found, path, own, bad, tool, config,
+                         f"{pretrain_label(run_dir, {**config, 'student': arch})} [{key}]")
+        return
+    add_loss_run(found, path, rows, bad, tool, config, pretrain_label(run_dir, config))
+
+
+def add_loss_run(found: Found, path: str, rows: list, bad: int, tool: str | None, config: dict, name: str) -> None:
     total, series = loss_series(rows, config.get("teacher") or "teacher")
     if not series and not (tool == "pretrain" and total):
         if tool == "pretrain":
-            found.skipped.append((path, "no training step logged"))
+            found.skipped.append((path, f"no training step logged ({name})"))
         return
-    run_dir = os.path.dirname(path)
-    found.runs.append(LossRun(pretrain_label(run_dir, config), run_dir, total, series, bad))
-    found.sources.append((path, f"pretrain losses, {len(total)} logged steps"
+    found.runs.append(LossRun(name, os.path.dirname(path), total, series, bad))
+    found.sources.append((path, f"pretrain losses of {name}, {len(total)} logged steps"
                                 + (f", {bad} unreadable lines skipped" if bad else "")))
 
 

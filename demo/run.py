@@ -48,12 +48,12 @@ DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "proteus", "d
 RECIPES = {
     "full": dict(size=56, distil_per_class=500, probe_train_per_class=100, test_per_class=200,
                  transfer_train_per_class=80, transfer_test_per_class=90,
-                 student="vit_tiny", student_depth=12, epochs=3, batch_size=64, lr=1e-3, warmup_epochs=1,
+                 student="vit_tiny", students="", student_depth=12, epochs=3, batch_size=64, lr=1e-3, warmup_epochs=1,
                  crop_scale_min=0.35, precision="auto", calibration_steps=8, log_every=10,
                  pca_size=112),  # 15,000 images seen: what fits at 31 img/s (fp32, AVX2); see demo/README.md
     "quick": dict(size=56, distil_per_class=40, probe_train_per_class=20, test_per_class=20,
                   transfer_train_per_class=10, transfer_test_per_class=10,
-                  student="vit_tiny", student_depth=12, epochs=2, batch_size=32, lr=1e-3, warmup_epochs=1,
+                  student="vit_tiny", students="", student_depth=12, epochs=2, batch_size=32, lr=1e-3, warmup_epochs=1,
                   crop_scale_min=0.35, precision="auto", calibration_steps=3, log_every=2, pca_size=56),
 }
 RECIPE_HELP = {
@@ -64,6 +64,8 @@ RECIPE_HELP = {
     "transfer_train_per_class": "digits (transfer set) train images per class for its probe",
     "transfer_test_per_class": "digits test images per class (disjoint from train; train + test <= 174)",
     "student": "student size (pretrain.main --student)",
+    "students": "several students distilled jointly on one teacher pass, e.g. vit_tiny,vit_small (pretrain.main "
+                "--student with a list; each is probed and shown; the budget then covers them all); empty: --student",
     "student_depth": "student blocks (12 = the standard size)",
     "epochs": "distillation epochs (at most: the calibration lowers them to fit --time-budget)",
     "batch_size": "distillation batch size",
@@ -76,8 +78,9 @@ RECIPE_HELP = {
     "pca_size": "input side for the PCA figure's natural photos",
 }
 RECIPE_CHOICES = {"precision": ("auto", "bf16", "fp32")}  # fp16 autocast is a GPU setting
-MODELS = ("random_init", "distilled", "teacher")
+MODELS = ("random_init", "distilled", "teacher")  # one student; several: random_init-<student>, distilled-<student>
 LABELS = {"random_init": "random-init student", "distilled": "distilled student", "teacher": "teacher (DINOv2-S/14)"}
+STUDENT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 DATASETS = {"fashion_mnist": "Fashion-MNIST", "digits": "digits (scikit-learn, transfer)"}
 
 # The folders the demo replaces on every run, each marked by MARKER when the demo makes it.
@@ -136,12 +139,43 @@ def resolve_recipe(args) -> dict:
                           f"timed), or pass --time-budget 0")
     if args.time_budget < 0:
         raise ConfigError(f"--time-budget must be >= 0 seconds (0 = off), got {args.time_budget}")
+    student_archs(recipe)
     return recipe
 
 
 def student_kwargs(recipe: dict) -> dict:
     """Size overrides of the student (none for the standard depth), shared by pretrain and the probe."""
     return {} if recipe["student_depth"] == 12 else {"depth": recipe["student_depth"]}
+
+
+def student_archs(recipe: dict) -> list[str]:
+    """The students distilled: --students (several, jointly), else the one --student."""
+    archs = [a.strip() for a in recipe["students"].split(",")] if recipe["students"].strip() else [recipe["student"]]
+    bad = [a for a in archs if a not in STUDENT_ARCHS]
+    if bad or len(set(archs)) != len(archs):
+        raise ConfigError(f"--students takes distinct names from {', '.join(STUDENT_ARCHS)}, comma-separated; got "
+                          f"{recipe['students'] or recipe['student']!r}")
+    return archs
+
+
+def model_names(recipe: dict) -> list[str]:
+    """The probed models in table order: per student random-init and distilled, then the teacher."""
+    archs = student_archs(recipe)
+    if len(archs) == 1:
+        return list(MODELS)
+    return [f"{role}-{a}" for a in archs for role in ("random_init", "distilled")] + ["teacher"]
+
+
+def model_label(name: str) -> str:
+    role, _, arch = name.partition("-")
+    return LABELS[role] + (f" {arch}" if arch else "")
+
+
+def model_arch(name: str, recipe: dict) -> tuple[str, dict]:
+    """(arch, size overrides) a model is built with for the probes and the figures."""
+    if name == "teacher":
+        return TEACHER_ARCH, {}
+    return (name.partition("-")[2] or recipe["student"]), student_kwargs(recipe)
 
 
 # ==========================================================================================================
@@ -286,7 +320,7 @@ def pretrain_command(out_dir: str, data: str, teacher_ckpt: str, recipe: dict, a
     """The `python -m pretrain.main` command of the recipe; `override` replaces or adds flags (key: flag name)."""
     kwargs = ",".join(f"{k}={v}" for k, v in student_kwargs(recipe).items())
     flags = {"data-path": data, "output-dir": out_dir, "teacher": TEACHER, "teacher-checkpoint": teacher_ckpt,
-             "student": recipe["student"], "student-kwargs": kwargs, "patch-size": PATCH,
+             "student": ",".join(student_archs(recipe)), "student-kwargs": kwargs, "patch-size": PATCH,
              "input-size": recipe["size"], "batch-size": recipe["batch_size"], "epochs": recipe["epochs"],
              "warmup-epochs": recipe["warmup_epochs"],
              # the demo states the lr at its own batch size: a reference batch equal to it means no rescaling
@@ -334,7 +368,7 @@ def plan_epochs(recipe: dict, img_per_s: float, startup_s: float, elapsed_s: flo
 
 def rest_seconds(timer: Timer, startup_s: float) -> float:
     """What follows the distillation: the distilled probes (timed as the random-init ones) and the figures."""
-    probes = sum(t["wall_s"] for name, t in timer.steps.items() if name.endswith("/random_init"))
+    probes = sum(t["wall_s"] for name, t in timer.steps.items() if name.split("/")[-1].startswith("random_init"))
     return probes + FIGURES_STARTUPS * startup_s
 
 
@@ -383,10 +417,8 @@ def probe(out_dir: str, data_root: str, pretrained: str, arch: str, model_kwargs
 
 def probe_models(out_dir: str, roots: dict, models: dict, recipe: dict, timer: Timer) -> dict:
     """{dataset: {model: fine_grained results}} for every dataset in DATASETS; models: {name: checkpoint}."""
-    archs = {"random_init": (recipe["student"], student_kwargs(recipe)),
-             "distilled": (recipe["student"], student_kwargs(recipe)), "teacher": (TEACHER_ARCH, {})}
     return {ds: {name: timer.run(f"probe {ds}/{name}", probe, os.path.join(out_dir, ds, name), roots[ds], ckpt,
-                                 *archs[name], recipe) for name, ckpt in models.items()} for ds in DATASETS}
+                                 *model_arch(name, recipe), recipe) for name, ckpt in models.items()} for ds in DATASETS}
 
 
 # ==========================================================================================================
@@ -408,16 +440,24 @@ def loss_summary(rows: list[dict]) -> dict:
 def print_table(acc: dict, recipe: dict) -> None:
     print(f"\nTest accuracy, logistic regression on frozen {recipe['size']}-px features:")
     print(f"   {'':<24} " + " ".join(f"{DATASETS[ds].split(' (')[0]:>14}" for ds in DATASETS))
-    for name in MODELS:
-        print(f"   {LABELS[name]:<24} " + " ".join(f"{acc[ds][name]:12.2f} %" for ds in DATASETS))
-    print(f"   {'distilled - random-init':<24} " +
-          " ".join(f"{acc[ds]['distilled'] - acc[ds]['random_init']:+9.2f} points" for ds in DATASETS))
+    names = model_names(recipe)
+    width = max(24, *(len(model_label(n)) for n in names))
+    for name in names:
+        print(f"   {model_label(name):<{width}} " + " ".join(f"{acc[ds][name]:12.2f} %" for ds in DATASETS))
+    for suffix in [n[len("distilled"):] for n in names if n.startswith("distilled")]:
+        label = f"distilled - random-init{suffix.replace('-', ' ')}"
+        print(f"   {label:<{width}} " + " ".join(
+            f"{acc[ds]['distilled' + suffix] - acc[ds]['random_init' + suffix]:+9.2f} points" for ds in DATASETS))
     print("   (digits: never distilled or tuned on; the transfer test)")
 
 
-def scores(acc: dict) -> dict:
-    """{random_init, distilled, teacher, gap_points} of one dataset, rounded to 0.01 points."""
-    return {**{k: round(acc[k], 2) for k in MODELS}, "gap_points": round(acc["distilled"] - acc["random_init"], 2)}
+def scores(acc: dict, arch: str = "") -> dict:
+    """{random_init, distilled, teacher, gap_points} of one dataset and student (`arch`: its name with
+    several students), rounded to 0.01 points."""
+    suffix = f"-{arch}" if arch else ""
+    own = {"random_init": acc["random_init" + suffix], "distilled": acc["distilled" + suffix],
+           "teacher": acc["teacher"]}
+    return {**{k: round(v, 2) for k, v in own.items()}, "gap_points": round(own["distilled"] - own["random_init"], 2)}
 
 
 def cpu_info() -> dict:
@@ -438,7 +478,7 @@ def cpu_info() -> dict:
 
 def accuracies(probes: dict) -> dict:
     """{dataset: {model: test accuracy in percent}} from the probes' results."""
-    return {ds: {m: float(probes[ds][m]["test_score"]) for m in MODELS} for ds in DATASETS}
+    return {ds: {m: float(r["test_score"]) for m, r in probes[ds].items()} for ds in DATASETS}
 
 
 def write_results(out_dir: str, probes: dict, recipe: dict, run_cfg: dict, plan: dict | None, loss: dict,
@@ -448,10 +488,14 @@ def write_results(out_dir: str, probes: dict, recipe: dict, run_cfg: dict, plan:
 
     acc = accuracies(probes)
     digits_n = {split: 10 * recipe[f"transfer_{split}_per_class"] for split in ("train", "test")}
+    archs = student_archs(recipe)
+    first = archs[0] if len(archs) > 1 else ""  # the top level reports the first student, as with one
+    several = {"students": {a: {ds: scores(acc[ds], a) for ds in DATASETS} for a in archs}} if first else {}
     results = {
-        **scores(acc["fashion_mnist"]),
+        **scores(acc["fashion_mnist"], first),
         "transfer": {"dataset": "digits", "source": assets.DIGITS_SOURCE, "train_images": digits_n["train"],
-                     "test_images": digits_n["test"], **scores(acc["digits"])},
+                     "test_images": digits_n["test"], **scores(acc["digits"], first)},
+        **several,
         # what pretrain.main resolved --precision to, and why (its config.json); the probes' own choice
         "precision": run_cfg.get("precision"), "precision_reason": run_cfg.get("precision_reason", ""),
         "probe_precision": probes["fashion_mnist"]["teacher"].get("precision", "fp32"),
@@ -464,16 +508,17 @@ def write_results(out_dir: str, probes: dict, recipe: dict, run_cfg: dict, plan:
     return results
 
 
-def accuracy_bars(acc: dict, path: str) -> None:
+def accuracy_bars(acc: dict, path: str, names: list[str]) -> None:
     import matplotlib
     matplotlib.use("Agg")  # files only; no display on CI machines
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    width = 0.27
-    for i, (name, colour) in enumerate(zip(MODELS, ["#999999", "#1f77b4", "#ff7f0e"])):
-        xs = [j + (i - 1) * width for j in range(len(DATASETS))]
-        bars = ax.bar(xs, [acc[ds][name] for ds in DATASETS], width, color=colour, label=LABELS[name])
+    fig, ax = plt.subplots(figsize=(6.5 + 0.8 * (len(names) - 3), 3.8))
+    width = 0.8 / len(names)
+    colours = ["#999999", "#1f77b4", "#cccccc", "#2ca02c", "#dddddd", "#9467bd"][:len(names) - 1] + ["#ff7f0e"]
+    for i, (name, colour) in enumerate(zip(names, colours)):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(DATASETS))]
+        bars = ax.bar(xs, [acc[ds][name] for ds in DATASETS], width, color=colour, label=model_label(name))
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(range(len(DATASETS)), [DATASETS[ds] for ds in DATASETS])
     ax.set_ylabel("test accuracy (%)")
@@ -485,20 +530,25 @@ def accuracy_bars(acc: dict, path: str) -> None:
     plt.close(fig)
 
 
-def loss_curve(rows: list[dict], path: str) -> None:
+def loss_curve(rows: list[dict], path: str, archs: list[str]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] + 1 for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    # the objectives' keys: train/<teacher>/token (pretrain.main with several teachers) or train/loss_token
-    for name, label in (("loss", "total"), ("token", "token (CLS)"), ("fea", "feature (all tokens)"),
-                        ("patch", "masked patch")):
-        key = next((k for k in (f"train/{name}", f"train/{TEACHER}/{name}", f"train/loss_{name}")
-                    if any(k in r for r in rows)), None)
-        if key:
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=label, lw=2 if name == "loss" else 1)
+    # keys: train/<teacher>/token (pretrain.main), train/loss_token (older logs); several students prefix
+    # every key with the student's name (train/vit_small/loss)
+    prefixes = [""] if len(archs) == 1 else [f"{a}/" for a in archs]
+    styles = {"loss": "-", "token": "--", "fea": "-.", "patch": ":"}
+    for prefix, colour in zip(prefixes, ["#1f77b4", "#2ca02c", "#9467bd", "#d62728"]):
+        for name, label in (("loss", "total"), ("token", "token (CLS)"), ("fea", "feature (all tokens)"),
+                            ("patch", "masked patch")):
+            key = next((k for k in (f"train/{prefix}{name}", f"train/{prefix}{TEACHER}/{name}",
+                                    f"train/loss_{name}") if any(k in r for r in rows)), None)
+            if key:
+                ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=f"{prefix}{label}",
+                        lw=2 if name == "loss" else 1, ls=styles[name], color=None if not prefix else colour)
     ax.set_xlabel("step")
     ax.set_ylabel("MSE to the teacher")
     ax.set_yscale("log")
@@ -541,10 +591,8 @@ def pca_columns(ckpts: dict, recipe: dict, photos: dict, size: int) -> dict:
     from common.visualise import pca_rgb  # the same PCA as the TensorBoard images of pretrain.main
 
     images = torch.stack([build_eval_transform(resize=size, crop=size)(p) for p in photos.values()])
-    archs = {"teacher": (TEACHER_ARCH, {}), "distilled": (recipe["student"], student_kwargs(recipe)),
-             "random_init": (recipe["student"], student_kwargs(recipe))}
-    return {name: F.interpolate(pca_rgb(patch_features(ckpts[name], *archs[name], images), size // PATCH),
-                                size=(size, size), mode="nearest") for name in ("teacher", "distilled", "random_init")}
+    return {name: F.interpolate(pca_rgb(patch_features(ckpt, *model_arch(name, recipe), images), size // PATCH),
+                                size=(size, size), mode="nearest") for name, ckpt in ckpts.items()}
 
 
 def pca_maps(ckpts: dict, recipe: dict, probe_root: str, path: str) -> None:
@@ -560,8 +608,8 @@ def pca_maps(ckpts: dict, recipe: dict, probe_root: str, path: str) -> None:
     size = recipe["pca_size"]
     groups = figure_images(probe_root, size)
     n_rows = sum(len(g) for g in groups.values())
-    fig, axes = plt.subplots(n_rows, 4, figsize=(7, 1.8 * n_rows), squeeze=False)
-    titles = ["input", "teacher", "distilled student", "random-init student"]
+    fig, axes = plt.subplots(n_rows, 1 + len(ckpts), figsize=(1.75 * (1 + len(ckpts)), 1.8 * n_rows), squeeze=False)
+    titles = ["input"] + [model_label(n).replace(" (DINOv2-S/14)", "") for n in ckpts]
     row = 0
     for group, photos in groups.items():
         cols = pca_columns(ckpts, recipe, photos, size)
@@ -584,11 +632,12 @@ def pca_maps(ckpts: dict, recipe: dict, probe_root: str, path: str) -> None:
 
 
 def make_figures(out_dir: str, acc: dict, rows: list[dict], ckpts: dict, recipe: dict, probe_root: str) -> dict:
+    """ckpts: {model name: checkpoint} in column order (teacher, distilled student(s), a random-init one)."""
     paths = {"accuracy_png": os.path.join(out_dir, "accuracy.png"),
              "loss_png": os.path.join(out_dir, "loss_curve.png"),
              "pca_png": os.path.join(out_dir, "pca_patch_features.png")}
-    accuracy_bars(acc, paths["accuracy_png"])
-    loss_curve(rows, paths["loss_png"])
+    accuracy_bars(acc, paths["accuracy_png"], model_names(recipe))
+    loss_curve(rows, paths["loss_png"], student_archs(recipe))
     pca_maps(ckpts, recipe, probe_root, paths["pca_png"])
     return paths
 
@@ -606,6 +655,13 @@ def plan_distillation(out: str, data: dict, teacher_ckpt: str, recipe: dict, arg
 # ==========================================================================================================
 # main: a table of contents
 # ==========================================================================================================
+def distilled_checkpoints(run_dir: str, names: list[str]) -> dict:
+    """{distilled model: its export}: pretrain.main writes one student at the top of its folder and several in
+    a folder each, named after the student."""
+    return {n: os.path.join(run_dir, n.partition("-")[2], "student_backbone.pth") for n in names
+            if n.startswith("distilled")}
+
+
 @cli("demo.run")
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
@@ -616,17 +672,19 @@ def main(argv=None) -> int:
     teacher_ckpt = timer.run("teacher", ensure_teacher, args.teacher_checkpoint)
     data = timer.run("images", prepare_images, args.data_dir, recipe, args.seed)
     probe_dir = fresh_dir(os.path.join(out, "probe"))
-    baselines = probe_models(probe_dir, data, {"random_init": "none", "teacher": teacher_ckpt}, recipe, timer)
+    names = model_names(recipe)
+    baselines = probe_models(probe_dir, data, {n: "none" if n != "teacher" else teacher_ckpt for n in names
+                                               if not n.startswith("distilled")}, recipe, timer)
     recipe, plan = plan_distillation(out, data, teacher_ckpt, recipe, args, timer)
     run_dir = timer.run("distil", distil, fresh_dir(os.path.join(out, "distil")), data["distil"], teacher_ckpt,
                         recipe, args)
-    student_ckpt = os.path.join(run_dir, "student_backbone.pth")
-    distilled = probe_models(probe_dir, data, {"distilled": student_ckpt}, recipe, timer)
-    probes = {ds: {m: {**baselines[ds], **distilled[ds]}[m] for m in MODELS} for ds in DATASETS}
+    students = distilled_checkpoints(run_dir, names)
+    distilled = probe_models(probe_dir, data, students, recipe, timer)
+    probes = {ds: {m: {**baselines[ds], **distilled[ds]}[m] for m in names} for ds in DATASETS}
 
     acc = accuracies(probes)
     rows = read_log(os.path.join(run_dir, "log.txt"))
-    ckpts = {"teacher": teacher_ckpt, "distilled": student_ckpt, "random_init": "none"}
+    ckpts = {"teacher": teacher_ckpt, **students, names[0]: "none"}  # the first student's random init
     paths = timer.run("figures", make_figures, out, acc, rows, ckpts, recipe, data["fashion_mnist"])
     print_table(acc, recipe)
     results = write_results(out, probes, recipe, read_run_config(run_dir), plan, loss_summary(rows), timer, args,

@@ -290,6 +290,9 @@ def backbone_state_dict(ckpt: dict, ema: bool = False) -> dict:
     """
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"the checkpoint holds a {type(ckpt).__name__}, not a state dict")
+    if isinstance(ckpt.get("students"), dict):  # pretrain.main with several students
+        raise CheckpointError(f"the checkpoint holds {len(ckpt['students'])} students ({', '.join(ckpt['students'])}); "
+                              f"pass one of them: OUTPUT/<student>/student_backbone.pth once the run has finished")
     if ema:
         for key in ("student_ema", "model_ema"):
             if isinstance(ckpt.get(key), dict):

@@ -45,7 +45,8 @@ from common.log import MetricLogger, write_json
 from common.precision import CHOICES as PRECISIONS, cpu_native_bf16, resolve_precision
 from .engine import Trainer
 from .losses import ProteusDistiller, TargetSpec, select_objectives
-from .main import check_student, check_teacher, parse_student_kwargs, teacher_weight_dtype
+from .main import check_student, check_teacher, teacher_weight_dtype
+from .students import StudentRun, build_student_module, init_seed, seeded, student_specs
 from .masking import MaskGenerator, validate_mask_config
 
 # dense bf16 / fp32 tensor peaks in TFLOP/s (vendor data sheets; SXM parts)
@@ -62,8 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--teacher-checkpoint", default="", help="official-format weights (default: random)")
     p.add_argument("--teacher-dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="teacher weights, as pretrain.main (auto: bf16 on GPU under bf16/fp16)")
-    p.add_argument("--student", default="vit_small")
-    p.add_argument("--student-kwargs", default="", help="e.g. depth=2,embed_dim=64,num_heads=2")
+    p.add_argument("--student", default="vit_small",
+                   help="one student, or several (vit_tiny,vit_small): then the joint step (one teacher pass for "
+                        "all) is timed against the separate steps, alternating in this process")
+    p.add_argument("--student-kwargs", default="", help="e.g. depth=2,embed_dim=64,num_heads=2 (';' per student)")
     p.add_argument("--patch-size", type=int, default=14)
     p.add_argument("--batch-size", type=int, default=64, help="per device")
     p.add_argument("--input-size", type=int, default=224)
@@ -93,12 +96,16 @@ def validate(a) -> None:
                              ("--threads", a.threads, 0)):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
-    cfg = {"student": a.student, "student_kwargs": a.student_kwargs, "input_size": a.input_size,
-           "patch_size": a.patch_size}
     try:
-        if a.student not in STUDENTS:  # the benchmark builds DINOv2-style ViT students only
-            raise ValueError(f"unknown student {a.student!r}; expected one of {STUDENTS}")
-        check_student(cfg)
+        for spec in bench_specs(a):
+            if spec.arch not in STUDENTS:  # the benchmark builds DINOv2-style ViT students only
+                raise ValueError(f"unknown student {spec.arch!r}; expected one of {STUDENTS}")
+            check_student({"student": spec.arch, "student_kwargs": spec.kwargs, "input_size": a.input_size,
+                           "patch_size": a.patch_size})
+        if a.ablations and len(bench_specs(a)) > 1:
+            raise ValueError("--ablations times one student; with several --student entries the benchmark "
+                             "compares the joint step against the separate ones")
+        cfg = {"input_size": a.input_size}
         check_teacher({"name": a.teacher}, cfg)
         validate_mask_config(a.mask_probability, a.mask_ratio)
         spec = models.teacher_spec(a.teacher)
@@ -167,34 +174,45 @@ def random_teacher(name: str, checkpoint: str, size: int, tmp: str) -> models.Te
     return models.build_teacher(name, checkpoint or None, img_size=size)
 
 
-def build_trainer(a, variant: dict, teacher: models.Teacher, device: torch.device) -> BenchTrainer:
-    """A Trainer with the variant's settings; no data loader (the benchmark feeds tensors)."""
-    torch.manual_seed(0)
+def bench_specs(a) -> list:
+    try:
+        return student_specs({"student": a.student, "student_kwargs": a.student_kwargs, "lr": 1e-4})
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def build_trainer(a, variant: dict, teacher: models.Teacher, device: torch.device, specs=None) -> BenchTrainer:
+    """A Trainer with the variant's settings for `specs` (default: every --student); no data loader (the
+    benchmark feeds tensors). Each student's weights come from its own seeded stream, as in pretrain.main."""
     lambdas = {"token": 1.0, "fea": 1.0, "patch": 1.0}
     objectives = select_objectives(teacher.patch_targets, lambdas, a.mask_probability)
-    student = models.build_student(a.student, a.patch_size, a.input_size, **parse_student_kwargs(a.student_kwargs))
     grid = (a.input_size // a.patch_size,) * 2
     cls = TwoPassDistiller if variant["two_pass"] else ProteusDistiller
-    distiller = cls(student, [TargetSpec(a.teacher, teacher.embed_dim, objectives)], lambdas, grid).to(device)
-    for m in distiller.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = variant["sdpa"]
-    groups = optim.param_groups(distiller, 0.05)
-    opt = optim.build_adamw(groups, 1e-4, fused={"auto": None, "on": True, "off": False}[variant["fused_adamw"]])
-    sched = optim.build_cosine_schedule(opt, 1000, 10, 1e-5, 1e-6)
-    scaler = torch.amp.GradScaler(device.type, enabled=variant["precision"] == "fp16")
+    runs = []
+    for spec in specs or bench_specs(a):
+        with seeded(init_seed(0, spec.key), device):
+            student = build_student_module(spec, {"patch_size": a.patch_size, "input_size": a.input_size})
+            distiller = cls(student, [TargetSpec(a.teacher, teacher.embed_dim, objectives)], lambdas, grid).to(device)
+        for m in distiller.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = variant["sdpa"]
+        groups = optim.param_groups(distiller, 0.05)
+        opt = optim.build_adamw(groups, 1e-4, fused={"auto": None, "on": True, "off": False}[variant["fused_adamw"]])
+        sched = optim.build_cosine_schedule(opt, 1000, 10, 1e-5, 1e-6)
+        scaler = torch.amp.GradScaler(device.type, enabled=variant["precision"] == "fp16")
+        runs.append(StudentRun(spec, distiller, distiller, opt, sched, scaler, optim.build_ema(student, 0.99996), 1e-4))
     mask_gen = MaskGenerator(grid[0] * grid[1], a.mask_probability if "patch" in objectives else 0.0, a.mask_ratio)
-    cfg = {"precision": variant["precision"], "clip_grad": 0.0}
-    tr = BenchTrainer(cfg, DistInfo(0, 1, 0, device), distiller, distiller, {a.teacher: teacher},
-                      optim.build_ema(student, 0.99996), opt, sched, scaler, mask_gen, None, None, 1,
+    cfg = {"precision": variant["precision"], "clip_grad": 0.0, "seed": 0}
+    tr = BenchTrainer(cfg, DistInfo(0, 1, 0, device), runs, {a.teacher: teacher}, mask_gen, None, None, 1,
                       MetricLogger(None), grids={a.teacher: (a.input_size // teacher.patch_size,) * 2})
     tr.teacher_autocast = variant["teacher_autocast"]
     return tr
 
 
 def compile_step(tr: Trainer, teacher: models.Teacher) -> None:
-    """torch.compile the student (in place, as pretrain.main) and, once, the shared teacher."""
-    tr.distiller.student.compile()
+    """torch.compile the students (in place, as pretrain.main) and, once, the shared teacher."""
+    for run in tr.students:
+        run.distiller.student.compile()
     if not getattr(teacher, "bench_compiled", False):  # compile variants come last (variants()): never undone
         teacher.backbone.compile()
         teacher.bench_compiled = True
@@ -223,19 +241,32 @@ def timed(device: torch.device, out: list):
 
 
 def one_step(tr: Trainer, x: torch.Tensor, times: dict | None = None) -> None:
+    """The trainer's step in parts: teacher, each student's forward + backward, every optimizer step.
+    `times`: lists per part ('teacher', 'student:<key>', 'optimizer'); on CUDA also 'mem:<key>', the peak
+    memory of each student's pass."""
     dev = x.device
-    t, s, o = [], [], []
+    t, o = [], []
     with timed(dev, t):
         targets = tr.teacher_targets(x)
-    with timed(dev, s):
-        masks, rows = tr.mask_gen(x.shape[0])
-        losses = tr.student_losses(x, masks.to(dev), rows.to(dev), targets)
-        tr.backward(losses["loss"])
+    masks, rows = tr.mask_gen(x.shape[0])
+    masks, rows = masks.to(dev), rows.to(dev)
+    for run in tr.students:
+        s = []
+        if times is not None and dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        with timed(dev, s):
+            losses = tr.student_losses(run, x, masks, rows, targets)
+            tr.backward(run, losses["loss"])
+        if times is not None:
+            times.setdefault(f"student:{run.key}", []).append(s[0])
+            if dev.type == "cuda":
+                times.setdefault(f"mem:{run.key}", []).append(torch.cuda.max_memory_allocated(dev))
     with timed(dev, o):
-        tr.update(want_norm=False)
+        for run in tr.students:
+            tr.update(run, want_norm=False)
     if times is not None:
-        for k, v in zip(("teacher", "student", "optimizer"), (t, s, o)):
-            times[k].append(v[0])
+        times.setdefault("teacher", []).append(t[0])
+        times.setdefault("optimizer", []).append(o[0])
 
 
 def step_flops(tr: Trainer, x: torch.Tensor) -> float:
@@ -292,13 +323,14 @@ def run_variant(a, variant: dict, teacher: models.Teacher, device: torch.device)
         one_step(tr, x)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = {"teacher": [], "student": [], "optimizer": []}
+    times = {}
     cpu0 = time.process_time()
     for _ in range(a.steps):
         one_step(tr, x, times)
     cpu_ms = 1e3 * (time.process_time() - cpu0) / a.steps
-    ms = {k: 1e3 * sum(v) / len(v) for k, v in times.items()}
-    step_s = sum(ms.values()) / 1e3
+    ms = {k: 1e3 * sum(v) / len(v) for k, v in times.items() if not k.startswith("mem:")}
+    ms["student"] = sum(v for k, v in ms.items() if k.startswith("student:"))
+    step_s = (ms["teacher"] + ms["student"] + ms["optimizer"]) / 1e3
     mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     peak, peak_desc = matmul_peak(device, variant["precision"])
@@ -308,6 +340,93 @@ def run_variant(a, variant: dict, teacher: models.Teacher, device: torch.device)
             "peak_mem_gib": mem / 2**30, "tflop_per_step": flops / 1e12, "tflops_per_s": flops / step_s / 1e12,
             "mfu": flops / step_s / peak, "peak_tflops": peak / 1e12, "peak_source": peak_desc,
             **{k: v for k, v in variant.items() if k != "name"}}
+
+
+# ---- several students: the joint step against the separate ones --------------------------------------------
+def split_ms(times: dict) -> dict:
+    """Mean ms per part of the timed steps; `ms_step` their sum, `mem_gib:<key>` peak memory on CUDA."""
+    out = {f"ms_{k}": 1e3 * sum(v) / len(v) for k, v in times.items() if not k.startswith("mem:")}
+    out["ms_step"] = sum(out.values())
+    out.update({f"peak_mem_gib:{k[4:]}": max(v) / 2**30 for k, v in times.items() if k.startswith("mem:")})
+    return out
+
+
+def data_cpu_ms_per_batch(a, n_images: int = 16) -> float:
+    """CPU ms to make one batch: JPEG decode of an ImageNet-sized photo-like image + the DeiT training
+    transform at --input-size (one core; what every separate run pays again)."""
+    import numpy as np
+    from PIL import Image
+
+    from common.data import build_train_transform, load_rgb
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500]
+    smooth = np.stack([(xx * 0.5 + yy * 0.2) % 256, (yy * 0.7) % 256, (xx * 0.3 + 80) % 256], -1)
+    pixels = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
+    tf = build_train_transform(a.input_size, "rand-m9-mstd0.5-inc1", 0.25, "bicubic")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "photo.jpg")
+        Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+        cpu0 = time.process_time()
+        for _ in range(n_images):
+            tf(load_rgb(path))
+        return 1e3 * (time.process_time() - cpu0) / n_images * a.batch_size
+
+
+def run_joint(a, variant: dict, teacher: models.Teacher, device: torch.device) -> dict:
+    """The joint step (one teacher pass for every student) against each student's own step, alternating step
+    by step in this process, so that both see the same machine state (neighbours, clocks, caches)."""
+    prepare_teacher(teacher, variant, device)
+    specs = bench_specs(a)
+    joint = build_trainer(a, variant, teacher, device, specs)
+    alone = [build_trainer(a, variant, teacher, device, [spec]) for spec in specs]
+    x = torch.randn(a.batch_size, 3, a.input_size, a.input_size, device=device)
+    if variant["compile"]:
+        for tr in (joint, *alone):
+            compile_step(tr, teacher)
+    for _ in range(a.warmup):
+        for tr in (joint, *alone):
+            one_step(tr, x)
+    times = [{} for _ in (joint, *alone)]
+    cpu = [0.0] * len(times)
+    for _ in range(a.steps):
+        for i, tr in enumerate((joint, *alone)):
+            cpu0 = time.process_time()
+            one_step(tr, x, times[i])
+            cpu[i] += time.process_time() - cpu0
+    rows = []
+    for i, (tr, t) in enumerate(zip((joint, *alone), times)):
+        row = {"step": "joint" if i == 0 else f"separate {specs[i - 1].key}", **split_ms(t),
+               "cpu_ms_step": 1e3 * cpu[i] / a.steps,
+               "memory_mib": {run.key: run.memory_mib() for run in tr.students}}
+        row["img_per_s"] = a.batch_size / (row["ms_step"] / 1e3)
+        rows.append(row)
+    separate_ms = sum(r["ms_step"] for r in rows[1:])
+    data_ms = data_cpu_ms_per_batch(a)
+    n = len(specs)
+    return {"mode": "joint", "students": [s.key for s in specs], "rows": rows,
+            "ratio": rows[0]["ms_step"] / separate_ms,
+            "ratio_cpu": rows[0]["cpu_ms_step"] / sum(r["cpu_ms_step"] for r in rows[1:]),
+            "data_cpu_ms_per_batch": data_ms,
+            "ratio_with_data": (rows[0]["cpu_ms_step"] + data_ms) / (sum(r["cpu_ms_step"] for r in rows[1:])
+                                                                     + n * data_ms),
+            **{k: v for k, v in variant.items() if k != "name"}}
+
+
+def print_joint(result: dict, a, device: torch.device) -> None:
+    keys = result["students"]
+    print(f"\n{' + '.join(keys)} <- {a.teacher}, batch {a.batch_size}, {a.input_size}px, {device}, "
+          f"{result['precision']}, {a.steps} alternating steps")
+    print("| step | img/s | ms/step | CPU ms/step | teacher ms | " + " | ".join(f"{k} ms" for k in keys)
+          + " | optimizer ms |")
+    print("|---|---|---|---|---|" + "---|" * len(keys) + "---|")
+    for r in result["rows"]:
+        parts = " | ".join(f"{r[f'ms_student:{k}']:.1f}" if f"ms_student:{k}" in r else "-" for k in keys)
+        print(f"| {r['step']} | {r['img_per_s']:.2f} | {r['ms_step']:.1f} | {r['cpu_ms_step']:.0f} | "
+              f"{r['ms_teacher']:.1f} | {parts} | {r['ms_optimizer']:.1f} |")
+    print(f"joint / sum of separate steps: {result['ratio']:.3f} (wall), {result['ratio_cpu']:.3f} (CPU time); "
+          f"with data loading ({result['data_cpu_ms_per_batch']:.0f} CPU ms per batch, paid once jointly): "
+          f"{result['ratio_with_data']:.3f}")
 
 
 def variants(a, precision: str, device: torch.device) -> list[dict]:
@@ -373,6 +492,9 @@ def main(argv=None) -> int:
     print(f"pretrain.benchmark: precision {precision} ({reason})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         teacher = random_teacher(a.teacher, a.teacher_checkpoint, a.input_size, tmp)
+    if len(bench_specs(a)) > 1:
+        return finish_joint(a, run_joint(a, variants(a, precision, device)[0], teacher, device), device, precision,
+                            reason)
     results = [run_variant(a, v, teacher, device) for v in variants(a, precision, device)]
     print_table(results, a, device)
     headline = next(r for r in results if r["headline"])
@@ -381,6 +503,16 @@ def main(argv=None) -> int:
                **hardware(device), "config": {k: v for k, v in vars(a).items() if k != "json"}}
     if a.json:
         write_json(a.json, summary)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def finish_joint(a, result: dict, device: torch.device, precision: str, reason: str) -> int:
+    print_joint(result, a, device)
+    if a.json:
+        write_json(a.json, {**result, "device": str(device), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "precision": precision, "precision_reason": reason,
+                            **hardware(device), "config": {k: v for k, v in vars(a).items() if k != "json"}})
         print(f"wrote {a.json}")
     return 0
 

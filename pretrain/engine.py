@@ -1,4 +1,5 @@
-"""The training loop: one step = teacher forward, one student pass, AdamW step, EMA update.
+"""The training loop: one step = one teacher forward, then per student one pass (forward + backward), and
+AdamW + EMA for every student whose losses are finite (pretrain/students.py: one or several students).
 
 Fault tolerance (issue #7):
 - SIGTERM / SIGUSR1 set a flag; every rank learns of it through the per-step all-reduce, finishes the
@@ -29,6 +30,7 @@ from common.dist import DistInfo, barrier
 from common.errors import DataError
 from common.log import MetricLogger
 from . import state as ckpt_state
+from .students import prefixed
 from .targets import prepare_targets
 from common.visualise import pca_figure
 
@@ -76,20 +78,17 @@ def _hook_step(name: str) -> int:
 
 @dataclass
 class Trainer:
-    """Everything the loop touches. `model` is the DDP-wrapped `distiller` (or the distiller itself).
+    """Everything the loop touches. `students`: one StudentRun per --student entry (pretrain/students.py),
+    each with its distiller (student + heads), DDP wrapper, AdamW, schedule, scaler and EMA.
 
-    `teachers`: {key: frozen Teacher}, in the distiller's target order; `grids`: {key: its token grid};
-    `normaliser`: a fitted pretrain.targets.TargetNormaliser, or None.
+    `teachers`: {key: frozen Teacher}, in the distillers' target order; `grids`: {key: its token grid};
+    `normaliser`: a fitted pretrain.targets.TargetNormaliser, or None. Every student shares the teacher
+    forward, the masks and the targets of a step.
     """
     cfg: dict
     dist_info: DistInfo
-    distiller: torch.nn.Module
-    model: torch.nn.Module
+    students: list
     teachers: dict
-    ema: object
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
     mask_gen: object
     loader: torch.utils.data.DataLoader
     loader_generator: torch.Generator
@@ -101,9 +100,25 @@ class Trainer:
     preempt: PreemptionFlag | None = None
     grids: dict = field(default_factory=dict)
     normaliser: torch.nn.Module | None = None
-    _bad_streak: int = 0
     _save_failures: int = 0  # consecutive failed checkpoint writes
     _save_error: str = ""
+
+    @property
+    def distiller(self) -> torch.nn.Module:
+        """The first student's distiller (its grid is every student's; the PCA figure shows it)."""
+        return self.students[0].distiller
+
+    @property
+    def multi(self) -> bool:
+        return len(self.students) > 1
+
+    def prefix(self, run) -> str | None:
+        return run.key if self.multi else None
+
+    @property
+    def loss_names(self) -> list[str]:
+        """Every logged loss, in the order one all-reduce packs them: per student, its distiller's names."""
+        return [n for run in self.students for n in prefixed(self.prefix(run), run.distiller.loss_names)]
 
     # ---- one step, in three parts (the benchmark times them separately) --------------------------------
     def autocast(self):
@@ -123,35 +138,32 @@ class Trainer:
         with torch.inference_mode():
             return prepare_targets(raw, self.grids, self.distiller.grid, self.normaliser)
 
-    def student_losses(self, images, masks, rows, targets) -> dict:
-        with self.autocast():
-            return self.model(images, masks, rows, targets)
+    def student_losses(self, run, images, masks, rows, targets) -> dict:
+        """One student's forward (its own stochastic-depth stream): its distiller's loss dict."""
+        with run.rng(self.cfg["seed"], self.dist_info.rank, self.progress.global_step, images.device), \
+                self.autocast():
+            return run.model(images, masks, rows, targets)
 
-    def optimizer_step(self, loss: torch.Tensor, want_norm: bool):
-        """Backward, optional clipping, (scaled) AdamW step, EMA. Returns (grad norm or None, skipped)."""
-        self.backward(loss)
-        return self.update(want_norm)
+    def backward(self, run, loss: torch.Tensor) -> None:
+        run.scaler.scale(loss).backward()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss).backward()
-
-    def update(self, want_norm: bool):
-        """Optional clipping, (scaled) AdamW step, EMA. Returns (grad norm or None, step skipped)."""
+    def update(self, run, want_norm: bool):
+        """Optional clipping, (scaled) AdamW step, EMA of one student. Returns (grad norm or None, skipped)."""
         norm = None
         if self.cfg["clip_grad"] > 0 or want_norm:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.distiller.parameters() if p.grad is not None]
+            run.scaler.unscale_(run.optimizer)
+            params = [p for p in run.distiller.parameters() if p.grad is not None]
             if self.cfg["clip_grad"] > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, self.cfg["clip_grad"])
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        skipped = scale is not None and self.scaler.get_scale() < scale  # fp16 overflow: step was skipped
-        if self.ema is not None and not skipped:
-            self.ema.update(self.distiller.student)
+        scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        skipped = scale is not None and run.scaler.get_scale() < scale  # fp16 overflow: step was skipped
+        if run.ema is not None and not skipped:
+            run.ema.update(run.distiller.student)
         return norm, skipped
 
     # ---- the loop ---------------------------------------------------------------------------------------
@@ -175,8 +187,9 @@ class Trainer:
             self.loader.sampler.set_epoch(epoch, skip=skip * cfg["batch_size"])
         # worker seeds depend on (seed, epoch, rank) only, never on how the run was interrupted
         self.loader_generator.manual_seed(cfg["seed"] * 100_003 + epoch * 1_009 + self.dist_info.rank)
-        self.distiller.train()
-        names = self.distiller.loss_names
+        for run in self.students:
+            run.distiller.train()
+        names = self.loss_names
         window, sums, n_seen = _Window(), torch.zeros(len(names)), 0
         for item in self.loader:
             (batch, n_bad), position = item if len(item) == 2 and isinstance(item[1], tuple) else (item, None)
@@ -188,12 +201,12 @@ class Trainer:
                                 f"is {self.last_good}")
             images = batch[0].to(dev, non_blocking=True)  # (B, 3, H, W)
             log_now = self._is_log_step()
-            values, stop = self.train_step(images, n_bad, epoch, want_norm=log_now)
-            sums += torch.tensor(values[:len(names)])
+            losses, extras, stop = self.train_step(images, n_bad, epoch, want_norm=log_now)
+            sums += torch.tensor(losses)
             n_seen += 1
-            window.add(images.shape[0] * self.dist_info.world_size, values[:len(names)])
+            window.add(images.shape[0] * self.dist_info.world_size, losses)
             if log_now:
-                self.log_progress(epoch, values, window)
+                self.log_progress(epoch, extras, window)
             if stop:
                 self.stop_preempted()  # checkpoints itself: no mid-epoch save of the same state first
             self._maybe_save_mid_epoch()
@@ -206,36 +219,57 @@ class Trainer:
                      " ".join(f"{k}={v:.4f}" for k, v in avg.items()), self.progress.bad_images)
 
     def train_step(self, images: torch.Tensor, n_bad: int, epoch: int, want_norm: bool):
-        """One optimisation step. Returns ([*losses in loss_names order, lr, grad_norm], stop requested)."""
+        """One optimisation step of every student on one teacher pass.
+
+        Returns (losses in loss_names order, {lr / grad_norm per student}, stop requested). Each student's
+        backward runs right after its forward, so only one student's activations are alive at a time; the
+        finiteness check (one all-reduce, one host sync) then decides which students step.
+        """
         step = self.progress.global_step
-        self.scheduler.step_update(step)  # per-iteration schedule: lr of *this* step
+        for run in self.students:
+            run.step_schedule(step)  # per-iteration schedule: lr of *this* step
         masks, rows = self.mask_gen(images.shape[0])  # (B, N) bool, (M,)
         masks, rows = masks.to(images.device, non_blocking=True), rows.to(images.device, non_blocking=True)
-        losses = self.student_losses(images, masks, rows, self.teacher_targets(images))
-        if step == _hook_step("PROTEUS_INJECT_NAN_AT_STEP"):
-            losses = {k: v * float("nan") for k, v in losses.items()}
+        targets = self.teacher_targets(images)
+        losses = {}
+        for run in self.students:
+            own = self.student_losses(run, images, masks, rows, targets)
+            if step == _hook_step("PROTEUS_INJECT_NAN_AT_STEP"):
+                own = {k: v * float("nan") for k, v in own.items()}
+            self.backward(run, own["loss"])
+            losses.update(zip(prefixed(self.prefix(run), own), own.values()))
         stats = self._reduce_stats(losses, n_bad)  # one host sync per step
-        n = len(self.distiller.loss_names)
+        n = len(self.loss_names)
         self.progress.bad_images += int(stats[n + 1])
-        norm = None
-        if all(math.isfinite(v) for v in stats[:n]):
-            norm, skipped = self.optimizer_step(losses["loss"], want_norm)
-            self._bad_streak = self._bad_streak + 1 if skipped else 0
-            if self._bad_streak > self.cfg["max_bad_steps"]:
-                self._stop_nonfinite(step, stats, f"the fp16 grad scaler skipped {self._bad_streak} steps in a row")
-        else:
-            self._on_nonfinite(step, epoch, stats)  # raises unless fp16 may skip it
+        extras, offset = {}, 0
+        for run in self.students:
+            width = len(run.distiller.loss_names)
+            extras.update(self._step_student(run, step, epoch, stats[offset:offset + width], want_norm))
+            offset += width
         # a skipped step still counts: the batch is consumed and the schedule moves on (resume offsets)
         self.progress.global_step += 1
         self.progress.step_in_epoch += 1
-        lr = self.optimizer.param_groups[-1]["lr"]
-        return stats[:n] + [lr, float(norm) if norm is not None else float("nan")], stats[n] > 0
+        return stats[:n], extras, stats[n] > 0
+
+    def _step_student(self, run, step: int, epoch: int, stats: list[float], want_norm: bool) -> dict:
+        """AdamW step of one student if its losses are finite; its {lr, grad_norm} (prefixed when several)."""
+        norm = None
+        if all(math.isfinite(v) for v in stats):
+            norm, skipped = self.update(run, want_norm)
+            run.bad_streak = run.bad_streak + 1 if skipped else 0
+            if run.bad_streak > self.cfg["max_bad_steps"]:
+                self._stop_nonfinite(run, step, stats, f"the fp16 grad scaler skipped {run.bad_streak} steps in a row")
+        else:
+            self._on_nonfinite(run, step, epoch, stats)  # raises unless fp16 may skip it
+        names = prefixed(self.prefix(run), ("lr", "grad_norm"))
+        return {names[0]: run.optimizer.param_groups[-1]["lr"],
+                names[1]: float(norm) if norm is not None else float("nan")}
 
     def _reduce_stats(self, losses: dict, n_bad: int) -> list[float]:
         """The named losses (loss_names order) averaged over ranks, then [stop flag, bad images] summed."""
-        names = self.distiller.loss_names
+        names = self.loss_names
         flag = float(self.preempt is not None and self.preempt.signum != 0)
-        dev = losses["loss"].device
+        dev = next(iter(losses.values())).device
         vec = torch.stack([losses[k].detach().float() for k in names]
                           + [torch.tensor(flag, device=dev), torch.tensor(float(n_bad), device=dev)])
         if self.dist_info.distributed:
@@ -243,18 +277,19 @@ class Trainer:
             vec[:len(names)] /= self.dist_info.world_size
         return vec.tolist()
 
-    def _on_nonfinite(self, step: int, epoch: int, stats: list[float]) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self._bad_streak += 1
-        if self.cfg["precision"] != "fp16" or self._bad_streak > self.cfg["max_bad_steps"]:
-            self._stop_nonfinite(step, stats, f"epoch {epoch}")
-        log.warning("non-finite loss at step %d skipped (%d in a row, at most %d allowed)", step,
-                    self._bad_streak, self.cfg["max_bad_steps"])
+    def _on_nonfinite(self, run, step: int, epoch: int, stats: list[float]) -> None:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.bad_streak += 1
+        if self.cfg["precision"] != "fp16" or run.bad_streak > self.cfg["max_bad_steps"]:
+            self._stop_nonfinite(run, step, stats, f"epoch {epoch}")
+        log.warning("non-finite loss at step %d skipped%s (%d in a row, at most %d allowed)", step,
+                    f" for student {run.key}" if self.multi else "", run.bad_streak, self.cfg["max_bad_steps"])
 
-    def _stop_nonfinite(self, step: int, stats: list[float], where: str):
-        parts = " ".join(f"{k}={v}" for k, v in zip(self.distiller.loss_names, stats))
+    def _stop_nonfinite(self, run, step: int, stats: list[float], where: str):
+        parts = " ".join(f"{k}={v}" for k, v in zip(run.distiller.loss_names, stats))
+        who = f" of student {run.key}" if self.multi else ""
         raise StopTraining(
-            f"non-finite loss at step {step} ({where}): {parts}. The weights were not updated with it. "
+            f"non-finite loss{who} at step {step} ({where}): {parts}. The weights were not updated with it. "
             f"Last good checkpoint: {self.last_good}. "
             f"Try a lower --lr, --clip-grad 1.0, or --precision bf16/fp32; rerunning resumes from that checkpoint.",
             EXIT_NONFINITE)
@@ -263,8 +298,7 @@ class Trainer:
     def save_checkpoint(self, final: bool = False) -> None:
         """Write checkpoint.pth; a failure is counted, and stops the run after max_save_failures in a row
         unless `final` (the preemption save, whose outcome goes into the stop message instead)."""
-        ckpt = ckpt_state.build_checkpoint(self.distiller, self.ema, self.optimizer, self.scheduler, self.scaler,
-                                           self.progress, self.mask_gen, self.cfg, self.normaliser)
+        ckpt = ckpt_state.build_checkpoint(self.students, self.progress, self.mask_gen, self.cfg, self.normaliser)
         path, error = ckpt_state.save_checkpoint(ckpt, self.cfg["output_dir"], self.cfg["keep_checkpoints"],
                                                  self.dist_info.is_main)
         if path:
@@ -302,34 +336,41 @@ class Trainer:
     def _is_log_step(self) -> bool:
         return (self.progress.global_step + 1) % self.cfg["log_every"] == 0
 
-    def log_progress(self, epoch: int, values: list[float], window: "_Window") -> None:
-        names = self.distiller.loss_names
+    def log_progress(self, epoch: int, extras: dict, window: "_Window") -> None:
         # the losses printed and logged are the mean over the steps since the last line, not one step's value
-        losses, (lr, norm) = dict(zip(names, window.mean_losses())), values[len(names):]
+        losses = dict(zip(self.loss_names, window.mean_losses()))
         total = self.cfg["epochs"] * self.steps_per_epoch
         ips, sec_per_step = window.rate()
         eta = (total - self.progress.global_step) * sec_per_step
-        parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "loss")
-        log.info("epoch %d [%d/%d] step %d/%d  loss %.4f (%s)  lr %.2e  %.1f img/s  eta %s", epoch,
-                 self.progress.step_in_epoch, self.steps_per_epoch, self.progress.global_step, total,
-                 losses["loss"], parts, lr, ips, _hms(eta))
-        self.metrics.log(self.progress.global_step, prefix="train/", **losses, lr=lr, grad_norm=norm,
-                         img_per_s=ips, epoch=epoch, bad_images=self.progress.bad_images)
+        head = (f"epoch {epoch} [{self.progress.step_in_epoch}/{self.steps_per_epoch}] step "
+                f"{self.progress.global_step}/{total}")
+        parts = []
+        for run in self.students:
+            pre = prefixed(self.prefix(run), ("loss", "lr"))
+            own = prefixed(self.prefix(run), run.distiller.loss_names[1:])
+            detail = " ".join(f"{k.split('/', 1)[1] if self.multi else k} {losses[k]:.4f}" for k in own)
+            parts.append(f"{run.key + ' ' if self.multi else ''}loss {losses[pre[0]]:.4f} ({detail})  "
+                         f"lr {extras[pre[1]]:.2e}")
+        log.info("%s  %s  %.1f img/s  eta %s", head, "  |  ".join(parts), ips, _hms(eta))
+        self.metrics.log(self.progress.global_step, prefix="train/", **losses, **extras, img_per_s=ips,
+                         epoch=epoch, bad_images=self.progress.bad_images)
 
     @torch.no_grad()
     def log_pca(self) -> None:
-        """Fig. 3 of the paper on a fixed batch: PCA of teacher vs student patch features (rank 0)."""
+        """Fig. 3 of the paper on a fixed batch: PCA of teacher vs student patch features (rank 0), per student."""
         if self.pca_batch is None or not self.dist_info.is_main:
             return
         x = self.pca_batch.to(self.dist_info.device)
-        self.distiller.eval()
+        key = next(iter(self.teachers))  # the first teacher, on the distillers' grid
         with self.autocast():
-            key = next(iter(self.teachers))  # the first teacher, on the distiller's grid
             t_patch = prepare_targets(self.raw_teacher_outputs(x), self.grids, self.distiller.grid, None)[key]["patch"]
-            s_patch = self.distiller.student_features(x)["patch"]
-        self.distiller.train()
-        self.metrics.image("pca/input_teacher_student", pca_figure(x, t_patch, s_patch).numpy(),
-                           self.progress.global_step)
+        for run in self.students:
+            run.distiller.eval()
+            with self.autocast():
+                s_patch = run.distiller.student_features(x)["patch"]
+            run.distiller.train()
+            tag = f"pca/{run.key}" if self.multi else "pca/input_teacher_student"
+            self.metrics.image(tag, pca_figure(x, t_patch, s_patch).numpy(), self.progress.global_step)
         self.metrics.flush()
 
     def _test_hooks(self) -> None:

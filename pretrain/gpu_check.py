@@ -16,6 +16,8 @@ format are written to a temporary folder first. Then, each in its own process wi
     fine_grained        one feature pass + logistic regression of the bf16 student (fine_grained.main)
     bench_*             pretrain.benchmark for ViT-S/14 <- DINOv2-B/14 and ViT-B/14 <- DINOv2-L/14 at 224 px,
                         eager and --compile: img/s, MFU against the GPU's bf16 data-sheet peak, peak memory
+    bench_joint_*       ViT-Ti + S + B /14 <- DINOv2-L/14 at 224 px on one teacher pass, against the three
+                        separate steps (alternating): the ratio, each student's time and peak memory
 
 Every check records status (ok / failed / skipped), error, seconds and what it measured. A check that hangs
 is killed at its timeout; the whole run stays within --budget-s (later checks get what is left, or are
@@ -64,6 +66,7 @@ class Sizes:
     compile: bool
     workers: int
     timeout_s: dict = field(default_factory=dict)
+    joint: tuple = ()  # (students, teacher, student kwargs, input size, batch): one teacher pass, several students
 
 
 def gpu_sizes(bench_batch: int) -> Sizes:
@@ -71,7 +74,8 @@ def gpu_sizes(bench_batch: int) -> Sizes:
                  (("vit_small", "dinov2_vitb14", "", 224, bench_batch),
                   ("vit_base", "dinov2_vitl14", "", 224, bench_batch)),
                  bench_steps=10, bench_warmup=3, compile=True, workers=2,
-                 timeout_s={"pretrain": 150, "eval": 120, "bench": 150, "bench_compile": 300})
+                 timeout_s={"pretrain": 150, "eval": 120, "bench": 150, "bench_compile": 300},
+                 joint=("vit_tiny,vit_small,vit_base", "dinov2_vitl14", "", 224, bench_batch))
 
 
 def dry_sizes() -> Sizes:
@@ -79,7 +83,8 @@ def dry_sizes() -> Sizes:
     return Sizes(tiny, 28, 4, 6, 2, 28,
                  (("vit_tiny", "dinov2_vits14", tiny, 28, 2),),  # one pair: the two GPU pairs differ in size only
                  bench_steps=1, bench_warmup=0, compile=False, workers=0,
-                 timeout_s={"pretrain": 180, "eval": 180, "bench": 180, "bench_compile": 300})
+                 timeout_s={"pretrain": 180, "eval": 180, "bench": 180, "bench_compile": 300},
+                 joint=("vit_tiny,vit_small", "dinov2_vits14", f"{tiny};{tiny}", 28, 2))
 
 
 def parse_args(argv=None):
@@ -330,7 +335,32 @@ def bench_checks(work: str, sizes: Sizes, device: str) -> list:
             timeout = sizes.timeout_s["bench_compile" if compiled else "bench"]
             checks.append((name, lambda b, name=name, argv=argv, timeout=timeout, path=path: run_command(
                 name, argv, timeout, b, verify=bench_verifier(path))))
+    if sizes.joint:
+        checks.append(joint_check(work, sizes, device))
     return checks
+
+
+def joint_check(work: str, sizes: Sizes, device: str):
+    """pretrain.benchmark with several students: the joint step against the separate ones (eager)."""
+    students, teacher, kwargs, size, batch = sizes.joint
+    name = f"bench_joint_{students.replace(',', '+')}_{teacher}"
+    path = os.path.join(work, f"{name}.json")
+    argv = ["-m", "pretrain.benchmark", "--teacher", teacher, "--student", students, "--batch-size", str(batch),
+            "--input-size", str(size), "--device", device, "--steps", str(sizes.bench_steps),
+            "--warmup", str(sizes.bench_warmup), "--json", path] + (["--student-kwargs", kwargs] if kwargs else [])
+    return (name, lambda b: run_command(name, argv, sizes.timeout_s["bench"] * 2, b, verify=joint_verifier(path)))
+
+
+def joint_verifier(path: str):
+    def verify(output: str) -> dict:
+        r = read_json(path)
+        expect(0 < r["ratio"] < 1.5 and len(r["rows"]) == len(r["students"]) + 1, f"ratio {r.get('ratio')}")
+        joint = r["rows"][0]
+        return {"ratio": r["ratio"], "ratio_cpu": r["ratio_cpu"], "img_per_s": joint["img_per_s"],
+                "ms_step": joint["ms_step"], "separate_ms_step": [row["ms_step"] for row in r["rows"][1:]],
+                "peak_mem_gib": {k[len("peak_mem_gib:"):]: v for k, v in joint.items() if k.startswith("peak_mem_gib:")},
+                "precision": r["precision"], "device_name": r.get("device_name")}
+    return verify
 
 
 def environment(device: str) -> dict:
@@ -413,6 +443,10 @@ def main(argv=None) -> int:
     print(f"pretrain.gpu_check: {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped in "
           f"{report['seconds']:.0f} s; report: {out}")
     for row in report["benchmarks"]:
+        if "ratio" in row:  # several students on one teacher pass
+            print(f"  {row['check']}: joint {row['img_per_s']:.1f} img/s, joint / separate {row['ratio']:.3f} "
+                  f"({row['precision']})")
+            continue
         print(f"  {row['check']}: {row['img_per_s']:.1f} img/s, MFU {100 * row['mfu']:.1f} %, "
               f"peak {row['peak_mem_gib']:.1f} GiB ({row['precision']})")
     return 0 if s["failed"] == 0 else 1

@@ -35,6 +35,7 @@ from common.rundir import claim_run_dir
 from common.runlock import RunDirLock
 from .engine import EXIT_PREEMPTED, PreemptionFlag, StopTraining, Trainer
 from .losses import ProteusDistiller, TargetSpec, select_objectives
+from .students import StudentRun, build_student_module, init_seed, seeded, student_specs
 from .targets import TargetNormaliser, fit_normaliser, prepare_targets
 from .masking import MaskGenerator, validate_mask_config
 from . import shards
@@ -81,9 +82,14 @@ CONFIG = {
         "teacher_norm_batches": (8, "training batches that estimate the PHI-S statistics at the start"),
         "teacher_dtype": ("auto", "teacher weights: auto (on GPU the autocast dtype, bf16 or fp16; else fp32), "
                                   "fp32 (the original), bf16"),
-        "student": ("vit_small", "student: vit_tiny, vit_small, vit_base, vit_large (DINOv2 ViT) or timm:<name> "
-                                 "(any timm model, random init)"),
-        "student_kwargs": ("", "size overrides: depth=2,embed_dim=64,num_heads=2 or JSON as --model-kwargs of the evals"),
+        "student": ("vit_small", "student(s), comma-separated: vit_tiny, vit_small, vit_base, vit_large (DINOv2 ViT) "
+                                 "or timm:<name> (any timm model, random init); several train jointly on one "
+                                 "teacher pass, each exported to OUTPUT/<student>/"),
+        "student_kwargs": ("", "size overrides: depth=2,embed_dim=64,num_heads=2 or JSON as --model-kwargs of the "
+                               "evals; several students: one entry each, separated by ';' (one entry: all)"),
+        "student_lr": ("", "per-student base lr overrides, comma-separated in --student order (empty entry: --lr); "
+                           "the linear scaling rule applies to each"),
+        "student_drop_path": ("", "per-student stochastic depth, comma-separated (empty entry: --drop-path)"),
         "patch_size": (14, "ViT student patch size (its grid is the distillation grid; teachers on another grid "
                            "are resampled to it)"),
         "drop_path": (0.0, "student stochastic depth (original: flag 0.1 but never applied, so 0)"),
@@ -159,7 +165,11 @@ RESUME_FREE = ("output_dir", "num_workers", "pin_mem", "log_every", "pca_every_e
                "keep_checkpoints", "max_save_failures", "dist_timeout_min", "max_bad_steps", "device",
                "compile", "allow_resume_change", "world_size")
 RESUME_CHANGEABLE = ("epochs", "lr", "min_lr", "warmup_lr", "clip_grad", "data_path", "teacher_checkpoint",
-                     "precision", "teacher_dtype", "on_bad_image", "max_image_pixels", "fused_adamw")
+                     "precision", "teacher_dtype", "on_bad_image", "max_image_pixels", "fused_adamw", "student")
+# Compared per student (pretrain/students.py) instead of as flags: a student is identified by its key, and
+# `--allow-resume-change student` adds or drops students while the others must keep their settings.
+STUDENT_KNOBS = ("student", "student_kwargs", "student_lr", "student_drop_path", "drop_path", "lr")
+STUDENT_FIELDS = {"arch": "student", "kwargs": "student_kwargs", "drop_path": "drop_path", "lr": "lr"}
 # One vocabulary with the evaluations and models.export (--arch / --model-kwargs / --image-size there)
 ALIASES = {"student": ("--arch",), "student_kwargs": ("--model-kwargs",), "input_size": ("--image-size",)}
 EXIT_BAD_CONFIG = 2
@@ -274,7 +284,7 @@ def validate_config(cfg: dict, world_size: int) -> None:
 
 def _validate(cfg: dict, world_size: int) -> None:
     check_limits(cfg)
-    check_student(cfg)
+    check_students(cfg, world_size)
     teachers = teacher_list(cfg)
     validate_mask_config(cfg["mask_probability"], cfg["mask_ratio"])
     for t in teachers:
@@ -330,17 +340,29 @@ def check_optimisation(cfg: dict, world_size: int) -> None:
                          f"processes; use a multiple of {world_size}")
     if cfg["warmup_epochs"] > cfg["epochs"]:
         raise ValueError(f"need 0 <= --warmup-epochs <= --epochs, got {cfg['warmup_epochs']} / {cfg['epochs']}")
-    global_batch = cfg["global_batch_size"] or cfg["batch_size"] * world_size
-    peak = optim.scaled_lr(cfg["lr"], global_batch, cfg["lr_reference_batch"])
-    if cfg["min_lr"] > peak:
-        raise ValueError(f"--min-lr {cfg['min_lr']} is above the peak learning rate {peak:.3g} (--lr {cfg['lr']} x "
-                         f"global batch {global_batch} / --lr-reference-batch {cfg['lr_reference_batch']})")
     betas = cfg["opt_betas"]
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ValueError(f"--opt-betas takes two values in [0, 1), got {betas}")
     lo_hi = cfg["crop_scale"]
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
         raise ValueError(f"--crop-scale takes LO HI with 0 < LO <= HI <= 1 (share of the image area), got {lo_hi}")
+
+
+def check_students(cfg: dict, world_size: int) -> None:
+    """Every --student entry, and each one's peak learning rate against --min-lr."""
+    specs = student_specs(cfg)
+    global_batch = cfg["global_batch_size"] or cfg["batch_size"] * world_size
+    for spec in specs:
+        check_student({**cfg, "student": spec.arch, "student_kwargs": spec.kwargs})
+        if spec.drop_path >= 1:
+            raise ValueError(f"--student-drop-path must be in [0, 1), got {spec.drop_path} for {spec.key}")
+        peak = optim.scaled_lr(spec.lr, global_batch, cfg["lr_reference_batch"])
+        if not peak > 0:
+            raise ValueError(f"--student-lr must be > 0, got {spec.lr} for {spec.key}")
+        if cfg["min_lr"] > peak:
+            raise ValueError(f"--min-lr {cfg['min_lr']} is above the peak learning rate {peak:.3g} of student "
+                             f"{spec.key} (lr {spec.lr} x global batch {global_batch} / --lr-reference-batch "
+                             f"{cfg['lr_reference_batch']})")
 
 
 def check_student(cfg: dict) -> None:
@@ -431,6 +453,9 @@ def resolve_derived(cfg: dict, info: DistInfo) -> dict:
     cfg["world_size"] = info.world_size
     cfg["global_batch"] = cfg["batch_size"] * info.world_size
     cfg["lr_scaled"] = optim.scaled_lr(cfg["lr"], cfg["global_batch"], cfg["lr_reference_batch"])
+    cfg["students"] = [{**spec.as_dict(), "lr_scaled": optim.scaled_lr(spec.lr, cfg["global_batch"],
+                                                                       cfg["lr_reference_batch"])}
+                       for spec in student_specs(cfg)]
     if cfg["teacher_norm"] == "auto":
         cfg["teacher_norm"] = "phi-s" if len(teacher_list(cfg)) > 1 else "none"
     return cfg
@@ -468,9 +493,9 @@ def build_teachers(cfg: dict, device: torch.device) -> dict:
 
 def distillation_grid(cfg: dict, teachers: dict) -> tuple[int, int]:
     """The token grid every target lives on: the ViT student's patch grid, else the first teacher's."""
-    if models.is_timm_name(cfg["student"]):
+    if all(models.is_timm_name(s.arch) for s in student_specs(cfg)):
         p = next(iter(teachers.values())).patch_size
-    else:
+    else:  # a ViT student's patch grid (timm students resample their feature map onto it)
         p = cfg["patch_size"]
     return cfg["input_size"] // p, cfg["input_size"] // p
 
@@ -491,26 +516,39 @@ def teacher_weight_dtype(cfg: dict, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def build_model(cfg: dict, teachers: dict, grid: tuple[int, int], info: DistInfo):
-    """(distiller, model): the trainable student + heads, and the same wrapped in DDP when distributed."""
-    student = models.build_student(cfg["student"], patch_size=cfg["patch_size"], img_size=cfg["input_size"],
-                                   drop_path_rate=cfg["drop_path"], **parse_student_kwargs(cfg["student_kwargs"]))
-    weights = {t["name"]: t["weight"] for t in teacher_list(cfg)}
-    targets = [TargetSpec(k, t.embed_dim, tuple(cfg["objectives"][k]), weights[k]) for k, t in teachers.items()]
-    distiller = ProteusDistiller(student, targets, lambdas_of(cfg), grid).to(info.device)
+def build_student_run(cfg: dict, spec, teachers: dict, grid: tuple[int, int], info: DistInfo,
+                      steps_per_epoch: int) -> StudentRun:
+    """One student + heads (initial weights from its own seeded stream), wrapped in DDP when distributed,
+    with its AdamW, schedule, scaler and EMA."""
+    with seeded(init_seed(cfg["seed"], spec.key), info.device):
+        distiller = build_distiller(cfg, spec, teachers, grid).to(info.device)
     if cfg["compile"]:
         distiller.student.compile()  # in place: state_dict keys stay DINOv2's (no `_orig_mod.`)
     model = distiller
     if info.distributed:
-        # only what trains is wrapped; every head in it is used, so no find_unused_parameters
+        # one DDP module per student: each student's backward (and its gradient all-reduce) runs right after
+        # its forward, so only one student's activations are alive; every head is used (no unused params)
         model = torch.nn.parallel.DistributedDataParallel(
             distiller, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
             gradient_as_bucket_view=True)
+    lr_scaled = optim.scaled_lr(spec.lr, cfg["global_batch"], cfg["lr_reference_batch"])
+    optimizer, scheduler, scaler, ema = build_optimisation(cfg, distiller, steps_per_epoch, lr_scaled)
+    run = StudentRun(spec, distiller, model, optimizer, scheduler, scaler, ema, lr_scaled)
     n_params = sum(p.numel() for p in distiller.parameters() if p.requires_grad)
-    log.info("student %s on a %dx%d grid + heads %s: %.2fM trainable parameters; teachers %s", cfg["student"],
-             *grid, json.dumps(cfg["objectives"]), n_params / 1e6,
+    mem = run.memory_mib()
+    log.info("student %s (%s%s) on a %dx%d grid + heads %s: %.2fM trainable parameters, lr %.3g; holds %.0f MiB "
+             "(params %.0f, grads %.0f, AdamW %.0f, EMA %.0f); teachers %s", spec.key, spec.arch,
+             f", {spec.kwargs}" if spec.kwargs else "", *grid, json.dumps(cfg["objectives"]), n_params / 1e6,
+             lr_scaled, sum(mem.values()), mem["params"], mem["grads"], mem["adamw"], mem["ema"],
              ", ".join(f"{k} ({t.embed_dim}-d, patch {t.patch_size})" for k, t in teachers.items()))
-    return distiller, model
+    return run
+
+
+def build_distiller(cfg: dict, spec, teachers: dict, grid: tuple[int, int]) -> ProteusDistiller:
+    student = build_student_module(spec, cfg)
+    weights = {t["name"]: t["weight"] for t in teacher_list(cfg)}
+    targets = [TargetSpec(k, t.embed_dim, tuple(cfg["objectives"][k]), weights[k]) for k, t in teachers.items()]
+    return ProteusDistiller(student, targets, lambdas_of(cfg), grid)
 
 
 def build_normaliser(cfg: dict, teachers: dict) -> TargetNormaliser | None:
@@ -624,11 +662,11 @@ def fixed_pca_batch(dataset, cfg: dict) -> torch.Tensor | None:
     return torch.stack(images) if images else None
 
 
-def build_optimisation(cfg: dict, distiller, steps_per_epoch: int):
+def build_optimisation(cfg: dict, distiller, steps_per_epoch: int, lr_scaled: float):
     """(optimizer, per-iteration schedule, grad scaler, EMA of the student backbone or None)."""
     groups = optim.param_groups(distiller, cfg["weight_decay"], cfg["decay_tokens"])
     fused = {"auto": None, "on": True, "off": False}[cfg["fused_adamw"]]
-    optimizer = optim.build_adamw(groups, cfg["lr_scaled"], cfg["opt_betas"], cfg["opt_eps"], fused)
+    optimizer = optim.build_adamw(groups, lr_scaled, cfg["opt_betas"], cfg["opt_eps"], fused)
     scheduler = optim.build_cosine_schedule(optimizer, cfg["epochs"] * steps_per_epoch,
                                             cfg["warmup_epochs"] * steps_per_epoch, cfg["min_lr"], cfg["warmup_lr"])
     device_type = next(distiller.parameters()).device.type
@@ -674,7 +712,9 @@ def find_resume_checkpoint(cfg: dict, info: DistInfo):
 def prepare_fresh_start(cfg: dict, info: DistInfo) -> None:
     """No usable checkpoint: refuse to overwrite a finished run's exports; set an old log.txt aside."""
     out = cfg["output_dir"]
-    exports = [n for n in ("student_backbone.pth", "student_backbone_ema.pth") if os.path.exists(os.path.join(out, n))]
+    names = ("student_backbone.pth", "student_backbone_ema.pth")
+    folders = [""] + ([s["key"] for s in cfg["students"]] if len(cfg["students"]) > 1 else [])
+    exports = [os.path.join(f, n) for f in folders for n in names if os.path.exists(os.path.join(out, f, n))]
     if exports:
         raise ConfigError(f"{out} holds a finished run's {', '.join(exports)} but no usable checkpoint to resume "
                           f"from (see the warnings above); starting again would overwrite them. Use a new "
@@ -722,7 +762,7 @@ def check_resume_config(cfg: dict, ckpt: dict | None, path: str | None) -> dict:
 
 def config_diff(old: dict, new: dict) -> dict:
     """{key: (old, new)} over every result-changing key (knobs + the global batch), paths made absolute."""
-    keys = [k for group in CONFIG.values() for k in group if k not in RESUME_FREE]
+    keys = [k for group in CONFIG.values() for k in group if k not in RESUME_FREE and k not in STUDENT_KNOBS]
     keys = [k for k in keys if k not in ("batch_size", "global_batch_size")] + ["global_batch"]
     if any(shards.is_shard_spec(p) for p in new["data_path"]):
         keys.append("num_workers")  # tar shards: the loader's workers define the sample order
@@ -737,6 +777,25 @@ def config_diff(old: dict, new: dict) -> dict:
         a, b = _normalise(k, a), _normalise(k, b)
         if a != b:
             out[k] = (a, b)
+    return {**out, **student_diff(old, new)}
+
+
+def student_diff(old: dict, new: dict) -> dict:
+    """Student changes by flag: `student` when students were added or dropped ({key: arch} before and now);
+    for every student in both, a changed architecture, kwargs, drop path or lr under that knob's name."""
+    before = {s.key: s for s in student_specs({k: old.get(k, _default(k)) for k in STUDENT_KNOBS})}
+    now = {s.key: s for s in student_specs(new)}
+    out = {}
+    if list(before) != list(now):
+        out["student"] = ({k: s.arch for k, s in before.items()}, {k: s.arch for k, s in now.items()})
+    for field, knob in STUDENT_FIELDS.items():
+        changed = {k: (getattr(before[k], field), getattr(now[k], field)) for k in before if k in now
+                   and getattr(before[k], field) != getattr(now[k], field)}
+        if changed:
+            if len(now) == 1 and len(before) == 1:
+                out[knob] = next(iter(changed.values()))
+            else:
+                out[knob] = ({k: a for k, (a, _) in changed.items()}, {k: b for k, (_, b) in changed.items()})
     return out
 
 
@@ -756,12 +815,50 @@ def resume(trainer: Trainer, ckpt: dict | None, path: str | None, info: DistInfo
     if ckpt is None:
         log.info("no checkpoint in %s: starting from scratch", trainer.cfg["output_dir"])
         return
-    trainer.progress = ckpt_state.restore(ckpt, trainer.distiller, trainer.ema, trainer.optimizer, trainer.scaler,
-                                          trainer.mask_gen, info.rank, info.world_size, trainer.normaliser)
+    export_dropped_students(trainer, ckpt, info)
+    trainer.progress = ckpt_state.restore(ckpt, trainer.students, trainer.mask_gen, info.rank, info.world_size,
+                                          trainer.normaliser)
+    for run in trainer.students:
+        if run.start_step:  # joined later: its warm-up and cosine span the steps it has left
+            run.scheduler = late_schedule(trainer.cfg, run, trainer.steps_per_epoch)
     trainer.last_good = f"{path} (step {trainer.progress.global_step})"
     p = trainer.progress
     log.info("resumed from %s: epoch %d, batch %d/%d, step %d", path, p.epoch, p.step_in_epoch,
              trainer.steps_per_epoch, p.global_step)
+
+
+def late_schedule(cfg: dict, run: StudentRun, steps_per_epoch: int):
+    left = max(cfg["epochs"] * steps_per_epoch - run.start_step, 1)
+    return optim.build_cosine_schedule(run.optimizer, left, min(cfg["warmup_epochs"] * steps_per_epoch, left),
+                                       cfg["min_lr"], cfg["warmup_lr"])
+
+
+def export_dropped_students(trainer: Trainer, ckpt: dict, info: DistInfo) -> None:
+    """A student dropped on resume (--allow-resume-change student) loses nothing: its weights at the checkpoint
+    are exported to OUTPUT/<key>/ as a finished run's would be."""
+    kept = {run.key for run in trainer.students}
+    old_cfg = ckpt.get("config") or {}
+    old_specs = {s.key: s for s in student_specs({k: old_cfg.get(k, _default(k)) for k in STUDENT_KNOBS})}
+    for key, state in ckpt_state.student_states(ckpt).items():
+        if key in kept or not info.is_main:
+            continue
+        folder = os.path.join(trainer.cfg["output_dir"], key)
+        os.makedirs(folder, exist_ok=True)
+        spec = old_specs.get(key)
+        paths = ckpt_state.export_saved_student(state, spec.arch if spec else "", folder)
+        write_json(os.path.join(folder, "config.json"), student_view(old_cfg, spec, dropped_at=ckpt["global_step"]))
+        log.warning("student %s dropped at step %d: its weights there are exported to %s", key,
+                    ckpt["global_step"], ", ".join(paths))
+
+
+def student_view(cfg: dict, spec, **extra) -> dict:
+    """The configuration as a one-student run of `spec` would record it: what models.export, the evaluations
+    and models.load_backbone read from a config.json beside the weights."""
+    view = {k: v for k, v in cfg.items() if k not in ("students", "student_lr", "student_drop_path")}
+    if spec is not None:
+        view.update(student=spec.arch, student_kwargs=spec.kwargs, drop_path=spec.drop_path, lr=spec.lr,
+                    student_key=spec.key)
+    return {**view, **extra, "tool": "pretrain"}
 
 
 def check_steps_per_epoch(cfg: dict, ckpt: dict | None, steps_per_epoch: int) -> None:
@@ -785,21 +882,30 @@ def write_run_config(cfg: dict, info: DistInfo, resumed_from: str | None) -> Non
                 "git_sha": sha, "torch": torch.__version__, "argv": sys.argv})
     log.info("config: %s", json.dumps({k: cfg[k] for k in ("teacher", "student", "global_batch", "lr_scaled",
                                                              "epochs", "precision", "objectives")}))
+    if len(cfg["students"]) > 1:
+        log.info("students: %s", json.dumps(cfg["students"]))
 
 
 def finish(trainer: Trainer, cfg: dict, info: DistInfo) -> None:
+    """Export every student: at the top of OUTPUT for one, in OUTPUT/<key>/ (with its config.json) for several."""
     if not info.is_main:
         return
-    try:
-        paths = ckpt_state.export_backbones(trainer.distiller, trainer.ema, cfg["output_dir"])
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        raise StopTraining(f"training finished but the backbone export failed: {e}. The checkpoint "
-                           f"({trainer.last_good}) holds the weights: free space and rerun the same command to "
-                           f"export.", ckpt_state.EXIT_SAVE_FAILED) from e
-    how = (f"timm keys: timm.create_model('{cfg['student'][len('timm:'):]}', num_classes=0, pretrained=True, "
-           f"pretrained_cfg_overlay=dict(file=...))" if models.is_timm_name(cfg["student"])
-           else "DINOv2 keys; models.load_backbone or timm vit_*_patch14_dinov2")
-    log.info("exported %s (%s)", ", ".join(paths), how)
+    for run in trainer.students:
+        folder = os.path.join(cfg["output_dir"], run.key) if trainer.multi else cfg["output_dir"]
+        try:
+            os.makedirs(folder, exist_ok=True)
+            paths = ckpt_state.export_backbones(run, folder)
+            if trainer.multi:
+                write_json(os.path.join(folder, "config.json"), student_view(cfg, run.spec))
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+            raise StopTraining(f"training finished but the backbone export of {run.key} failed: {e}. The "
+                               f"checkpoint ({trainer.last_good}) holds the weights: free space and rerun the same "
+                               f"command to export.", ckpt_state.EXIT_SAVE_FAILED) from e
+        arch = run.spec.arch
+        how = (f"timm keys: timm.create_model('{arch[len('timm:'):]}', num_classes=0, pretrained=True, "
+               f"pretrained_cfg_overlay=dict(file=...))" if models.is_timm_name(arch)
+               else "DINOv2 keys; models.load_backbone or timm vit_*_patch14_dinov2")
+        log.info("exported %s (%s)", ", ".join(paths), how)
 
 
 # ==========================================================================================================
@@ -845,15 +951,15 @@ def build_trainer(cfg: dict, info: DistInfo, ckpt: dict | None, preempt: Preempt
     check_steps_per_epoch(cfg, ckpt, steps_per_epoch)
     cfg["steps_per_epoch"] = steps_per_epoch
     teachers = build_teachers(cfg, info.device)
-    grid = distillation_grid(cfg, teachers)  # (gh, gw): every target lives on it
-    distiller, model = build_model(cfg, teachers, grid, info)
-    optimizer, scheduler, scaler, ema = build_optimisation(cfg, distiller, steps_per_epoch)
-    mask_gen = MaskGenerator(grid[0] * grid[1], cfg["mask_probability"] if distiller.masked_view else 0.0,
+    grid = distillation_grid(cfg, teachers)  # (gh, gw): every target of every student lives on it
+    students = [build_student_run(cfg, spec, teachers, grid, info, steps_per_epoch) for spec in student_specs(cfg)]
+    masked_view = students[0].distiller.masked_view  # the same objectives for every student
+    mask_gen = MaskGenerator(grid[0] * grid[1], cfg["mask_probability"] if masked_view else 0.0,
                              cfg["mask_ratio"], seed=cfg["seed"] + info.rank)
     metrics = MetricLogger(cfg["output_dir"], enabled=info.is_main)
-    return Trainer(cfg, info, distiller, model, teachers, ema, optimizer, scheduler, scaler, mask_gen, loader,
-                   loader_gen, steps_per_epoch, metrics, pca_batch=pca_batch, preempt=preempt,
-                   grids=teacher_grids(cfg, teachers), normaliser=build_normaliser(cfg, teachers))
+    return Trainer(cfg, info, students, teachers, mask_gen, loader, loader_gen, steps_per_epoch, metrics,
+                   pca_batch=pca_batch, preempt=preempt, grids=teacher_grids(cfg, teachers),
+                   normaliser=build_normaliser(cfg, teachers))
 
 
 def run(trainer: Trainer, cfg: dict, info: DistInfo) -> int:

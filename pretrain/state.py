@@ -1,11 +1,13 @@
 """What a pretraining checkpoint holds, and how it is written, restored and exported.
 
-checkpoint.pth (plain types only, so `torch.load(weights_only=True)` reads it):
+checkpoint.pth (plain types only, so `torch.load(weights_only=True)` reads it), one student:
     student, student_ema   DINOv2-format backbone state dicts (what `models.load_backbone` reads)
     heads                  head state dicts: token_head / fea_head / patch_head for one teacher,
                            "<teacher>/<objective>" for several
-    target_norm            PHI-S statistics of every teacher (pretrain/targets.py), or None
     optimizer, scheduler, scaler
+several students (--student a,b): instead of those, `students` = {key: {the same six, start_step}}
+and, whatever the number of students:
+    target_norm            PHI-S statistics of every teacher (pretrain/targets.py), or None
     epoch, step_in_epoch, global_step   where to continue: `epoch` is the epoch in progress and
                            `step_in_epoch` how many of its batches are done (0 at an epoch boundary)
     rng                    per rank: torch CPU (+ CUDA) generator, numpy and Python `random` states
@@ -27,7 +29,8 @@ from common.dist import all_gather_object
 log = logging.getLogger(__name__)
 
 EXIT_SAVE_FAILED = 74  # EX_IOERR: checkpoints could not be written (disk full, quota, permissions)
-REQUIRED_KEYS = ("student", "heads", "optimizer", "global_step", "epoch", "step_in_epoch", "rng", "config")
+REQUIRED_KEYS = ("global_step", "epoch", "step_in_epoch", "rng", "config")
+STUDENT_KEYS = ("student", "heads", "optimizer")  # at the top level (one student) or per `students` entry
 
 
 @dataclass
@@ -61,16 +64,26 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def build_checkpoint(distiller, ema, optimizer, scheduler, scaler, progress: Progress, mask_gen,
-                     config: dict, normaliser=None) -> dict:
-    """Collective (every rank calls it: RNG states are gathered); the result is only saved on rank 0."""
-    heads = distiller.head_state_dicts()
+def student_state(run) -> dict:
+    """What one student needs to continue: weights, heads, AdamW, schedule, scaler, EMA."""
+    return {"student": run.distiller.student.state_dict(), "heads": run.distiller.head_state_dicts(),
+            "student_ema": run.ema.module.state_dict() if run.ema is not None else None,
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None}
+
+
+def build_checkpoint(students: list, progress: Progress, mask_gen, config: dict, normaliser=None) -> dict:
+    """Collective (every rank calls it: RNG states are gathered); the result is only saved on rank 0.
+
+    One student: its state at the top level (the single-run layout). Several: `students` {key: state,
+    start_step}, in --student order.
+    """
     extra = {"target_norm": normaliser.state_dict()} if normaliser is not None else {}  # one teacher: as before
-    return {"student": distiller.student.state_dict(), **extra,
-            "student_ema": ema.module.state_dict() if ema is not None else None,
-            "heads": heads, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            **asdict(progress),
+    if len(students) == 1:
+        extra.update(student_state(students[0]))
+    else:
+        extra["students"] = {run.key: {**student_state(run), "start_step": run.start_step} for run in students}
+    return {**extra, **asdict(progress),
             "rng": all_gather_object(capture_rng()), "mask_rng": all_gather_object(mask_gen.state_dict()),
             "config": config}
 
@@ -96,7 +109,23 @@ def is_resumable(ckpt) -> str | None:
     if not isinstance(ckpt, dict):
         return f"it holds a {type(ckpt).__name__}, not a pretrain.main checkpoint"
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    several = ckpt.get("students")
+    if isinstance(several, dict) and several:
+        missing += sorted({k for state in several.values() for k in STUDENT_KEYS
+                           if not isinstance(state, dict) or k not in state})
+    else:
+        missing += [k for k in STUDENT_KEYS if k not in ckpt]
     return f"not a pretrain.main checkpoint (no {', '.join(missing)})" if missing else None
+
+
+def student_states(ckpt: dict) -> dict:
+    """{student key: its state} of a checkpoint in either layout (one student: keyed by its config's key)."""
+    if isinstance(ckpt.get("students"), dict):
+        return dict(ckpt["students"])
+    from .students import student_specs
+
+    key = student_specs({"lr": 0.0, **ckpt["config"]})[0].key
+    return {key: {k: ckpt.get(k) for k in ("student", "heads", "student_ema", "optimizer", "scheduler", "scaler")}}
 
 
 def load_resume_checkpoint(output_dir: str, keep_last: int):  # the one place naming the file for resume
@@ -108,26 +137,28 @@ def read_checkpoint(path: str) -> dict:
     return load_checkpoint(path)
 
 
-def restore(ckpt: dict, distiller, ema, optimizer, scaler, mask_gen, rank: int, world_size: int,
-            normaliser=None) -> Progress:
+def restore(ckpt: dict, students: list, mask_gen, rank: int, world_size: int, normaliser=None) -> Progress:
     """Load everything `build_checkpoint` stored; RNG streams only if the world size is unchanged.
 
+    A student the checkpoint does not hold (added on resume, see pretrain.main) keeps its fresh state and
+    joins at the checkpoint's step (`start_step`): its own warm-up and cosine run from there to the end.
     The LR schedule is not restored: it is a function of the configuration and the step, rebuilt from the
     current configuration (so an allowed change of --epochs or --lr takes effect, and an unchanged one
     gives exactly the saved schedule). The checkpoint's `scheduler` entry is kept for inspection.
     """
-    distiller.student.load_state_dict(ckpt["student"])
-    distiller.load_head_state_dicts(ckpt["heads"])
+    saved = student_states(ckpt)
+    for run in students:
+        if run.key in saved:
+            load_student(saved[run.key], run)
+        else:
+            run.start_step = ckpt["global_step"]
+            log.warning("student %s is new in this run: it joins at step %d with its own warm-up", run.key,
+                        run.start_step)
     if normaliser is not None:
         if not ckpt.get("target_norm"):
             raise ValueError("the checkpoint holds no teacher-normalisation statistics but this run uses "
                              "--teacher-norm phi-s; resume with the checkpoint's --teacher-norm or a new --output-dir")
         normaliser.load_state_dict(ckpt["target_norm"])
-    if ema is not None and ckpt.get("student_ema") is not None:
-        ema.module.load_state_dict(ckpt["student_ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler.is_enabled() and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) == world_size:
         restore_rng(ckpt["rng"][rank])
         mask_gen.load_state_dict(ckpt["mask_rng"][rank])
@@ -139,6 +170,17 @@ def restore(ckpt: dict, distiller, ema, optimizer, scaler, mask_gen, rank: int, 
                     dict(ckpt.get("data_state") or {}))
 
 
+def load_student(state: dict, run) -> None:
+    run.distiller.student.load_state_dict(state["student"])
+    run.distiller.load_head_state_dicts(state["heads"])
+    if run.ema is not None and state.get("student_ema") is not None:
+        run.ema.module.load_state_dict(state["student_ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler.is_enabled() and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.start_step = int(state.get("start_step", 0))
+
+
 def backbone_weights(student) -> dict:
     """What an export holds: the DINOv2-format state dict, or for a timm student the timm model's own one
     (so `timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...))` loads it)."""
@@ -146,13 +188,31 @@ def backbone_weights(student) -> dict:
     return (inner if getattr(student, "timm_name", None) else student).state_dict()
 
 
-def export_backbones(distiller, ema, output_dir: str) -> list[str]:
-    """student_backbone.pth and student_backbone_ema.pth: flat state dicts (DINOv2 or timm keys; rank 0)."""
+def export_backbones(run, output_dir: str) -> list[str]:
+    """student_backbone.pth and student_backbone_ema.pth of one student in `output_dir`: flat state dicts
+    (DINOv2 or timm keys; rank 0)."""
     import os
 
     paths = [os.path.join(output_dir, "student_backbone.pth")]
-    atomic_save(backbone_weights(distiller.student), paths[0])
-    if ema is not None:
+    atomic_save(backbone_weights(run.distiller.student), paths[0])
+    if run.ema is not None:
         paths.append(os.path.join(output_dir, "student_backbone_ema.pth"))
-        atomic_save(backbone_weights(ema.module), paths[1])
+        atomic_save(backbone_weights(run.ema.module), paths[1])
+    return paths
+
+
+def export_saved_student(state: dict, arch: str, output_dir: str) -> list[str]:
+    """The exports of a student from its checkpoint state (a student dropped on resume): as export_backbones."""
+    import os
+
+    def flat(sd: dict) -> dict:  # a TimmStudent's keys are model.<timm key>; the export holds the timm model's
+        if arch.startswith("timm:") and sd and all(k.startswith("model.") for k in sd):
+            return {k[len("model."):]: v for k, v in sd.items()}
+        return sd
+
+    paths = [os.path.join(output_dir, "student_backbone.pth")]
+    atomic_save(flat(state["student"]), paths[0])
+    if state.get("student_ema") is not None:
+        paths.append(os.path.join(output_dir, "student_backbone_ema.pth"))
+        atomic_save(flat(state["student_ema"]), paths[1])
     return paths

@@ -123,3 +123,30 @@ def test_measured_cpu_peak_is_cached_per_dtype():
     first = benchmark.matmul_peak(torch.device("cpu"), "fp32")
     assert first[0] > 0 and "best of a@b, a@b^T, a^T@b" in first[1]
     assert benchmark.matmul_peak(torch.device("cpu"), "fp32") is first
+
+
+def test_several_students_time_one_teacher_pass_against_their_separate_steps(tmp_path):
+    out = tmp_path / "joint.json"
+    argv = with_flag("--student-kwargs", "depth=1,embed_dim=32,num_heads=2;depth=2,embed_dim=48,num_heads=2")
+    argv[argv.index("--student") + 1] = "vit_tiny,vit_small"
+    assert benchmark.main(argv + ["--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["students"] == ["vit_tiny", "vit_small"]
+    rows = r["rows"]
+    assert [row["step"] for row in rows] == ["joint", "separate vit_tiny", "separate vit_small"]
+    joint = rows[0]
+    parts = joint["ms_teacher"] + joint["ms_student:vit_tiny"] + joint["ms_student:vit_small"] + joint["ms_optimizer"]
+    assert joint["ms_step"] == pytest.approx(parts)
+    assert "ms_student:vit_small" not in rows[1] and "ms_student:vit_tiny" in rows[1]
+    assert r["ratio"] == pytest.approx(joint["ms_step"] / (rows[1]["ms_step"] + rows[2]["ms_step"]))
+    assert r["data_cpu_ms_per_batch"] > 0 and 0 < r["ratio_with_data"]
+    mem = joint["memory_mib"]  # per student: its parameters, grads, AdamW moments and EMA
+    assert set(mem) == {"vit_tiny", "vit_small"} and mem["vit_small"]["params"] > mem["vit_tiny"]["params"]
+    assert mem["vit_tiny"]["adamw"] == pytest.approx(2 * mem["vit_tiny"]["grads"])
+
+
+def test_ablations_take_one_student(capsys):
+    argv = with_flag("--student", "vit_tiny,vit_small") + ["--student-kwargs", "depth=1,embed_dim=32,num_heads=2",
+                                                           "--ablations"]
+    assert benchmark.main(argv) == 2
+    assert "--ablations times one student" in capsys.readouterr().err

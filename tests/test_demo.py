@@ -314,3 +314,51 @@ def test_quick_demo_times_every_step(quick_demo):
     for step in steps:
         assert timings[step]["wall_s"] >= 0 and timings[step]["cpu_s"] >= 0, step
     assert timings["total_wall_s"] >= sum(timings[s]["wall_s"] for s in steps) - 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# Two students on one teacher pass (--students)
+# ------------------------------------------------------------------------------------------------------
+def test_students_list_names_every_probed_model():
+    recipe = dict(run.RECIPES["quick"], students="vit_tiny,vit_small")
+    assert run.model_names(recipe) == ["random_init-vit_tiny", "distilled-vit_tiny", "random_init-vit_small",
+                                       "distilled-vit_small", "teacher"]
+    assert run.model_arch("distilled-vit_small", recipe) == ("vit_small", {})
+    assert run.model_label("random_init-vit_small") == "random-init student vit_small"
+    assert run.model_names(dict(recipe, students="")) == list(run.MODELS)  # one student: the usual table
+    acc = {"random_init-vit_tiny": 50.0, "distilled-vit_tiny": 60.0, "random_init-vit_small": 40.0,
+           "distilled-vit_small": 65.5, "teacher": 70.0}
+    assert run.scores(acc, "vit_small") == {"random_init": 40.0, "distilled": 65.5, "teacher": 70.0,
+                                            "gap_points": 25.5}
+    for bad in ("vit_tiny,vit_tiny", "vit_tiny,vit_huge"):
+        with pytest.raises(run.ConfigError, match="--students takes distinct names"):
+            run.student_archs(dict(recipe, students=bad))
+
+
+@QUICK_TIMEOUT
+def test_quick_demo_with_two_students_probes_and_draws_both(tmp_path):
+    try:
+        assets.fashion_mnist_paths("train")
+    except FileNotFoundError:
+        pytest.skip(f"Fashion-MNIST missing: apt-get install -y {assets.FASHION_MNIST_APT}")
+    teacher = conv.DEFAULT_OUT if os.path.isfile(conv.DEFAULT_OUT) else pytest.skip("no converted teacher cached")
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "demo.run", "--quick", "--students", "vit_tiny,vit_small", "--student-depth", "2",
+           "--time-budget", "0", "--output-dir", str(out), "--data-dir", str(tmp_path / "data"),
+           "--teacher-checkpoint", teacher]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = json.loads((out / "results.json").read_text())
+    for arch in ("vit_tiny", "vit_small"):
+        assert os.path.isfile(out / "distil" / arch / "student_backbone.pth")  # one teacher pass, two exports
+        for ds in run.DATASETS:
+            s = results["students"][arch][ds]
+            assert 0 <= s["distilled"] <= 100 and s["gap_points"] == pytest.approx(s["distilled"] - s["random_init"],
+                                                                                   abs=0.011)
+        assert f"distilled student {arch}" in proc.stdout  # the printed table
+    assert results["distilled"] == results["students"]["vit_tiny"]["fashion_mnist"]["distilled"]  # top: the first
+    with Image.open(out / "pca_patch_features.png") as img:
+        wide = img.size[0]  # input, teacher, two distilled students, one random init: five columns
+    with Image.open(out / "accuracy.png") as img:
+        assert img.size[0] > 6.5 * 120  # five bars per dataset widen the figure
+    assert wide > 5 * 1.75 * 110 * 0.9

@@ -13,7 +13,8 @@ from pretrain import gpu_check
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
 EXPECTED = ["inputs", "pretrain_bf16", "pretrain_fp16", "resume_signal", "resume_continue", "linear_eval",
-            "fine_grained", "bench_vit_tiny_dinov2_vits14_eager", "bench_vit_tiny_dinov2_vits14_compile"]
+            "fine_grained", "bench_vit_tiny_dinov2_vits14_eager", "bench_vit_tiny_dinov2_vits14_compile",
+            "bench_joint_vit_tiny+vit_small_dinov2_vits14"]
 
 
 def test_without_a_gpu_the_script_exits_zero_at_once(tmp_path):
@@ -61,7 +62,7 @@ def test_dry_run_passes_every_check_and_writes_one_report(dry_run):
     assert all(c["error"] is None for c in checks if c["status"] == "ok")
     assert [c["error"] for c in checks if c["name"].endswith("_compile")] == \
         ["skipped: torch.compile is not timed in a dry run"]
-    assert report["summary"] == {"ok": 8, "failed": 0, "skipped": 1}
+    assert report["summary"] == {"ok": 9, "failed": 0, "skipped": 1}
 
 
 def test_dry_run_records_what_each_check_measured(dry_run):
@@ -75,7 +76,9 @@ def test_dry_run_records_what_each_check_measured(dry_run):
     assert 0 <= checks["linear_eval"]["metrics"]["top1"] <= 100
     assert 0 <= checks["fine_grained"]["metrics"]["test_score"] <= 100
     bench = json.loads(out.read_text())["benchmarks"]
-    assert len(bench) == 1
+    assert len(bench) == 2
+    joint = bench.pop()  # several students on one teacher pass, against their separate steps
+    assert 0 < joint["ratio"] < 1.5 and len(joint["separate_ms_step"]) == 2 and joint["ms_step"] > 0
     for row in bench:
         assert row["img_per_s"] > 0 and 0 < row["mfu"] and row["peak_mem_gib"] > 0 and row["ms_step"] > 0
         assert row["precision"] in ("bf16", "fp32") and "peak" in row["peak_source"]
