@@ -43,8 +43,15 @@ def assert_same_state(a: dict, b: dict, what: str):
 
 @pytest.fixture(scope="module")
 def joint_run(tmp_path_factory, tiny_data, teacher_ckpt) -> str:
-    out = str(tmp_path_factory.mktemp("joint") / "run")
-    assert pretrain_main.main(joint_args(tiny_data, teacher_ckpt, out)) == 0
+    # one thread, as the one_thread fixture gives the runs it is compared with (a module fixture is set up
+    # before any function fixture): CPU reductions split over threads round differently
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = str(tmp_path_factory.mktemp("joint") / "run")
+        assert pretrain_main.main(joint_args(tiny_data, teacher_ckpt, out)) == 0
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
