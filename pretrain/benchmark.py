@@ -102,9 +102,9 @@ def validate(a) -> None:
                 raise ValueError(f"unknown student {spec.arch!r}; expected one of {STUDENTS}")
             check_student({"student": spec.arch, "student_kwargs": spec.kwargs, "input_size": a.input_size,
                            "patch_size": a.patch_size})
-        if a.ablations and len(bench_specs(a)) > 1:
-            raise ValueError("--ablations times one student; with several --student entries the benchmark "
-                             "compares the joint step against the separate ones")
+        if (a.ablations or a.ablate_compile) and len(bench_specs(a)) > 1:
+            raise ValueError("--ablations / --ablate-compile time one student; with several --student entries the "
+                             "benchmark compares the joint step against the separate ones")
         cfg = {"input_size": a.input_size}
         check_teacher({"name": a.teacher}, cfg)
         validate_mask_config(a.mask_probability, a.mask_ratio)

@@ -291,7 +291,8 @@ class Trainer:
         raise StopTraining(
             f"non-finite loss{who} at step {step} ({where}): {parts}. The weights were not updated with it. "
             f"Last good checkpoint: {self.last_good}. "
-            f"Try a lower --lr, --clip-grad 1.0, or --precision bf16/fp32; rerunning resumes from that checkpoint.",
+            f"Try a lower --lr{' (or its --student-lr entry)' if self.multi else ''}, --clip-grad 1.0, or "
+            f"--precision bf16/fp32; rerunning resumes from that checkpoint.",
             EXIT_NONFINITE)
 
     # ---- checkpoints, logging ---------------------------------------------------------------------------

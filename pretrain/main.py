@@ -353,7 +353,10 @@ def check_students(cfg: dict, world_size: int) -> None:
     specs = student_specs(cfg)
     global_batch = cfg["global_batch_size"] or cfg["batch_size"] * world_size
     for spec in specs:
-        check_student({**cfg, "student": spec.arch, "student_kwargs": spec.kwargs})
+        try:
+            check_student({**cfg, "student": spec.arch, "student_kwargs": spec.kwargs})
+        except ValueError as e:
+            raise ValueError(f"student {spec.key}: {e}" if len(specs) > 1 else str(e)) from e
         if spec.drop_path >= 1:
             raise ValueError(f"--student-drop-path must be in [0, 1), got {spec.drop_path} for {spec.key}")
         peak = optim.scaled_lr(spec.lr, global_batch, cfg["lr_reference_batch"])
@@ -372,7 +375,8 @@ def check_student(cfg: dict) -> None:
 
         if not timm.is_model(name[len("timm:"):]):
             raise ValueError(f"--student {name}: timm has no model of that name (see timm.list_models())")
-        return  # its own keyword arguments are timm's to check
+        check_timm_kwargs(name, kwargs, cfg["input_size"])
+        return
     if name not in models.STUDENTS:
         raise ValueError(f"unknown student {name!r}; expected one of {models.STUDENTS} or timm:<name>")
     size, p = cfg["input_size"], cfg["patch_size"]
@@ -380,6 +384,17 @@ def check_student(cfg: dict) -> None:
         raise ValueError(f"--patch-size {p} does not divide --input-size {size}; pick a multiple, e.g. "
                          f"--input-size {max(p, size // p * p)}")
     check_student_kwargs(kwargs, name)
+
+
+def check_timm_kwargs(name: str, kwargs: dict, input_size: int) -> None:
+    """A timm student's keyword arguments are timm's: build it on the meta device (no memory, no init) so that
+    a wrong one fails here, before the run starts, not as a TypeError after the teacher loaded."""
+    try:
+        with torch.device("meta"):
+            models.build_student(name, img_size=input_size, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"--student-kwargs {kwargs} do not fit {name}: {e} (a timm student takes "
+                         f"timm.create_model's own arguments; with several students give one ';' entry each)") from e
 
 
 def check_student_kwargs(kwargs: dict, student: str) -> None:
@@ -413,7 +428,14 @@ def check_augmentation(cfg: dict) -> None:
 
 
 def check_output_dir(cfg: dict) -> None:
-    """The run must not write into its own data (every folder under an ImageFolder root is a class)."""
+    """The run must not write into its own data (every folder under an ImageFolder root is a class), and
+    every student's export folder OUTPUT/<key> must be a folder or free."""
+    specs = student_specs(cfg)
+    for spec in specs if len(specs) > 1 else ():
+        folder = os.path.join(cfg["output_dir"], spec.key)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"{folder} is a file, but student {spec.key} exports into that folder at the end; "
+                             f"move the file away or use a new --output-dir")
     out = os.path.realpath(cfg["output_dir"])
     roots = [] if cfg["single_image"] else [p for p in cfg["data_path"] if os.path.isdir(p)]
     for root in roots:
@@ -456,6 +478,8 @@ def resolve_derived(cfg: dict, info: DistInfo) -> dict:
     cfg["students"] = [{**spec.as_dict(), "lr_scaled": optim.scaled_lr(spec.lr, cfg["global_batch"],
                                                                        cfg["lr_reference_batch"])}
                        for spec in student_specs(cfg)]
+    if len(cfg["students"]) == 1:  # its --student-lr, if any, is the run's lr
+        cfg["lr_scaled"] = cfg["students"][0]["lr_scaled"]
     if cfg["teacher_norm"] == "auto":
         cfg["teacher_norm"] = "phi-s" if len(teacher_list(cfg)) > 1 else "none"
     return cfg
@@ -748,6 +772,10 @@ def check_resume_config(cfg: dict, ckpt: dict | None, path: str | None) -> dict:
         log.warning("precision resolved to %s here (%s); the checkpoint was trained with %s", cfg["precision"],
                     cfg["precision_reason"], old["precision"])
     done = ckpt.get("global_step", 0)
+    added = [k for k in (s["key"] for s in cfg["students"]) if k not in ckpt_state.student_states(ckpt)]
+    if added and cfg["epochs"] * (old.get("steps_per_epoch") or 1) <= done:
+        raise ConfigError(f"student(s) {', '.join(added)} would join {path} at step {done}, its last step, and train "
+                          f"for none: extend the run as well (--epochs N --allow-resume-change student,epochs)")
     if "epochs" in diffs and cfg["epochs"] * (old.get("steps_per_epoch") or 1) < done:
         raise ConfigError(f"--epochs {cfg['epochs']} is shorter than what {path} has already trained ({done} steps, "
                           f"{ckpt.get('epoch')} epochs): extending a run is allowed, shortening it is not; use its "
@@ -815,6 +843,7 @@ def resume(trainer: Trainer, ckpt: dict | None, path: str | None, info: DistInfo
     if ckpt is None:
         log.info("no checkpoint in %s: starting from scratch", trainer.cfg["output_dir"])
         return
+    set_aside_stale_exports(trainer, ckpt, info)
     export_dropped_students(trainer, ckpt, info)
     trainer.progress = ckpt_state.restore(ckpt, trainer.students, trainer.mask_gen, info.rank, info.world_size,
                                           trainer.normaliser)
@@ -833,6 +862,26 @@ def late_schedule(cfg: dict, run: StudentRun, steps_per_epoch: int):
                                        cfg["min_lr"], cfg["warmup_lr"])
 
 
+def set_aside_stale_exports(trainer: Trainer, ckpt: dict, info: DistInfo) -> None:
+    """Exports that the continuing run would leave stale or overwrite are renamed, never deleted: the top-level
+    exports when one student becomes several, a kept student's own folder when several become one, and the
+    folder of an earlier (dropped) student whose key an added student takes."""
+    if not info.is_main:
+        return
+    out, saved = trainer.cfg["output_dir"], ckpt_state.student_states(ckpt)
+    was_multi = isinstance(ckpt.get("students"), dict)
+    stale = []
+    if trainer.multi and not was_multi:
+        stale += [os.path.join(out, n) for n in ("student_backbone.pth", "student_backbone_ema.pth")]
+    for run in trainer.students:
+        if run.key not in saved or (was_multi and not trainer.multi):
+            stale.append(os.path.join(out, run.key))
+    for path in stale:
+        if os.path.exists(path):
+            set_aside(path, f"before-step{ckpt['global_step']}", "exports of an earlier layout or student of this "
+                                                                 "run, which the continuing run would overwrite")
+
+
 def export_dropped_students(trainer: Trainer, ckpt: dict, info: DistInfo) -> None:
     """A student dropped on resume (--allow-resume-change student) loses nothing: its weights at the checkpoint
     are exported to OUTPUT/<key>/ as a finished run's would be."""
@@ -843,7 +892,10 @@ def export_dropped_students(trainer: Trainer, ckpt: dict, info: DistInfo) -> Non
         if key in kept or not info.is_main:
             continue
         folder = os.path.join(trainer.cfg["output_dir"], key)
-        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(folder):  # an export of an earlier stage of this student: kept, under another name
+            set_aside(folder, f"before-step{ckpt['global_step']}", "its exports are replaced by the dropped "
+                                                                 "student's weights at the checkpoint")
+        os.makedirs(folder)
         spec = old_specs.get(key)
         paths = ckpt_state.export_saved_student(state, spec.arch if spec else "", folder)
         write_json(os.path.join(folder, "config.json"), student_view(old_cfg, spec, dropped_at=ckpt["global_step"]))

@@ -115,7 +115,29 @@ def is_resumable(ckpt) -> str | None:
                            if not isinstance(state, dict) or k not in state})
     else:
         missing += [k for k in STUDENT_KEYS if k not in ckpt]
-    return f"not a pretrain.main checkpoint (no {', '.join(missing)})" if missing else None
+    if missing:
+        return f"not a pretrain.main checkpoint (no {', '.join(missing)})"
+    return student_keys_problem(ckpt)
+
+
+def student_keys_problem(ckpt: dict) -> str | None:
+    """Why the checkpoint's students cannot be trusted, or None: every key must be a plain folder name (they
+    become OUTPUT/<key>/) and the keys must be those its own configuration names, in that order."""
+    from .students import safe_key, student_specs
+
+    several = ckpt.get("students")
+    if not isinstance(several, dict):
+        return None
+    bad = [k for k in several if not safe_key(k)]
+    if bad:
+        return f"its student keys {bad} are not plain folder names"
+    try:
+        named = [s.key for s in student_specs({"lr": 0.0, **ckpt["config"]})]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"its configuration names no students ({e})"
+    if named != list(several):
+        return f"it holds the students {list(several)} but its configuration names {named}"
+    return None
 
 
 def student_states(ckpt: dict) -> dict:

@@ -82,6 +82,13 @@ def _number(text: str, default: float, flag: str) -> float:
     return value
 
 
+def safe_key(key) -> bool:
+    """A student key is a folder name of OUTPUT: letters, digits, '_', '-', '.', never '.' or '..'."""
+    import re
+
+    return isinstance(key, str) and bool(re.fullmatch(r"[A-Za-z0-9_.-]+", key)) and key not in (".", "..")
+
+
 def init_seed(seed: int, key: str) -> int:
     """The seed of a student's initial weights: depends on the run's seed and the student alone."""
     return (seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63

@@ -149,4 +149,4 @@ def test_ablations_take_one_student(capsys):
     argv = with_flag("--student", "vit_tiny,vit_small") + ["--student-kwargs", "depth=1,embed_dim=32,num_heads=2",
                                                            "--ablations"]
     assert benchmark.main(argv) == 2
-    assert "--ablations times one student" in capsys.readouterr().err
+    assert "--ablations / --ablate-compile time one student" in capsys.readouterr().err

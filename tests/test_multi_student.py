@@ -6,6 +6,7 @@ teacher targets; each has its own init stream, stochastic-depth stream, AdamW, s
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 
@@ -139,9 +140,23 @@ def test_dropping_and_adding_students_needs_the_flag_and_loses_nothing(tmp_path,
     changes = json.load(open(os.path.join(out, "config.json")))["resume_changes"]
     assert changes[-1]["step"] == 6 and "student" in changes[-1]["changes"]
 
+    # adding a student at the last step would export an untrained one: refused until the run is extended
+    assert pretrain_main.main(joint_args(tiny_data, teacher_ckpt, out, epochs=2,
+                                         allow_resume_change="student,epochs")) == 2
+    assert "would join" in capsys.readouterr().err
+    dropped = load(os.path.join(out, "vit_small", "student_backbone.pth"))
+    one_export = load(os.path.join(out, "student_backbone.pth"))
+
     # add a student to the finished one-student run: it joins at step 12 with its own warm-up
     assert pretrain_main.main(joint_args(tiny_data, teacher_ckpt, out, epochs=3,
                                          allow_resume_change="student,epochs")) == 0
+    # nothing was overwritten: the dropped student's export and the one-student export are kept aside
+    aside = sorted(os.listdir(out))
+    kept_small = [n for n in aside if n.startswith("vit_small.before-step12-")]
+    kept_top = [n for n in aside if n.startswith("student_backbone.pth.before-step12-")]
+    assert len(kept_small) == 1 and len(kept_top) == 1, aside
+    assert_same_state(load(os.path.join(out, kept_small[0], "student_backbone.pth")), dropped, "dropped export")
+    assert_same_state(load(os.path.join(out, kept_top[0])), one_export, "one-student export")
     final = load(os.path.join(out, "checkpoint.pth"))
     assert final["students"]["vit_small"]["start_step"] == 12 and final["students"]["vit_tiny"]["start_step"] == 0
     lrs = {r["step"]: r["train/vit_small/lr"] for r in read_log(out) if "train/vit_small/lr" in r}
@@ -157,12 +172,48 @@ def test_dropping_and_adding_students_needs_the_flag_and_loses_nothing(tmp_path,
     (dict(student="vit_tiny,,vit_small"), "comma-separated names"),
     (dict(student="vit_tiny,vit_huge"), "unknown student 'vit_huge'"),
     (dict(student_lr="1e-9,0.05", min_lr=1e-5), "above the peak learning rate"),
+    (dict(student="vit_tiny,timm:resnet18"), "student timm-resnet18: --student-kwargs"),  # ViT sizes for a ResNet
+    (dict(student_kwargs=f"{TINY_KW};depth=1,embed_dim=30,num_heads=4"), "student vit_small: --student-kwargs"),
 ])
 def test_bad_student_lists_are_one_line_errors(overrides, needle, tmp_path, tiny_data, teacher_ckpt, capsys):
     assert pretrain_main.main(joint_args(tiny_data, teacher_ckpt, str(tmp_path / "o"), **overrides)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_file_where_a_student_exports_is_refused_before_training(tmp_path, tiny_data, teacher_ckpt, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "vit_small").write_text("not a folder")
+    assert pretrain_main.main(joint_args(tiny_data, teacher_ckpt, str(out))) == 2
+    assert "student vit_small exports into that folder" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["vit_small"]  # nothing written
+
+
+def test_a_checkpoint_with_untrusted_student_keys_is_set_aside(tmp_path, tiny_data, teacher_ckpt):
+    out = str(tmp_path / "run")
+    assert pretrain_main.main(joint_args(tiny_data, teacher_ckpt, out, epochs=1)) == 0
+    ckpt = load(os.path.join(out, "checkpoint.pth"))
+    students = ckpt["students"]
+    ckpt["students"] = {"../escaped": students["vit_tiny"], "vit_small": students["vit_small"]}
+    torch.save(ckpt, os.path.join(out, "checkpoint.pth"))  # a path as a key: it would export outside OUTPUT
+    for name in os.listdir(out):
+        if name.startswith("checkpoint.") and name != "checkpoint.pth":
+            os.remove(os.path.join(out, name))  # no older checkpoint to fall back to
+    shutil.rmtree(os.path.join(out, "vit_tiny")), shutil.rmtree(os.path.join(out, "vit_small"))
+    assert pretrain_main.main(joint_args(tiny_data, teacher_ckpt, out, epochs=1)) == 0  # from scratch
+    assert any(n.startswith("checkpoint.pth.unreadable-") for n in os.listdir(out))
+    assert not os.path.exists(tmp_path / "escaped")
+    assert "not plain folder names" in text_log(out)
+
+
+def test_one_students_lr_override_is_the_runs_recorded_lr(tmp_path, tiny_data, teacher_ckpt):
+    out = str(tmp_path / "one")
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out, student_lr="0.1", epochs=1,
+                                        pca_every_epochs=0)) == 0
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["lr_scaled"] == pytest.approx(0.1 * 4 / 512) == cfg["students"][0]["lr_scaled"]
 
 
 def test_repeated_architectures_get_their_own_keys(tmp_path, tiny_data, teacher_ckpt):
