@@ -1,7 +1,7 @@
 """Model code shared by pretraining and every evaluation. Imports nothing from the rest of the repo."""
 from .heads import ProjectionHead
 from .teachers import TEACHER_SPECS, TEACHERS, Teacher, TeacherSpec, build_teacher, teacher_spec
-from .timm_student import TimmStudent, is_timm_name, resample_grid
+from .timm_student import TimmStudent, is_timm_name, resample_grid, timm_model_keys
 from .vit import STUDENTS, VIT_SIZES, DinoVisionTransformer, build_student, build_vit, parse_size_kwargs
 from .weights import backbone_state_dict, load_backbone, load_state_dict_checked, read_checkpoint
 

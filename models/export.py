@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from .errors import CheckpointError, ConfigError, DataError, MissingFileError, UserError
 from .teachers import IMAGENET_MEAN, IMAGENET_STD
-from .timm_student import is_timm_name
+from .timm_student import is_timm_name, timm_model_keys
 from .vit import STUDENTS, DinoVisionTransformer, build_student, parse_size_kwargs
 from .weights import (EVAL_ALLOWED_MISSING, PROTEUS_TRAINING_GLOBALS, backbone_state_dict, fit_pos_embed,
                       load_backbone, load_state_dict_checked, read_checkpoint)
@@ -108,8 +108,8 @@ def read_source(path: str, ema: bool = False, arch: str | None = None, patch_siz
         sd = backbone_state_dict(ckpt, ema=ema)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    if is_timm_name(arch) and sd and all(k.startswith("model.") for k in sd):  # checkpoint.pth: TimmStudent keys
-        sd = {k[len("model."):]: v for k, v in sd.items()}
+    if is_timm_name(arch):  # checkpoint.pth holds TimmStudent keys
+        sd = timm_model_keys(sd)
     text = model_kwargs if model_kwargs is not None else config.get("student_kwargs", "")
     step = ckpt.get("global_step") if isinstance(ckpt.get("student"), dict) else None
     return Source(os.path.abspath(path), arch, int(patch_size or config.get("patch_size") or 14),

@@ -23,6 +23,13 @@ def is_timm_name(name: str) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
+def timm_model_keys(state_dict: dict) -> dict:
+    """A TimmStudent's state dict (keys `model.<timm key>`) as the timm model's own; any other dict unchanged."""
+    if state_dict and all(k.startswith("model.") for k in state_dict):
+        return {k[len("model."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
 def resample_grid(tokens: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
     """(B, h*w, D) tokens on an h x w grid -> (B, H*W, D) on H x W: bilinear, align_corners=False (cell
     centres), no antialiasing. The identity when the grids are equal (no arithmetic at all)."""

@@ -362,7 +362,7 @@ def load_timm_backbone(path: str | None, arch: str, img_size: int = 224, ema: bo
         sd = backbone_state_dict(ckpt, ema=ema)
     except CheckpointError as err:  # name the file
         raise CheckpointError(f"{path}: {err}") from None
-    if sd and all(k.startswith("model.") for k in sd):  # TimmStudent keys -> the timm model's own
-        sd = {k[len("model."):]: v for k, v in sd.items()}
-    load_state_dict_checked(student.model, sd, what=f"{arch} from {path}")
+    from .timm_student import timm_model_keys
+
+    load_state_dict_checked(student.model, timm_model_keys(sd), what=f"{arch} from {path}")
     return student.eval()

@@ -691,8 +691,7 @@ def build_optimisation(cfg: dict, distiller, steps_per_epoch: int, lr_scaled: fl
     groups = optim.param_groups(distiller, cfg["weight_decay"], cfg["decay_tokens"])
     fused = {"auto": None, "on": True, "off": False}[cfg["fused_adamw"]]
     optimizer = optim.build_adamw(groups, lr_scaled, cfg["opt_betas"], cfg["opt_eps"], fused)
-    scheduler = optim.build_cosine_schedule(optimizer, cfg["epochs"] * steps_per_epoch,
-                                            cfg["warmup_epochs"] * steps_per_epoch, cfg["min_lr"], cfg["warmup_lr"])
+    scheduler = build_schedule(cfg, optimizer, steps_per_epoch)
     device_type = next(distiller.parameters()).device.type
     scaler = torch.amp.GradScaler(device_type, enabled=cfg["precision"] == "fp16")
     ema = optim.build_ema(distiller.student, cfg["ema_decay"]) if cfg["ema_decay"] > 0 else None
@@ -808,10 +807,15 @@ def config_diff(old: dict, new: dict) -> dict:
     return {**out, **student_diff(old, new)}
 
 
+def recorded_specs(old: dict) -> list:
+    """The students a checkpoint's configuration names (knobs it predates take today's defaults)."""
+    return student_specs({k: old.get(k, _default(k)) for k in STUDENT_KNOBS})
+
+
 def student_diff(old: dict, new: dict) -> dict:
     """Student changes by flag: `student` when students were added or dropped ({key: arch} before and now);
     for every student in both, a changed architecture, kwargs, drop path or lr under that knob's name."""
-    before = {s.key: s for s in student_specs({k: old.get(k, _default(k)) for k in STUDENT_KNOBS})}
+    before = {s.key: s for s in recorded_specs(old)}
     now = {s.key: s for s in student_specs(new)}
     out = {}
     if list(before) != list(now):
@@ -849,16 +853,18 @@ def resume(trainer: Trainer, ckpt: dict | None, path: str | None, info: DistInfo
                                           trainer.normaliser)
     for run in trainer.students:
         if run.start_step:  # joined later: its warm-up and cosine span the steps it has left
-            run.scheduler = late_schedule(trainer.cfg, run, trainer.steps_per_epoch)
+            run.scheduler = build_schedule(trainer.cfg, run.optimizer, trainer.steps_per_epoch, run.start_step)
     trainer.last_good = f"{path} (step {trainer.progress.global_step})"
     p = trainer.progress
     log.info("resumed from %s: epoch %d, batch %d/%d, step %d", path, p.epoch, p.step_in_epoch,
              trainer.steps_per_epoch, p.global_step)
 
 
-def late_schedule(cfg: dict, run: StudentRun, steps_per_epoch: int):
-    left = max(cfg["epochs"] * steps_per_epoch - run.start_step, 1)
-    return optim.build_cosine_schedule(run.optimizer, left, min(cfg["warmup_epochs"] * steps_per_epoch, left),
+def build_schedule(cfg: dict, optimizer, steps_per_epoch: int, start_step: int = 0):
+    """Warm-up + cosine over the steps from `start_step` (a student's join step; 0 for the run's own students)
+    to the end of the run."""
+    left = max(cfg["epochs"] * steps_per_epoch - start_step, 1)
+    return optim.build_cosine_schedule(optimizer, left, min(cfg["warmup_epochs"] * steps_per_epoch, left),
                                        cfg["min_lr"], cfg["warmup_lr"])
 
 
@@ -887,7 +893,7 @@ def export_dropped_students(trainer: Trainer, ckpt: dict, info: DistInfo) -> Non
     are exported to OUTPUT/<key>/ as a finished run's would be."""
     kept = {run.key for run in trainer.students}
     old_cfg = ckpt.get("config") or {}
-    old_specs = {s.key: s for s in student_specs({k: old_cfg.get(k, _default(k)) for k in STUDENT_KNOBS})}
+    old_specs = {s.key: s for s in recorded_specs(old_cfg)}
     for key, state in ckpt_state.student_states(ckpt).items():
         if key in kept or not info.is_main:
             continue

@@ -213,28 +213,28 @@ def backbone_weights(student) -> dict:
 def export_backbones(run, output_dir: str) -> list[str]:
     """student_backbone.pth and student_backbone_ema.pth of one student in `output_dir`: flat state dicts
     (DINOv2 or timm keys; rank 0)."""
-    import os
-
-    paths = [os.path.join(output_dir, "student_backbone.pth")]
-    atomic_save(backbone_weights(run.distiller.student), paths[0])
-    if run.ema is not None:
-        paths.append(os.path.join(output_dir, "student_backbone_ema.pth"))
-        atomic_save(backbone_weights(run.ema.module), paths[1])
-    return paths
+    return write_exports(backbone_weights(run.distiller.student),
+                         backbone_weights(run.ema.module) if run.ema is not None else None, output_dir)
 
 
 def export_saved_student(state: dict, arch: str, output_dir: str) -> list[str]:
     """The exports of a student from its checkpoint state (a student dropped on resume): as export_backbones."""
+    from models import is_timm_name, timm_model_keys
+
+    def flat(sd: dict) -> dict:  # the export holds the timm model's own keys, as backbone_weights gives them
+        return timm_model_keys(sd) if is_timm_name(arch) else sd
+
+    ema = state.get("student_ema")
+    return write_exports(flat(state["student"]), flat(ema) if ema is not None else None, output_dir)
+
+
+def write_exports(weights: dict, ema_weights: dict | None, output_dir: str) -> list[str]:
+    """student_backbone.pth (+ student_backbone_ema.pth when there is an EMA) in `output_dir`, atomically."""
     import os
 
-    def flat(sd: dict) -> dict:  # a TimmStudent's keys are model.<timm key>; the export holds the timm model's
-        if arch.startswith("timm:") and sd and all(k.startswith("model.") for k in sd):
-            return {k[len("model."):]: v for k, v in sd.items()}
-        return sd
-
     paths = [os.path.join(output_dir, "student_backbone.pth")]
-    atomic_save(flat(state["student"]), paths[0])
-    if state.get("student_ema") is not None:
+    atomic_save(weights, paths[0])
+    if ema_weights is not None:
         paths.append(os.path.join(output_dir, "student_backbone_ema.pth"))
-        atomic_save(flat(state["student_ema"]), paths[1])
+        atomic_save(ema_weights, paths[1])
     return paths
