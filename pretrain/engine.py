@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +59,7 @@ class PreemptionFlag:
 
     def __init__(self, signals=SIGNALS):
         self.signum = 0
+        self.signals = tuple(signals)
         self._previous = {}
         for s in signals:
             if signal.getsignal(s) is not signal.SIG_IGN:
@@ -70,6 +71,21 @@ class PreemptionFlag:
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    @contextmanager
+    def held(self):
+        """Hold the signals back (they stay pending, then reach the handler) while DataLoader workers start.
+
+        A worker inherits the signal mask: started with the signals blocked, it cannot die of one that arrives
+        before its worker_init_fn has set them to ignored and unblocked them (torch's own worker set-up installs
+        a SIGTERM handler that exits). Without this, a signal to the process group at an epoch start (workers
+        are started anew each epoch) killed a worker and the whole run, with no checkpoint.
+        """
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _hook_step(name: str) -> int:
@@ -167,6 +183,11 @@ class Trainer:
         return norm, skipped
 
     # ---- the loop ---------------------------------------------------------------------------------------
+    def batches(self):
+        """An iterator over the loader whose workers start with the preemption signals held (see PreemptionFlag)."""
+        with self.preempt.held() if self.preempt is not None else nullcontext():
+            return iter(self.loader)
+
     def train(self) -> None:
         cfg = self.cfg
         for epoch in range(self.progress.epoch, cfg["epochs"]):
@@ -191,7 +212,7 @@ class Trainer:
             run.distiller.train()
         names = self.loss_names
         window, sums, n_seen = _Window(), torch.zeros(len(names)), 0
-        for item in self.loader:
+        for item in self.batches():
             (batch, n_bad), position = item if len(item) == 2 and isinstance(item[1], tuple) else (item, None)
             if position is not None:
                 self.progress.data_state[position[0]] = position[1]

@@ -588,7 +588,7 @@ def fit_teacher_norm(trainer: Trainer, cfg: dict) -> None:
         return
     rng = ckpt_state.capture_rng()
     batches = (b[0].to(trainer.dist_info.device) for b, _ in itertools.islice(
-        (x for x in trainer.loader if x[0] is not None), cfg["teacher_norm_batches"]))
+        (x for x in trainer.batches() if x[0] is not None), cfg["teacher_norm_batches"]))
     n = fit_normaliser(norm, batches, lambda x: prepare_targets(trainer.raw_teacher_outputs(x), trainer.grids,
                                                                 trainer.distiller.grid, None))
     ckpt_state.restore_rng(rng)
@@ -663,6 +663,7 @@ def _worker_init(worker_id: int) -> None:
     the whole process group, and a worker that dies of it takes the main process down before it can save."""
     for s in PREEMPT_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPT_SIGNALS)  # started blocked (Trainer.batches): now ignored
     cdata.seed_worker(worker_id)
 
 
