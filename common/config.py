@@ -26,7 +26,7 @@ import yaml
 
 from common.errors import ConfigError, MissingFileError, UserError
 
-__all__ = ["ConfigArgumentParser", "read_config_file", "apply_config"]
+__all__ = ["ConfigArgumentParser", "read_config_file", "apply_config", "config_drift"]
 
 FILE_DEST, VALUES_DEST = "config_file", "config_values"
 YAML_SUFFIXES, PY_SUFFIXES = (".yaml", ".yml", ".json"), (".py",)  # JSON is YAML
@@ -266,3 +266,19 @@ def size_kwargs(text: str) -> dict:
         return models.parse_size_kwargs(text, "--model-kwargs", ints_only=False)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def config_drift(old: dict, new: dict, keys, default=None, normalise=None) -> dict:
+    """{key: (old, new)} for each of `keys` whose value differs between a checkpoint's record (`old`) and this
+    run (`new`): what every resumable entry point compares before it refuses a changed configuration.
+
+    default(key): the value of a key `old` does not record; normalise(key, value): the comparable form
+    (e.g. absolute paths)."""
+    out = {}
+    for k in keys:
+        a, b = old.get(k, default(k) if default else None), new.get(k)
+        if normalise is not None:
+            a, b = normalise(k, a), normalise(k, b)
+        if a != b:
+            out[k] = (a, b)
+    return out

@@ -221,10 +221,13 @@ class Progress:
         finally:
             self.t_last += self.clock() - t0
 
-    def update(self, images: int) -> bool:
+    def update(self, images: int, due: bool | None = None) -> bool:
+        """Count one batch of `images`; `due` overrides the cadence (a caller that logs on its own steps)."""
         self.done, self.images, self.steps = self.done + 1, self.images + images, self.steps + 1
         now = self.clock()
-        if self.steps < self.every and now - self.t_last < self.seconds and self.done < self.total:
+        if due is None:
+            due = self.steps >= self.every or now - self.t_last >= self.seconds or self.done >= self.total
+        if not due:
             return False
         dt = max(now - self.t_last, 1e-9)
         self.img_per_s, self.eta_s = self.images / dt, max(self.total - self.done, 0) * dt / self.steps

@@ -45,7 +45,8 @@ from common.log import MetricLogger, write_json
 from common.precision import CHOICES as PRECISIONS, cpu_native_bf16, resolve_precision
 from .engine import Trainer
 from .losses import ProteusDistiller, TargetSpec, select_objectives
-from .main import check_student, check_teacher, teacher_weight_dtype
+from .config import check_student, check_teacher
+from .main import teacher_weight_dtype
 from .students import StudentRun, build_student_module, init_seed, seeded, student_specs
 from .masking import MaskGenerator, validate_mask_config
 

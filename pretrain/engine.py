@@ -10,22 +10,18 @@ Fault tolerance (issue #7):
   With fp16 the GradScaler skips overflowing steps; `max_bad_steps` consecutive skipped or non-finite
   steps stop the run the same way.
 - Unreadable images are skipped by the dataset and counted (log.txt `bad_images`).
-Test hooks (environment variables, used by tests/test_fault_tolerance.py and tests/test_pretrain_main.py):
-    PROTEUS_INJECT_NAN_AT_STEP=k   the loss of global step k becomes NaN
-    PROTEUS_SIGNAL_AT_STEP=k       rank 0 sends itself SIGTERM after step k
-    PROTEUS_KILL_AT_STEP=k         rank 0 sends itself SIGKILL after step k (a hard crash)
+Faults for tests are injected by the tests (tests/fault_injection.py wraps Trainer methods).
 """
 import logging
 import math
-import os
 import signal
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from common import probe
 from common.dist import DistInfo, barrier
 from common.errors import DataError
 from common.log import MetricLogger
@@ -38,6 +34,8 @@ log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, rerun the same command (SLURM script requeues on it)
 EXIT_NONFINITE = 3  # non-finite loss: a configuration problem, do not requeue blindly
+# "checkpoint, then exit 75": SLURM, `timeout`, container runtimes, Ctrl-C and a closed terminal
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
 
 class StopTraining(Exception):
@@ -55,9 +53,7 @@ class PreemptionFlag:
     A signal the process inherited as ignored (SIGHUP under nohup) stays ignored.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-    def __init__(self, signals=SIGNALS):
+    def __init__(self, signals=PREEMPT_SIGNALS):
         self.signum = 0
         self.signals = tuple(signals)
         self._previous = {}
@@ -86,10 +82,6 @@ class PreemptionFlag:
             yield
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _hook_step(name: str) -> int:
-    return int(os.environ.get(name, "-1"))
 
 
 @dataclass
@@ -211,7 +203,10 @@ class Trainer:
         for run in self.students:
             run.distiller.train()
         names = self.loss_names
-        window, sums, n_seen = _Window(), torch.zeros(len(names)), 0
+        sums, n_seen = torch.zeros(len(names)), 0
+        total = cfg["epochs"] * self.steps_per_epoch
+        window = probe.Progress("step", total, start=self.progress.global_step)  # img/s and ETA since the last line
+        window_sums, window_steps = torch.zeros(len(names), dtype=torch.float64), 0  # losses since the last line
         for item in self.batches():
             (batch, n_bad), position = item if len(item) == 2 and isinstance(item[1], tuple) else (item, None)
             if position is not None:
@@ -225,13 +220,13 @@ class Trainer:
             losses, extras, stop = self.train_step(images, n_bad, epoch, want_norm=log_now)
             sums += torch.tensor(losses)
             n_seen += 1
-            window.add(images.shape[0] * self.dist_info.world_size, losses)
-            if log_now:
-                self.log_progress(epoch, extras, window)
+            window_sums, window_steps = window_sums + torch.tensor(losses, dtype=torch.float64), window_steps + 1
+            if window.update(images.shape[0] * self.dist_info.world_size, due=log_now):
+                self.log_progress(epoch, extras, window, (window_sums / window_steps).tolist())
+                window_sums, window_steps = torch.zeros_like(window_sums), 0
             if stop:
                 self.stop_preempted()  # checkpoints itself: no mid-epoch save of the same state first
             self._maybe_save_mid_epoch()
-            self._test_hooks()
         if n_seen:
             avg = dict(zip(names, (sums / n_seen).tolist()))
             self.metrics.log(self.progress.global_step, prefix="epoch/", epoch=epoch,
@@ -255,8 +250,6 @@ class Trainer:
         losses = {}
         for run in self.students:
             own = self.student_losses(run, images, masks, rows, targets)
-            if step == _hook_step("PROTEUS_INJECT_NAN_AT_STEP"):
-                own = {k: v * float("nan") for k, v in own.items()}
             self.backward(run, own["loss"])
             losses.update(zip(prefixed(self.prefix(run), own), own.values()))
         stats = self._reduce_stats(losses, n_bad)  # one host sync per step
@@ -358,12 +351,10 @@ class Trainer:
     def _is_log_step(self) -> bool:
         return (self.progress.global_step + 1) % self.cfg["log_every"] == 0
 
-    def log_progress(self, epoch: int, extras: dict, window: "_Window") -> None:
+    def log_progress(self, epoch: int, extras: dict, window: probe.Progress, mean_losses: list[float]) -> None:
         # the losses printed and logged are the mean over the steps since the last line, not one step's value
-        losses = dict(zip(self.loss_names, window.mean_losses()))
-        total = self.cfg["epochs"] * self.steps_per_epoch
-        ips, sec_per_step = window.rate()
-        eta = (total - self.progress.global_step) * sec_per_step
+        losses = dict(zip(self.loss_names, mean_losses))
+        total, ips = window.total, window.img_per_s
         head = (f"epoch {epoch} [{self.progress.step_in_epoch}/{self.steps_per_epoch}] step "
                 f"{self.progress.global_step}/{total}")
         parts = []
@@ -373,7 +364,7 @@ class Trainer:
             detail = " ".join(f"{k.split('/', 1)[1] if self.multi else k} {losses[k]:.4f}" for k in own)
             parts.append(f"{run.key + ' ' if self.multi else ''}loss {losses[pre[0]]:.4f} ({detail})  "
                          f"lr {extras[pre[1]]:.2e}")
-        log.info("%s  %s  %.1f img/s  eta %s", head, "  |  ".join(parts), ips, _hms(eta))
+        log.info("%s  %s  %.1f img/s  eta %s", head, "  |  ".join(parts), ips, probe.hms(window.eta_s))
         self.metrics.log(self.progress.global_step, prefix="train/", **losses, **extras, img_per_s=ips,
                          epoch=epoch, bad_images=self.progress.bad_images)
 
@@ -394,37 +385,3 @@ class Trainer:
             tag = f"pca/{run.key}" if self.multi else "pca/input_teacher_student"
             self.metrics.image(tag, pca_figure(x, t_patch, s_patch).numpy(), self.progress.global_step)
         self.metrics.flush()
-
-    def _test_hooks(self) -> None:
-        done = self.progress.global_step - 1  # index of the step just finished
-        if self.dist_info.is_main and done == _hook_step("PROTEUS_SIGNAL_AT_STEP"):
-            os.kill(os.getpid(), signal.SIGTERM)
-        if self.dist_info.is_main and done == _hook_step("PROTEUS_KILL_AT_STEP"):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _Window:
-    """Images, seconds and summed losses since the last progress line (throughput, ETA, smoothed losses)."""
-
-    def __init__(self):
-        self.t0, self.images, self.steps, self.loss_sums = time.perf_counter(), 0, 0, None
-
-    def add(self, n_images: int, losses: list[float]) -> None:
-        self.images += n_images
-        self.steps += 1
-        self.loss_sums = list(losses) if self.loss_sums is None else [a + b for a, b in zip(self.loss_sums, losses)]
-
-    def mean_losses(self) -> list[float]:
-        return [v / max(self.steps, 1) for v in self.loss_sums]
-
-    def rate(self) -> tuple[float, float]:
-        """(img/s, s/step) over the window; resets it."""
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        ips, sps = self.images / dt, dt / max(self.steps, 1)
-        self.t0, self.images, self.steps, self.loss_sums = time.perf_counter(), 0, 0, None
-        return ips, sps
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -24,14 +24,81 @@ One student pass: the unmasked views of all B samples and the masked views of th
 concatenated along the batch, (B + M, 3, H, W). The original ran the masked view for all B samples and
 threw B - M of them away; the result is the same (tested), the work is (B + M) / 2B of it.
 """
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from common.errors import ConfigError
 from models import ProjectionHead
 
-OBJECTIVES = ("token", "fea", "patch")
+@dataclass(frozen=True)
+class Objective:
+    """One distillation objective: its name (--lambda-<name>, the `<teacher>/<name>` log key), the heads it
+    trains, its default weight, its loss and whether it needs the masked view."""
+    name: str
+    heads: tuple[str, ...]  # keys of HEADS; a head is built when an objective that uses it is on
+    default_lambda: float
+    loss: Callable[["LossInputs"], torch.Tensor]  # -> scalar, fp32
+    help: str
+    masked: bool = False  # trained on the masked view: also needs --mask-probability > 0
+
+
+# Projection heads: name -> the student output it projects ("cls" (B, Dc) or "patch" (B, N, Dp)). Checkpoints
+# hold one teacher's heads as `<name>_head`. In this order they are built (and draw their initial weights).
+HEADS = {"token": "cls", "fea": "patch", "patch": "patch"}
+OBJECTIVES: dict[str, Objective] = {}  # name -> Objective, in loss (and log) order
+
+
+def register_objective(name: str, heads: tuple[str, ...], default_lambda: float, loss, help: str = "",
+                       masked: bool = False, new_heads: dict | None = None) -> Objective:
+    """Add an objective (and any heads of its own, name -> "cls" | "patch"): pretrain.main gets a
+    --lambda-<name> knob, the distiller builds its heads and logs `<teacher>/<name>`."""
+    if name in OBJECTIVES or not name.isidentifier():
+        raise ValueError(f"objective name {name!r} is taken or not an identifier")
+    HEADS.update(new_heads or {})
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown:
+        raise ValueError(f"objective {name}: unknown head(s) {unknown}; known: {list(HEADS)}")
+    OBJECTIVES[name] = Objective(name, tuple(heads), float(default_lambda), loss, help, masked)
+    return OBJECTIVES[name]
+
+
+class LossInputs:
+    """One teacher's side of a step, as the loss functions see it (projections computed once, when asked)."""
+
+    def __init__(self, heads, s_cls, s_patch, s_masked, masks, masked_rows, t_cls, t_patch):
+        self.heads, self.s_cls, self.s_patch, self.s_masked = heads, s_cls, s_patch, s_masked
+        self.masks, self.masked_rows, self.t_cls, self.t_patch = masks, masked_rows, t_cls, t_patch
+
+    @functools.cached_property
+    def cls_sq(self) -> torch.Tensor:
+        """Sum of squared errors of the token head's CLS projection (shared by L_token and L_fea)."""
+        return _mse_sum(self.heads["token"](self.s_cls), self.t_cls)  # (B, Dt) vs (B, Dt)
+
+
+def token_loss(x: LossInputs) -> torch.Tensor:
+    return x.cls_sq / x.t_cls.numel()
+
+
+def fea_loss(x: LossInputs) -> torch.Tensor:
+    patch_sq = _mse_sum(x.heads["fea"](x.s_patch), x.t_patch)  # (B, N, Dt) vs (B, N, Dt)
+    return (x.cls_sq + patch_sq) / (x.t_cls.numel() + x.t_patch.numel())
+
+
+def patch_loss(x: LossInputs) -> torch.Tensor:
+    sel = x.masks[x.masked_rows]  # (M, N): sample-major order, as the original's flat index list
+    pred = x.heads["patch"](x.s_masked[sel])  # (|I|, Dt)
+    target = x.t_patch[x.masked_rows][sel]  # (|I|, Dt)
+    return _mse_sum(pred, target) / max(target.numel(), 1)  # empty set -> 0, not NaN
+
+
+register_objective("token", ("token",), 1.0, token_loss, "weight of the CLS-token loss")
+register_objective("fea", ("token", "fea"), 1.0, fea_loss, "weight of the feature loss (CLS + all patches, unmasked "
+                                                           "view)")
+register_objective("patch", ("patch",), 1.0, patch_loss, "weight of the masked-patch loss", masked=True)
 
 
 @dataclass(frozen=True)
@@ -44,17 +111,19 @@ class TargetSpec:
 
 
 def select_objectives(patch_targets: bool, lambdas: dict, mask_probability: float) -> tuple[str, ...]:
-    """Which of token / fea / patch are trained for a teacher (lambda > 0; patch also needs masking).
+    """Which objectives are trained for a teacher (lambda > 0; a masked one also needs masking).
 
     A teacher whose patch tokens are no training target (`Teacher.patch_targets` False: CLIP, whose patch
     tokens OpenAI never trains directly) gets the token objective only.
     """
     if not patch_targets:
         return ("token",)
-    chosen = tuple(o for o in OBJECTIVES if lambdas[o] > 0 and (o != "patch" or mask_probability > 0))
+    chosen = tuple(n for n, o in OBJECTIVES.items() if lambdas[n] > 0 and (not o.masked or mask_probability > 0))
     if not chosen:
-        raise ValueError("every objective is off: set at least one of --lambda-token / --lambda-fea / "
-                         "--lambda-patch > 0 (--lambda-patch also needs --mask-probability > 0)")
+        masked = [f"--lambda-{n}" for n, o in OBJECTIVES.items() if o.masked]
+        raise ConfigError(f"every objective is off: set at least one of "
+                         f"{' / '.join(f'--lambda-{n}' for n in OBJECTIVES)} > 0"
+                         + (f" ({', '.join(masked)} also needs --mask-probability > 0)" if masked else ""))
     return chosen
 
 
@@ -86,17 +155,12 @@ class ProteusDistiller(nn.Module):
         self.lambdas = {o: float(lambdas[o]) for o in OBJECTIVES}
         cls_dim, patch_dim = student.embed_dim, getattr(student, "patch_dim", student.embed_dim)
         self.heads = nn.ModuleDict()
+        dims = {"cls": cls_dim, "patch": patch_dim}
         for t in targets:
-            objs, heads = set(t.objectives), nn.ModuleDict()
-            # the token head also projects the CLS inside L_fea, so it exists whenever token or fea is on
-            if {"token", "fea"} & objs:
-                heads["token"] = ProjectionHead(cls_dim, t.dim)
-            if "fea" in objs:
-                heads["fea"] = ProjectionHead(patch_dim, t.dim)
-            if "patch" in objs:
-                heads["patch"] = ProjectionHead(patch_dim, t.dim)
-            self.heads[t.key] = heads
-        self.masked_view = any("patch" in t.objectives for t in targets)
+            used = {h for o in t.objectives for h in OBJECTIVES[o].heads}
+            self.heads[t.key] = nn.ModuleDict({h: ProjectionHead(dims[src], t.dim) for h, src in HEADS.items()
+                                               if h in used})
+        self.masked_view = any(OBJECTIVES[o].masked for t in targets for o in t.objectives)
         if getattr(student, "has_mask_token", True):
             # without a masked view the mask token never gets a gradient: freeze it (DDP rejects unused params)
             student.mask_token.requires_grad_(self.masked_view)
@@ -145,26 +209,10 @@ class ProteusDistiller(nn.Module):
         s_cls, s_patch, s_masked = self.student_pass(x, masks, masked_rows)
         losses, total = {}, 0
         for t in self.targets:
-            own = self.teacher_losses(self.heads[t.key], s_cls, s_patch, s_masked, masks, masked_rows,
-                                      targets[t.key]["cls"], targets[t.key]["patch"])
-            losses.update({f"{t.key}/{o}": own[o] for o in OBJECTIVES if o in t.objectives})
-            weighted = sum(self.lambdas[o] * own[o] for o in OBJECTIVES if o in own)
+            inputs = LossInputs(self.heads[t.key], s_cls, s_patch, s_masked, masks, masked_rows,
+                                targets[t.key]["cls"], targets[t.key]["patch"])
+            own = {o: OBJECTIVES[o].loss(inputs) for o in OBJECTIVES if o in t.objectives}
+            losses.update({f"{t.key}/{o}": v for o, v in own.items()})
+            weighted = sum(self.lambdas[o] * v for o, v in own.items())
             total = total + (weighted if t.weight == 1.0 else t.weight * weighted)
         return {"loss": total, **losses}
-
-    @staticmethod
-    def teacher_losses(heads, s_cls, s_patch, s_masked, masks, masked_rows, t_cls, t_patch) -> dict:
-        """L_token, L_fea, L_patch of one teacher (only those it has heads for)."""
-        out = {}
-        if "token" in heads:
-            cls_sq = _mse_sum(heads["token"](s_cls), t_cls)  # (B, Dt) vs (B, Dt)
-            out["token"] = cls_sq / t_cls.numel()
-        if "fea" in heads:
-            patch_sq = _mse_sum(heads["fea"](s_patch), t_patch)  # (B, N, Dt) vs (B, N, Dt)
-            out["fea"] = (cls_sq + patch_sq) / (t_cls.numel() + t_patch.numel())
-        if "patch" in heads:
-            sel = masks[masked_rows]  # (M, N): sample-major order, as the original's flat index list
-            pred = heads["patch"](s_masked[sel])  # (|I|, Dt)
-            target = t_patch[masked_rows][sel]  # (|I|, Dt)
-            out["patch"] = _mse_sum(pred, target) / max(target.numel(), 1)  # empty set -> 0, not NaN
-        return out

@@ -10,19 +10,21 @@ checkpoint, so a resumed run draws the same masks as an uninterrupted one.
 """
 import torch
 
+from common.errors import ConfigError
+
 
 def validate_mask_config(mask_probability: float, mask_ratio) -> tuple[float, ...]:
     """Return the ratio as a tuple of one value or a (lo, hi) range; raise a clear error otherwise."""
     ratio = tuple(float(r) for r in (mask_ratio if isinstance(mask_ratio, (list, tuple)) else [mask_ratio]))
     if not 0.0 <= mask_probability <= 1.0:
-        raise ValueError(f"--mask-probability must be in [0, 1] (share of each batch that is masked), "
+        raise ConfigError(f"--mask-probability must be in [0, 1] (share of each batch that is masked), "
                          f"got {mask_probability}")
     if len(ratio) not in (1, 2):
-        raise ValueError(f"--mask-ratio takes one value or a range LO HI, got {len(ratio)} values {ratio}")
+        raise ConfigError(f"--mask-ratio takes one value or a range LO HI, got {len(ratio)} values {ratio}")
     if any(not 0.0 <= r <= 1.0 for r in ratio):
-        raise ValueError(f"--mask-ratio must lie in [0, 1] (share of patches masked), got {list(ratio)}")
+        raise ConfigError(f"--mask-ratio must lie in [0, 1] (share of patches masked), got {list(ratio)}")
     if len(ratio) == 2 and ratio[0] > ratio[1]:
-        raise ValueError(f"--mask-ratio range must be LO <= HI, got {list(ratio)}")
+        raise ConfigError(f"--mask-ratio range must be LO <= HI, got {list(ratio)}")
     return ratio
 
 

@@ -42,6 +42,12 @@ class Progress:
     data_state: dict = field(default_factory=dict)  # tar shards: {loader role: raw samples read this epoch}
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)  # the original left Python's RNG unseeded (RandAugment draws from it)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def capture_rng() -> dict:
     """Every RNG the data pipeline and model may draw from, as plain tensors / lists."""
     np_state = np.random.get_state()
@@ -85,7 +91,7 @@ def build_checkpoint(students: list, progress: Progress, mask_gen, config: dict,
         extra["students"] = {run.key: {**student_state(run), "start_step": run.start_step} for run in students}
     return {**extra, **asdict(progress),
             "rng": all_gather_object(capture_rng()), "mask_rng": all_gather_object(mask_gen.state_dict()),
-            "config": config}
+            "config": dict(config)}
 
 
 def save_checkpoint(ckpt: dict, output_dir: str, keep_last: int, is_main: bool) -> tuple[str | None, str]:

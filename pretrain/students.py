@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import models
+from common.errors import ConfigError
 
 KEY_SEPARATOR = "/"  # <key>/<loss name> in logs and TensorBoard
 
@@ -43,16 +44,16 @@ def split_entries(text: str, sep: str, n: int, flag: str) -> list[str]:
     if len(parts) == 1:
         return parts * n
     if len(parts) != n:
-        raise ValueError(f"{flag} has {len(parts)} entries for {n} students: give one (every student) or one per "
+        raise ConfigError(f"{flag} has {len(parts)} entries for {n} students: give one (every student) or one per "
                          f"student, in --student order, separated by {sep!r} (an empty entry keeps the default)")
     return parts
 
 
 def student_specs(cfg: dict) -> list[StudentSpec]:
-    """The --student list with each student's kwargs, drop path and base lr (ValueError on a bad list)."""
+    """The --student list with each student's kwargs, drop path and base lr (ConfigError on a bad list)."""
     archs = [a.strip() for a in str(cfg["student"]).split(",")]
     if not archs or "" in archs:
-        raise ValueError(f"--student takes comma-separated names (vit_tiny,vit_small,timm:resnet18), got "
+        raise ConfigError(f"--student takes comma-separated names (vit_tiny,vit_small,timm:resnet18), got "
                          f"{cfg['student']!r}")
     n = len(archs)
     kwargs = split_entries(cfg.get("student_kwargs") or "", ";", n, "--student-kwargs")
@@ -76,9 +77,9 @@ def _number(text: str, default: float, flag: str) -> float:
     try:
         value = float(text)
     except ValueError as e:
-        raise ValueError(f"{flag} takes numbers (comma-separated, one per student), got {text!r}") from e
+        raise ConfigError(f"{flag} takes numbers (comma-separated, one per student), got {text!r}") from e
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{flag} values must be finite and >= 0, got {value}")
+        raise ConfigError(f"{flag} values must be finite and >= 0, got {value}")
     return value
 
 

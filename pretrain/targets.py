@@ -22,12 +22,17 @@ from a fixed number of training batches (the RNG streams are saved and restored 
 training run itself is unchanged), all-reduced over ranks, stored in the checkpoint and restored on
 resume (never re-estimated).
 """
+import itertools
+import logging
 import math
 
 import torch
 import torch.nn as nn
 
 from models.timm_student import resample_grid
+from . import state as ckpt_state
+
+log = logging.getLogger("pretrain")
 
 
 # ---- Hadamard matrices ---------------------------------------------------------------------------------------
@@ -148,3 +153,18 @@ def prepare_targets(raw: dict, grids: dict, grid: tuple[int, int], normaliser: T
             cls, patch = normaliser(key, "cls", cls), normaliser(key, "patch", patch)
         out[key] = {"cls": cls, "patch": patch}
     return out
+
+
+def fit_teacher_norm(trainer, n_batches: int) -> None:
+    """Estimate PHI-S from the first --teacher-norm-batches batches, leaving every RNG stream as it was."""
+    norm = trainer.normaliser
+    if norm is None or norm.fitted:
+        return
+    rng = ckpt_state.capture_rng()
+    batches = (b[0].to(trainer.dist_info.device) for b, _ in itertools.islice(
+        (x for x in trainer.batches() if x[0] is not None), n_batches))
+    n = fit_normaliser(norm, batches, lambda x: prepare_targets(trainer.raw_teacher_outputs(x), trainer.grids,
+                                                                trainer.distiller.grid, None))
+    ckpt_state.restore_rng(rng)
+    norm.to(trainer.dist_info.device)
+    log.info("PHI-S teacher normalisation estimated on %d images (%d batches per rank)", n, n_batches)

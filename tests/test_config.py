@@ -11,6 +11,7 @@ import pytest
 
 from common.config import ConfigArgumentParser, read_config_file
 from common.errors import ConfigError, MissingFileError
+from pretrain import config as pretrain_config
 from pretrain import main as pretrain_main
 from test_pretrain_fixtures import REPO, teacher_ckpt, tiny_args, tiny_data, write_image_folder  # noqa: F401
 
@@ -214,8 +215,8 @@ def test_pretrain_config_validates_and_repeats_no_default(tmp_path, path):
     image = os.path.join(data, "n00000000", "0.JPEG")
     cfg = pretrain_main.parse_config(["-c", path, "--data-path", data] +
                                      (["--single-image", image] if "single_image" in values else []))
-    pretrain_main.validate_config(cfg, world_size=8)
-    defaults = {k: d for group in pretrain_main.CONFIG.values() for k, (d, _) in group.items()}
+    pretrain_config.validate_config(cfg, pretrain_main.KNOBS, world_size=8)
+    defaults = {k.name: k.default for k in pretrain_config.expand(pretrain_main.KNOBS)}
     repeated = {k: v for k, v in cfg["config_values"].items() if v == defaults[k]}
     assert not repeated, f"{path} repeats pretrain.main's defaults {repeated}"
     assert cfg["global_batch_size"] == 512 and cfg["output_dir"] != defaults["output_dir"]

@@ -16,7 +16,7 @@ import torch
 
 from pretrain import main as pretrain_main
 from pretrain import make_shards
-from test_pretrain_fixtures import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
+from test_pretrain_fixtures import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
                                     train_losses)
 
 
@@ -76,8 +76,8 @@ def test_shards_kill9_then_resume_is_exact_with_workers(tmp_path, shard_dir, tea
     assert pretrain_main.main(argv_ref) == 0
     assert "data: 24 samples in 5 shards, 6 steps/epoch" in text_log(ref_out)
     argv = tiny_args(spec, teacher_ckpt, out, num_workers=workers, pca_every_epochs=1)
-    killed = subprocess.run([PYTHON, "-m", "pretrain.main", *argv], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PROTEUS_KILL_AT_STEP": "8", "HF_HUB_OFFLINE": "1"}, timeout=300)
+    killed = subprocess.run([PYTHON, FAULTY_PRETRAIN, "--kill-at-step", "8", "--", *argv], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
     assert ckpt["global_step"] == 8 and ckpt["data_state"]  # mid-epoch 1, positions per loader role

@@ -7,9 +7,10 @@ import time
 import torch
 
 import models
+import fault_injection
 from pretrain import main as pretrain_main
 from pretrain.engine import EXIT_NONFINITE, EXIT_PREEMPTED
-from test_pretrain_fixtures import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
+from test_pretrain_fixtures import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
                                     train_losses, write_image_folder)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -24,8 +25,8 @@ def test_kill9_then_same_command_resumes_bitwise(tmp_path, tiny_data, teacher_ck
     ref_out, out = str(tmp_path / "reference"), str(tmp_path / "killed")
     assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, ref_out)) == 0  # uninterrupted, 12 steps
     argv = tiny_args(tiny_data, teacher_ckpt, out)
-    killed = subprocess.run([PYTHON, "-m", "pretrain.main", *argv], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PROTEUS_KILL_AT_STEP": "8"}, timeout=180)
+    killed = subprocess.run([PYTHON, FAULTY_PRETRAIN, "--kill-at-step", "8", "--", *argv], cwd=REPO,
+                            capture_output=True, text=True, timeout=180)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     assert _state(os.path.join(out, "checkpoint.pth"))["global_step"] == 8  # mid-epoch 1 (batch 2 of 6)
     assert pretrain_main.main(argv) == 0  # the same command
@@ -84,9 +85,8 @@ def test_corrupt_and_empty_images_are_skipped_and_counted(tmp_path, teacher_ckpt
 def test_truncated_checkpoint_falls_back_to_previous(tmp_path, tiny_data, teacher_ckpt, monkeypatch):
     out = str(tmp_path / "run")
     argv = tiny_args(tiny_data, teacher_ckpt, out)
-    monkeypatch.setenv("PROTEUS_SIGNAL_AT_STEP", "4")  # an in-process SIGTERM: stop after step 6 (epoch end)
-    assert pretrain_main.main(argv) == EXIT_PREEMPTED
-    monkeypatch.delenv("PROTEUS_SIGNAL_AT_STEP")
+    with fault_injection.injected(signal_at=4):  # an in-process SIGTERM: stop after step 6 (epoch end)
+        assert pretrain_main.main(argv) == EXIT_PREEMPTED
     newest, previous = os.path.join(out, "checkpoint.pth"), os.path.join(out, "checkpoint.1.pth")
     assert _state(newest)["global_step"] == 6 and _state(previous)["global_step"] == 4
     with open(newest, "r+b") as f:
@@ -101,8 +101,8 @@ def test_truncated_checkpoint_falls_back_to_previous(tmp_path, tiny_data, teache
 def test_injected_nan_stops_with_message_and_last_good_checkpoint_loads(tmp_path, tiny_data, teacher_ckpt,
                                                                         monkeypatch):
     out = str(tmp_path / "run")
-    monkeypatch.setenv("PROTEUS_INJECT_NAN_AT_STEP", "3")
-    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out)) == EXIT_NONFINITE
+    with fault_injection.injected(nan_at=3):
+        assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out)) == EXIT_NONFINITE
     log = text_log(out)
     ckpt_path = os.path.join(out, "checkpoint.pth")
     assert "non-finite loss at step 3" in log and "dinov2_vits14/token=nan dinov2_vits14/fea=nan dinov2_vits14/patch=nan" in log

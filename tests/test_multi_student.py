@@ -15,7 +15,7 @@ import torch
 
 import models
 from pretrain import main as pretrain_main
-from test_pretrain_fixtures import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
+from test_pretrain_fixtures import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
                                     train_losses)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,8 +99,8 @@ def test_each_students_export_loads_by_itself(joint_run):
 def test_joint_kill9_and_resume_is_exact(joint_run, tmp_path, tiny_data, teacher_ckpt):
     out = str(tmp_path / "killed")
     argv = joint_args(tiny_data, teacher_ckpt, out)
-    killed = subprocess.run([PYTHON, "-m", "pretrain.main", *argv], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PROTEUS_KILL_AT_STEP": "8", "HF_HUB_OFFLINE": "1",
+    killed = subprocess.run([PYTHON, FAULTY_PRETRAIN, "--kill-at-step", "8", "--", *argv], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                  "OMP_NUM_THREADS": "1"}, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     assert load(os.path.join(out, "checkpoint.pth"))["global_step"] == 8  # save_every_steps=2

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import models
+import fault_injection
 from pretrain import main as pretrain_main
 from pretrain.targets import PhiS, TargetNormaliser, hadamard, prepare_targets
-from test_pretrain_fixtures import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
+from test_pretrain_fixtures import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
                                     train_losses)
 
 
@@ -106,8 +107,8 @@ def test_two_teachers_train_log_both_and_resume_bitwise_after_kill9(tmp_path, ti
     assert "PHI-S teacher normalisation estimated" in text_log(ref_out)
 
     argv = two_teacher_args(tiny_data, teacher_ckpt, clip_ckpt, out, pca_every_epochs=0, epochs=1)
-    killed = subprocess.run([PYTHON, "-m", "pretrain.main", *argv], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PROTEUS_KILL_AT_STEP": "4", "HF_HUB_OFFLINE": "1"}, timeout=300)
+    killed = subprocess.run([PYTHON, FAULTY_PRETRAIN, "--kill-at-step", "4", "--", *argv], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     assert pretrain_main.main(argv) == 0
     assert "PHI-S teacher normalisation estimated" not in text_log(out).split("resumed from")[-1]  # restored
@@ -148,9 +149,8 @@ def test_timm_cnn_student_trains_resumes_and_exports_for_timm(tmp_path, tiny_dat
     out = str(tmp_path / "cnn")
     argv = tiny_args(tiny_data, teacher_ckpt, out, student="timm:resnet18", student_kwargs="", input_size=56,
                      pca_every_epochs=1)
-    monkeypatch.setenv("PROTEUS_SIGNAL_AT_STEP", "3")
-    assert pretrain_main.main(argv) == 75
-    monkeypatch.delenv("PROTEUS_SIGNAL_AT_STEP")
+    with fault_injection.injected(signal_at=3):
+        assert pretrain_main.main(argv) == 75
     assert pretrain_main.main(argv) == 0  # resumes
     assert "resumed from" in text_log(out)
     losses = train_losses(out)

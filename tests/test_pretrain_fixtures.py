@@ -17,6 +17,7 @@ from PIL import Image
 os.environ["HF_HUB_OFFLINE"] = "1"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
+FAULTY_PRETRAIN = os.path.join(REPO, "tests", "fault_injection.py")  # pretrain.main with a fault at a step
 
 
 def write_image_folder(root, n_per_class: int = 12, n_classes: int = 2, seed: int = 0) -> str:

@@ -15,6 +15,8 @@ import torch
 
 from common.checkpoint import save_with_history
 from common.runlock import RunDirLock
+import fault_injection
+from pretrain import config
 from pretrain import main as pretrain_main
 from pretrain.engine import EXIT_PREEMPTED
 from pretrain.state import EXIT_SAVE_FAILED
@@ -35,10 +37,9 @@ def _ckpt(out: str, name: str = "checkpoint.pth") -> dict:
 
 def _stopped_run(tiny_data, teacher_ckpt, out, monkeypatch, at_step: int = 2, **overrides):
     """A tiny run stopped by an in-process SIGTERM after step `at_step` (checkpoint at that step + 0..1)."""
-    monkeypatch.setenv("PROTEUS_SIGNAL_AT_STEP", str(at_step))
     argv = tiny_args(tiny_data, teacher_ckpt, out, **overrides)
-    assert pretrain_main.main(argv) == EXIT_PREEMPTED
-    monkeypatch.delenv("PROTEUS_SIGNAL_AT_STEP")
+    with fault_injection.injected(signal_at=at_step):
+        assert pretrain_main.main(argv) == EXIT_PREEMPTED
     return argv
 
 
@@ -291,9 +292,9 @@ def test_bad_knobs_fail_before_any_work(overrides, needle, tmp_path, tiny_data, 
 
 
 def test_every_numeric_knob_has_a_range():
-    numeric = {name for group in pretrain_main.CONFIG.values() for name, (default, _) in group.items()
-               if isinstance(default, (int, float)) and not isinstance(default, bool)}
-    assert numeric <= set(pretrain_main.LIMITS), sorted(numeric - set(pretrain_main.LIMITS))
+    numeric = [k for k in config.expand(pretrain_main.KNOBS)
+               if isinstance(k.default, (int, float)) and not isinstance(k.default, bool)]
+    assert all(k.bounded for k in numeric), [k.name for k in numeric if not k.bounded]
 
 
 def test_unwritable_output_dir_is_a_clear_error(tmp_path, tiny_data, teacher_ckpt, capsys):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import models
+from pretrain import config
 from pretrain import main as pretrain_main
-from test_pretrain_fixtures import REPO, PYTHON, read_log, teacher_ckpt, text_log, tiny_args, tiny_data, train_losses  # noqa: F401
+from test_pretrain_fixtures import FAULTY_PRETRAIN, REPO, PYTHON, read_log, teacher_ckpt, text_log, tiny_args, tiny_data, train_losses  # noqa: F401
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 REQUIRED_FLAGS = ["--data-path", "--output-dir", "--teacher", "--teacher-checkpoint", "--student", "--patch-size",
@@ -25,9 +26,8 @@ def test_help_lists_every_knob(capsys):
     text = capsys.readouterr().out
     for flag in REQUIRED_FLAGS:
         assert flag in text, flag
-    for group in pretrain_main.CONFIG.values():  # every constant of the config block is a flag
-        for name in group:
-            assert "--" + name.replace("_", "-") in text, name
+    for knob in config.expand(pretrain_main.KNOBS):  # every row of the knob table is a flag
+        assert knob.flag in text, knob.name
     assert "dinov2_vitb14" in text and "0.99996" in text  # defaults are shown
 
 
@@ -41,15 +41,15 @@ def test_defaults_are_the_paper_recipe():
 
 def test_student_kwargs_accept_pairs_or_the_evals_json():
     want = {"depth": 2, "embed_dim": 64, "num_heads": 2}
-    assert pretrain_main.parse_student_kwargs("depth=2, embed_dim=64,num_heads=2") == want
-    assert pretrain_main.parse_student_kwargs(json.dumps(want)) == want
-    assert pretrain_main.parse_student_kwargs("") == {}
+    assert config.parse_student_kwargs("depth=2, embed_dim=64,num_heads=2") == want
+    assert config.parse_student_kwargs(json.dumps(want)) == want
+    assert config.parse_student_kwargs("") == {}
     with pytest.raises(ValueError, match="key=int pairs"):
-        pretrain_main.parse_student_kwargs("depth=two")
+        config.parse_student_kwargs("depth=two")
     with pytest.raises(ValueError, match="not valid JSON"):
-        pretrain_main.parse_student_kwargs("{depth: 2}")
+        config.parse_student_kwargs("{depth: 2}")
     with pytest.raises(ValueError, match="must be integers"):
-        pretrain_main.parse_student_kwargs('{"depth": 2.5}')
+        config.parse_student_kwargs('{"depth": 2.5}')
 
 
 def test_overrides_config_json_and_exports(tmp_path, tiny_data, teacher_ckpt):
@@ -107,7 +107,9 @@ def test_torchrun_two_processes_trains_stops_and_continues(tmp_path, tiny_data, 
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
            "pretrain.main", *tiny_args(tiny_data, teacher_ckpt, out, epochs=3, warmup_epochs=0, lr=0.2)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(cmd, cwd=REPO, env={**env, "PROTEUS_SIGNAL_AT_STEP": "4"}, capture_output=True,
+    faulty = [*cmd[:cmd.index("-m", 3)], FAULTY_PRETRAIN, "--signal-at-step", "4", "--",
+              *cmd[cmd.index("pretrain.main") + 1:]]
+    first = subprocess.run(faulty, cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=240)
     assert first.returncode != 0, first.stdout[-3000:]  # the ranks exit 75 (preempted)
     ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)

@@ -1,0 +1,116 @@
+"""The training data of pretrain.main: the DataLoader over image folders, list files, --single-image or tar
+shards, its workers' set-up, and the fixed batch of the PCA figure.
+"""
+import logging
+import signal
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from common import data as cdata
+from common.dist import DistInfo
+from common.errors import DataError
+from . import shards
+from .engine import PREEMPT_SIGNALS
+
+log = logging.getLogger("pretrain")
+
+PCA_IMAGES = 4  # images in the fixed PCA batch
+
+
+class Data(NamedTuple):
+    loader: torch.utils.data.DataLoader
+    generator: torch.Generator  # seeds the workers (per epoch, see Trainer.train_one_epoch)
+    steps_per_epoch: int
+    pca_batch: torch.Tensor | None  # (PCA_IMAGES, 3, H, W) centre crops, or None
+
+
+def build_data(cfg, info: DistInfo) -> Data:
+    cdata.set_max_image_pixels(cfg["max_image_pixels"])
+    transform = cdata.build_train_transform(cfg["input_size"], cfg["aa"] or None, cfg["reprob"],
+                                            cfg["train_interpolation"], scale=cfg["crop_scale"])
+    if shards.is_shard_spec(cfg["data_path"][0]) and not cfg["single_image"]:  # --single-image replaces the data
+        return build_shard_data(cfg, info, transform)
+    dataset = cdata.build_pretrain_dataset(cfg["data_path"], transform, cfg["on_bad_image"], cfg["class_fraction"],
+                                           cfg["images_per_class"], cfg["single_image"],
+                                           cfg["single_image_length"], cfg["seed"])
+    sampler = cdata.build_train_sampler(dataset, info.world_size, info.rank, cfg["repeated_aug"], cfg["seed"])
+    steps_per_epoch = len(sampler) // cfg["batch_size"]
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(dataset)} images give {len(sampler)} per process, less than one batch of "
+                        f"{cfg['batch_size']}: lower --batch-size or use more data")
+    generator = torch.Generator()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
+        pin_memory=cfg["pin_mem"] and info.device.type == "cuda", drop_last=True,
+        collate_fn=cdata.collate_skip_bad, worker_init_fn=worker_init, generator=generator,
+        persistent_workers=False)
+    log.info("data: %d images, %d steps/epoch of %d x %d processes", len(dataset), steps_per_epoch,
+             cfg["batch_size"], info.world_size)
+    return Data(loader, generator, steps_per_epoch, fixed_pca_batch(dataset, cfg))
+
+
+def build_shard_data(cfg, info: DistInfo, transform) -> Data:
+    """Tar shards streamed in whole batches (pretrain/shards.py): DeiT's repeated augmentation does not apply."""
+    stream = shards.ShardStream(cfg["data_path"][0], transform, cfg["batch_size"], world_size=info.world_size,
+                                rank=info.rank, seed=cfg["seed"], on_bad_image=cfg["on_bad_image"])
+    if stream.steps_per_epoch == 0:
+        raise DataError(f"{stream.num_samples} samples in {len(stream.urls)} shards give less than one batch of "
+                        f"{cfg['batch_size']} per process: lower --batch-size or use more data")
+    generator = torch.Generator()
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=cfg["num_workers"], pin_memory=cfg["pin_mem"] and
+        info.device.type == "cuda", collate_fn=shards.collate_shard_batch, worker_init_fn=worker_init,
+        generator=generator, persistent_workers=False)
+    log.info("data: %d samples in %d shards, %d steps/epoch of %d x %d processes", stream.num_samples,
+             len(stream.urls), stream.steps_per_epoch, cfg["batch_size"], info.world_size)
+    return Data(loader, generator, stream.steps_per_epoch, shard_pca_batch(stream, cfg))
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader workers ignore the preemption signals: SLURM, `timeout`, container runtimes and Ctrl-C signal
+    the whole process group, and a worker that dies of it takes the main process down before it can save."""
+    for s in PREEMPT_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPT_SIGNALS)  # started blocked (Trainer.batches): now ignored
+    cdata.seed_worker(worker_id)
+
+
+def fixed_pca_batch(dataset, cfg) -> torch.Tensor | None:
+    """PCA_IMAGES evenly spaced training images, centre-cropped (deterministic, no training RNG)."""
+    if not cfg["pca_every_epochs"]:
+        return None
+    tf = cdata.build_eval_transform(resize=cfg["input_size"] * 256 // 224, crop=cfg["input_size"])
+    if cfg["single_image"]:
+        paths = [cfg["single_image"]]
+    else:
+        parts = dataset.datasets if isinstance(dataset, torch.utils.data.ConcatDataset) else [dataset]
+        samples = [s for part in parts for s in part.samples]
+        paths = [samples[i][0] for i in np.linspace(0, len(samples) - 1, PCA_IMAGES).astype(int)]
+    images = []
+    for path in dict.fromkeys(paths):
+        try:
+            images.append(tf(cdata.load_rgb(path)))
+        except cdata.BAD_IMAGE_ERRORS:
+            continue  # unreadable images are reported by the training loader
+    return torch.stack(images) if images else None
+
+
+def shard_pca_batch(stream, cfg) -> torch.Tensor | None:
+    """The first PCA_IMAGES readable images of the first shard, centre-cropped (no training RNG)."""
+    if not cfg["pca_every_epochs"]:
+        return None
+    from webdataset.tariterators import tarfile_samples
+
+    tf = cdata.build_eval_transform(resize=cfg["input_size"] * 256 // 224, crop=cfg["input_size"])
+    images = []
+    for sample in tarfile_samples([{"url": stream.urls[0]}], handler=lambda e: True):
+        key = next((k for k in shards.IMAGE_KEYS if k in sample), None)
+        try:
+            images.append(tf(shards.decode_image(sample[key], stream.max_pixels)))
+        except (TypeError, KeyError, *cdata.BAD_IMAGE_ERRORS):
+            continue
+        if len(images) == PCA_IMAGES:
+            break
+    return torch.stack(images) if images else None
