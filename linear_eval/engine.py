@@ -5,6 +5,7 @@ import torch
 
 from common import dist, probe
 from common.checkpoint import save_with_history
+from common.config import config_drift
 from common.errors import ConfigError, DataError
 from linear_eval.grid import grid_loss, max_blocks, topk_correct, unwrap
 
@@ -104,10 +105,7 @@ RESUME_KEYS = ("backbone", "arch", "num_classes", "lrs", "n_last_blocks", "globa
 def check_meta(saved: dict, meta: dict, path: str = "the output dir") -> None:
     """Refuse (ConfigError listing every difference) to resume a checkpoint made with another set-up."""
     diffs = []
-    for key in RESUME_KEYS:
-        old, new = saved.get(key), meta.get(key)
-        if old == new:
-            continue
+    for key, (old, new) in config_drift(saved, meta, RESUME_KEYS).items():
         if key == "backbone" and isinstance(old, dict) and isinstance(new, dict):
             diffs += [f"backbone {k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new))
                       if old.get(k) != new.get(k)]

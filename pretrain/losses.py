@@ -152,7 +152,7 @@ class ProteusDistiller(nn.Module):
         if len(set(keys)) != len(keys) or not keys:
             raise ValueError(f"teacher keys must be unique and at least one, got {keys}")
         self.student, self.targets, self.grid = student, tuple(targets), tuple(grid)
-        self.lambdas = {o: float(lambdas[o]) for o in OBJECTIVES}
+        self.lambdas = {o: float(lambdas[o]) for t in targets for o in t.objectives}
         cls_dim, patch_dim = student.embed_dim, getattr(student, "patch_dim", student.embed_dim)
         self.heads = nn.ModuleDict()
         dims = {"cls": cls_dim, "patch": patch_dim}
