@@ -44,7 +44,7 @@ from common.errors import ConfigError, UserError, cli
 from common.log import MetricLogger, write_json
 from common.precision import CHOICES as PRECISIONS, cpu_native_bf16, resolve_precision
 from .engine import Trainer
-from .losses import ProteusDistiller, TargetSpec, select_objectives
+from .losses import OBJECTIVES, ProteusDistiller, TargetSpec, select_objectives
 from .config import check_student, check_teacher
 from .main import teacher_weight_dtype
 from .students import StudentRun, build_student_module, init_seed, seeded, student_specs
@@ -185,7 +185,7 @@ def bench_specs(a) -> list:
 def build_trainer(a, variant: dict, teacher: models.Teacher, device: torch.device, specs=None) -> BenchTrainer:
     """A Trainer with the variant's settings for `specs` (default: every --student); no data loader (the
     benchmark feeds tensors). Each student's weights come from its own seeded stream, as in pretrain.main."""
-    lambdas = {"token": 1.0, "fea": 1.0, "patch": 1.0}
+    lambdas = {name: o.default_lambda for name, o in OBJECTIVES.items()}
     objectives = select_objectives(teacher.patch_targets, lambdas, a.mask_probability)
     grid = (a.input_size // a.patch_size,) * 2
     cls = TwoPassDistiller if variant["two_pass"] else ProteusDistiller

@@ -294,8 +294,10 @@ def pretrain_checks(inputs: dict, work: str, sizes: Sizes, device: str) -> list:
             f"pretrain_{p}", argv, timeout, b, verify=pretrain_verifier(out, p))))
     out = os.path.join(work, "pretrain_resume")
     argv = pretrain_argv(inputs, out, sizes, device, "bf16")
+    # pretrain.main (argv: -m pretrain.main ...) with a SIGTERM after step 1, from the tests' fault injection
+    faulty = [os.path.join("tests", "fault_injection.py"), "--signal-at-step", "1", "--", *argv[2:]]
     checks.append(("resume_signal", lambda b: run_command(
-        "resume_signal", argv, timeout, b, env={"PROTEUS_SIGNAL_AT_STEP": "1"}, expect_rc=EXIT_PREEMPTED,
+        "resume_signal", faulty, timeout, b, expect_rc=EXIT_PREEMPTED,
         verify=stopped_verifier(out, steps_of(sizes)))))
     checks.append(("resume_continue", lambda b: run_command(
         "resume_continue", argv, timeout, b, verify=pretrain_verifier(out, "bf16", want_resume=True))))

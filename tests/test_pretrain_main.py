@@ -39,6 +39,16 @@ def test_defaults_are_the_paper_recipe():
     assert cfg["lambda_token"] == cfg["lambda_fea"] == cfg["lambda_patch"] == 1.0
 
 
+def test_the_resolved_config_is_frozen():
+    from common.dist import DistInfo
+
+    cfg = config.derive(pretrain_main.parse_config(["--global-batch-size", "256"]),
+                        DistInfo(0, 2, 0, torch.device("cpu")))
+    assert (cfg["batch_size"], cfg["global_batch"], cfg["tool"]) == (128, 256, "pretrain")
+    with pytest.raises(TypeError):  # builders return values; none writes into the configuration
+        cfg["batch_size"] = 1
+
+
 def test_student_kwargs_accept_pairs_or_the_evals_json():
     want = {"depth": 2, "embed_dim": 64, "num_heads": 2}
     assert config.parse_student_kwargs("depth=2, embed_dim=64,num_heads=2") == want
