@@ -289,7 +289,7 @@ def check_timm_kwargs(name: str, kwargs: dict, input_size: int) -> None:
     try:
         with torch.device("meta"):
             models.build_student(name, img_size=input_size, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown keyword, or a value timm's constructor refuses
         raise ConfigError(f"--student-kwargs {kwargs} do not fit {name}: {e} (a timm student takes "
                          f"timm.create_model's own arguments; with several students give one ';' entry each)") from e
 

@@ -1,4 +1,7 @@
-"""The Proteus objective (spec §1.7): student + three projection heads, compared with a frozen teacher.
+"""The Proteus objective: student + projection heads, compared with a frozen teacher.
+
+Each objective is one entry of OBJECTIVES (name, heads, default weight, loss function); `register_objective`
+adds one, and pretrain.main gets its --lambda-<name> knob, the distiller its heads and the logs its losses.
 
 Inputs for a batch of B images with N patches (student and teacher on the same grid):
     x          (B, 3, H, W)  the augmented, ImageNet-normalised batch (teacher and student see the same)
@@ -140,9 +143,9 @@ class ProteusDistiller(nn.Module):
         student: a `models.DinoVisionTransformer` or `models.TimmStudent`
             (forward_features(x, masks[, grid]) -> dict(cls (B, Dc), patch (B, N, Dp))).
         targets: one TargetSpec per teacher (order = loss order).
-        lambdas: dict token/fea/patch -> weight, applied within each teacher.
+        lambdas: dict objective name -> weight, applied within each teacher.
         grid: (gh, gw), the token grid every patch target lives on (N = gh * gw).
-    Heads: `heads[teacher key][objective]`, a ModuleDict per teacher. Losses come back as a dict keyed
+    Heads: `heads[teacher key][head name]` (HEADS), a ModuleDict per teacher. Losses come back as a dict keyed
     `<teacher key>/<objective>` plus the weighted total `loss` = sum_t w_t sum_o lambda_o L_{t,o}.
     """
 
