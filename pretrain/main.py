@@ -224,10 +224,6 @@ def build_schedule(cfg, optimizer, steps_per_epoch: int, start_step: int = 0):
                                        cfg["min_lr"], cfg["warmup_lr"])
 
 
-def build_normaliser(cfg, teachers: dict) -> TargetNormaliser | None:
-    return TargetNormaliser({k: t.embed_dim for k, t in teachers.items()}) if cfg["teacher_norm"] == "phi-s" else None
-
-
 # ==========================================================================================================
 # The outline
 # ==========================================================================================================
@@ -279,9 +275,10 @@ def build_trainer(cfg, info: DistInfo, data, teachers: dict, preempt: Preemption
                              cfg["mask_ratio"], seed=cfg["seed"] + info.rank)
     metrics = MetricLogger(cfg["output_dir"], enabled=info.is_main)
     grids = {k: (cfg["input_size"] // t.patch_size,) * 2 for k, t in teachers.items()}
+    dims = {k: t.embed_dim for k, t in teachers.items()}  # PHI-S: fitted on the first batches (fit_teacher_norm)
     return Trainer(cfg, info, students, teachers, mask_gen, data.loader, data.generator, data.steps_per_epoch,
                    metrics, pca_batch=data.pca_batch, preempt=preempt, grids=grids,
-                   normaliser=build_normaliser(cfg, teachers))
+                   normaliser=TargetNormaliser(dims) if cfg["teacher_norm"] == "phi-s" else None)
 
 
 def run(trainer: Trainer, cfg, info: DistInfo) -> int:
