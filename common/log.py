@@ -87,6 +87,15 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str):
+    """The JSON value in `path`, or None when the file is missing, unreadable or not JSON (half written)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def _json_default(o):
     if isinstance(o, torch.Tensor):
         return o.tolist()
