@@ -1,6 +1,6 @@
 """Time full Proteus training steps: img/s, ms split teacher / student / optimizer, memory, FLOP/s, MFU.
 
-    python -m pretrain.benchmark --teacher dinov2_vits14 --student vit_tiny --batch-size 16 --input-size 112 \\
+    python -m tools.benchmark --teacher dinov2_vits14 --student vit_tiny --batch-size 16 --input-size 112 \\
         --device cpu --steps 10 --ablations --json bench.json
 
 A step is the trainer's own step (pretrain.engine.Trainer): teacher forward (inference mode), one student
@@ -43,11 +43,12 @@ from common.dist import DistInfo, resolve_device
 from common.errors import ConfigError, UserError, cli
 from common.log import MetricLogger, write_json
 from common.precision import CHOICES as PRECISIONS, cpu_native_bf16, resolve_precision
-from .engine import Trainer
-from .losses import ProteusDistiller, TargetSpec, select_objectives
-from .main import check_student, check_teacher, teacher_weight_dtype
-from .students import StudentRun, build_student_module, init_seed, seeded, student_specs
-from .masking import MaskGenerator, validate_mask_config
+from common.rundir import probe_writable
+from pretrain.engine import Trainer
+from pretrain.losses import OBJECTIVES, ProteusDistiller, TargetSpec, select_objectives
+from pretrain.main import check_student, check_teacher, teacher_weight_dtype
+from pretrain.students import StudentRun, build_student_module, init_seed, seeded, student_specs
+from pretrain.masking import MaskGenerator, validate_mask_config
 
 # dense bf16 / fp32 tensor peaks in TFLOP/s (vendor data sheets; SXM parts)
 GPU_PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
@@ -58,7 +59,7 @@ STUDENTS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 
 
 def parse_args(argv=None):
-    p = ConfigArgumentParser("pretrain.benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ConfigArgumentParser("tools.benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default="dinov2_vitb14")
     p.add_argument("--teacher-checkpoint", default="", help="official-format weights (default: random)")
     p.add_argument("--teacher-dtype", default="auto", choices=("auto", "fp32", "bf16"),
@@ -129,13 +130,12 @@ def prepare_output(path: str) -> None:
     """Create the folder of `path` now, so that a bad path fails before minutes of timing, not after."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
+        probe_writable(folder)
     except OSError as e:
-        raise ConfigError(f"--json {path}: cannot create its folder {folder} ({e.strerror}); pick a writable path")
+        raise ConfigError(f"--json {path}: cannot create its folder {folder} or write in it ({e.strerror or e}); "
+                          f"pick a writable path") from None
     if os.path.isdir(path):
         raise ConfigError(f"--json {path} is a folder; give a file name such as {os.path.join(path, 'bench.json')}")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"--json {path}: the folder {folder} is not writable; pick a writable path")
 
 
 # ---- building one variant's step -------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def bench_specs(a) -> list:
 def build_trainer(a, variant: dict, teacher: models.Teacher, device: torch.device, specs=None) -> BenchTrainer:
     """A Trainer with the variant's settings for `specs` (default: every --student); no data loader (the
     benchmark feeds tensors). Each student's weights come from its own seeded stream, as in pretrain.main."""
-    lambdas = {"token": 1.0, "fea": 1.0, "patch": 1.0}
+    lambdas = dict.fromkeys(OBJECTIVES, 1.0)
     objectives = select_objectives(teacher.patch_targets, lambdas, a.mask_probability)
     grid = (a.input_size // a.patch_size,) * 2
     cls = TwoPassDistiller if variant["two_pass"] else ProteusDistiller
@@ -481,7 +481,7 @@ def hardware(device: torch.device) -> dict:
             "cpu_native_bf16": native, "cpu_bf16_reason": why}
 
 
-@cli("pretrain.benchmark")
+@cli("tools.benchmark")
 def main(argv=None) -> int:
     a = parse_args(argv)
     validate(a)
@@ -489,7 +489,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
     precision, reason = resolve_precision(a.precision, device)
-    print(f"pretrain.benchmark: precision {precision} ({reason})", flush=True)
+    print(f"tools.benchmark: precision {precision} ({reason})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         teacher = random_teacher(a.teacher, a.teacher_checkpoint, a.input_size, tmp)
     if len(bench_specs(a)) > 1:
