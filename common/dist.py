@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from common.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,10 +35,10 @@ def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was requested but no GPU is visible; use --device cpu")
+            raise ConfigError("--device cuda was requested but no GPU is visible; use --device cpu")
         return torch.device("cuda", local_rank if requested == "cuda" else torch.device(requested).index)
     if requested != "cpu":
-        raise ValueError(f"unknown device {requested!r}; expected auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"unknown device {requested!r}; expected auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
 
 

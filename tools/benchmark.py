@@ -37,10 +37,11 @@ import torch
 
 import models
 from models.teachers import DINOV2_SIZES, SYNCLR
+from models.vit import STUDENTS
 from common import optim
 from common.config import ConfigArgumentParser
 from common.dist import DistInfo, resolve_device
-from common.errors import ConfigError, UserError, cli
+from common.errors import ConfigError, MissingFileError, UserError, cli
 from common.log import MetricLogger, write_json
 from common.precision import CHOICES as PRECISIONS, cpu_native_bf16, resolve_precision
 from common.rundir import probe_writable
@@ -55,7 +56,6 @@ GPU_PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0,
                    "A10": (125.0, 31.2), "L4": (121.0, 30.3), "V100": (125.0, 15.7)}
 CPU_PEAK_N = 1024  # matmul size of the measured CPU peak
 PEAK_BUDGET_S = 2.0  # stop repeating a peak layout after this long (emulated bf16 is ~1 GFLOP/s)
-STUDENTS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 
 
 def parse_args(argv=None):
@@ -97,31 +97,32 @@ def validate(a) -> None:
                              ("--threads", a.threads, 0)):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
-    try:
-        for spec in bench_specs(a):
-            if spec.arch not in STUDENTS:  # the benchmark builds DINOv2-style ViT students only
-                raise ValueError(f"unknown student {spec.arch!r}; expected one of {STUDENTS}")
+    specs = bench_specs(a)
+    for spec in specs:
+        if spec.arch not in STUDENTS:  # the benchmark builds DINOv2-style ViT students only
+            raise ConfigError(f"unknown student {spec.arch!r}; expected one of {STUDENTS}")
+    if (a.ablations or a.ablate_compile) and len(specs) > 1:
+        raise ConfigError("--ablations / --ablate-compile time one student; with several --student entries the "
+                          "benchmark compares the joint step against the separate ones")
+    try:  # pretraining's own checks raise plain ValueErrors
+        for spec in specs:
             check_student({"student": spec.arch, "student_kwargs": spec.kwargs, "input_size": a.input_size,
                            "patch_size": a.patch_size})
-        if (a.ablations or a.ablate_compile) and len(bench_specs(a)) > 1:
-            raise ValueError("--ablations / --ablate-compile time one student; with several --student entries the "
-                             "benchmark compares the joint step against the separate ones")
-        cfg = {"input_size": a.input_size}
-        check_teacher({"name": a.teacher}, cfg)
+        check_teacher({"name": a.teacher}, {"input_size": a.input_size})
         validate_mask_config(a.mask_probability, a.mask_ratio)
-        spec = models.teacher_spec(a.teacher)
-        if spec is not None and spec.patch_targets and spec.patch_size != a.patch_size:
-            raise ValueError(f"teacher {a.teacher} has patch size {spec.patch_size}: use --patch-size "
-                             f"{spec.patch_size} (the patch losses match tokens one to one)")
-        if a.teacher_checkpoint and not os.path.isfile(a.teacher_checkpoint):
-            raise FileNotFoundError(f"--teacher-checkpoint {a.teacher_checkpoint!r} does not exist")
-        if a.teacher.startswith("clip_") and not a.teacher_checkpoint:
-            raise ValueError(f"{a.teacher} needs --teacher-checkpoint (random CLIP weights are not built here)")
-        resolve_device(a.device)
     except UserError:
         raise
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except ValueError as e:
         raise ConfigError(str(e)) from e
+    spec = models.teacher_spec(a.teacher)
+    if spec is not None and spec.patch_targets and spec.patch_size != a.patch_size:
+        raise ConfigError(f"teacher {a.teacher} has patch size {spec.patch_size}: use --patch-size "
+                          f"{spec.patch_size} (the patch losses match tokens one to one)")
+    if a.teacher_checkpoint and not os.path.isfile(a.teacher_checkpoint):
+        raise MissingFileError(f"--teacher-checkpoint {a.teacher_checkpoint!r} does not exist")
+    if a.teacher.startswith("clip_") and not a.teacher_checkpoint:
+        raise ConfigError(f"{a.teacher} needs --teacher-checkpoint (random CLIP weights are not built here)")
+    resolve_device(a.device)
     if a.json:
         prepare_output(a.json)
 
