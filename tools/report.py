@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 
 from common.errors import ConfigError, MissingFileError, cli
-from common.log import read_json
+from common.log import read_json, write_text
 from common.rundir import run_dir_owner
 from fine_grained.datasets import PAPER_DATASETS as PAPER_FINE_GRAINED
 from pretrain.losses import OBJECTIVES
@@ -572,14 +572,6 @@ def loss_summary(run: LossRun) -> str:
         rows = [[t, OBJ_LABEL.get(o, o), f"{pts[0][1]:.4f}", f"{pts[-1][1]:.4f}"] for (t, o), pts in run.series.items()]
         lines += ["", markdown_table(["teacher", "objective", "first", "last"], rows)]
     return "\n".join(lines)
-
-
-def write_text(path: str, text: str) -> None:
-    """Atomic, like common.log.write_json: a reader never sees half a report."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _is_number(v) -> bool:
