@@ -8,7 +8,7 @@ Every entry point claims its output dir before writing anything and marks it in 
 `claim_run_dir` refuses (ConfigError, nothing written) a dir that belongs to another tool (its
 config.json names another "tool"), and a dir of no known tool that already holds a file this tool would
 overwrite (`files`). It also refuses a path that is not a directory or cannot be written, before any heavy
-work starts. `probe_writable` is that write check, for every tool that writes a file or folder.
+work starts. `check_writable` is that write check, for every tool that writes a file or folder.
 """
 import contextlib
 import os
@@ -49,7 +49,7 @@ def claim_run_dir(path: str, tool: str, files=DEFAULT_FILES) -> str:
         if clashes:
             raise ConfigError(f"output dir {path} already holds {', '.join(clashes)}, not written by {tool}; "
                               f"{tool} will not overwrite them; pass a new or empty --output-dir")
-    _check_writable(path)
+    check_writable(path, f"cannot write to output dir {path}", "pass a writable --output-dir")
     return path
 
 
@@ -58,19 +58,11 @@ def write_config(path: str, tool: str, config: dict) -> None:
     write_json(os.path.join(path, CONFIG), {**config, TOOL_KEY: tool})
 
 
-def _check_writable(path: str) -> None:
-    """Create the dir and write a probe file: an unwritable dir fails now, not after the heavy work."""
-    try:
-        probe_writable(path)
-    except OSError as e:
-        raise ConfigError(f"cannot write to output dir {path} ({e.strerror or e}); pass a writable "
-                          f"--output-dir") from e
+def check_writable(folder: str, what: str, fix: str, keep: bool = True) -> None:
+    """Create `folder` (and its missing parents) and write and remove a probe file in it, so that an unwritable
+    output fails now, not after the heavy work: ConfigError "<what> (<reason>); <fix>" if that fails.
 
-
-def probe_writable(folder: str, keep: bool = True) -> None:
-    """Create `folder` (and its missing parents) and write and remove a probe file in it; OSError if that fails.
-
-    keep=False removes again the folders it created: a check before the work that leaves nothing behind."""
+    keep=False removes again the folders it created: a check that leaves nothing behind."""
     created, parent = [], os.path.abspath(folder)
     while not os.path.lexists(parent):
         created.append(parent)
@@ -81,6 +73,8 @@ def probe_writable(folder: str, keep: bool = True) -> None:
         fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
         os.close(fd)
         os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{what} ({e.strerror or e}); {fix}") from None
     finally:
         if not keep:
             for path in created:

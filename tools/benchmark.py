@@ -44,7 +44,7 @@ from common.dist import DistInfo, resolve_device
 from common.errors import ConfigError, MissingFileError, UserError, cli
 from common.log import MetricLogger, write_json
 from common.precision import CHOICES as PRECISIONS, cpu_native_bf16, resolve_precision
-from common.rundir import probe_writable
+from common.rundir import check_writable
 from pretrain.engine import Trainer
 from pretrain.losses import OBJECTIVES, ProteusDistiller, TargetSpec, select_objectives
 from pretrain.main import check_student, check_teacher, teacher_weight_dtype
@@ -130,11 +130,7 @@ def validate(a) -> None:
 def prepare_output(path: str) -> None:
     """Create the folder of `path` now, so that a bad path fails before minutes of timing, not after."""
     folder = os.path.dirname(os.path.abspath(path))
-    try:
-        probe_writable(folder)
-    except OSError as e:
-        raise ConfigError(f"--json {path}: cannot create its folder {folder} or write in it ({e.strerror or e}); "
-                          f"pick a writable path") from None
+    check_writable(folder, f"--json {path}: cannot create its folder {folder} or write in it", "pick a writable path")
     if os.path.isdir(path):
         raise ConfigError(f"--json {path} is a folder; give a file name such as {os.path.join(path, 'bench.json')}")
 

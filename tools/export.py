@@ -40,7 +40,8 @@ import torch.nn as nn
 
 from common.errors import CheckpointError, ConfigError, DataError, MissingFileError, cli
 from common.log import read_json
-from common.rundir import TOOL_KEY, probe_writable, run_dir_owner
+from common import rundir
+from common.rundir import TOOL_KEY, run_dir_owner
 from models.teachers import IMAGENET_MEAN, IMAGENET_STD
 from models.timm_student import is_timm_name, timm_model_keys
 from models.vit import STUDENTS, DinoVisionTransformer, build_student, parse_size_kwargs
@@ -233,11 +234,8 @@ def check_replaceable(output: str, overwrite: bool) -> None:
 def check_writable(output: str) -> None:
     """Refuse an --output whose folder cannot be created or written, before the model is built."""
     folder = os.path.dirname(os.path.abspath(output))
-    try:
-        probe_writable(folder, keep=False)
-    except OSError as err:
-        raise ConfigError(f"cannot write --output {output}: its folder {folder} cannot be created or written "
-                          f"({err.strerror or err}); choose a path in a folder you can write") from None
+    rundir.check_writable(folder, f"cannot write --output {output}: its folder {folder} cannot be created or "
+                          f"written", "choose a path in a folder you can write", keep=False)
 
 
 def _remove(path: str) -> None:

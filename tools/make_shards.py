@@ -19,7 +19,7 @@ import tarfile
 
 from common import data as cdata
 from common.errors import ConfigError, cli
-from common.rundir import probe_writable
+from common.rundir import check_writable
 
 
 def source_samples(source: str) -> list[tuple[str, int]]:
@@ -39,11 +39,7 @@ def check_output_dir(out_dir: str, source: str) -> None:
     real = os.path.realpath(out_dir)
     if real == src or real.startswith(src + os.sep):
         raise ConfigError(f"output {out_dir!r} is inside the source {source!r}; write the shards elsewhere")
-    try:
-        probe_writable(out_dir)
-    except OSError as e:
-        raise ConfigError(f"cannot create output folder {out_dir!r} or write in it ({e.strerror or e}); name a "
-                          f"writable folder") from None
+    check_writable(out_dir, f"cannot create output folder {out_dir!r} or write in it", "name a writable folder")
     existing = [n for n in os.listdir(out_dir) if n.startswith("shards-") and n.endswith(".tar")]
     if existing:
         raise ConfigError(f"{out_dir!r} already holds {len(existing)} shards (e.g. {existing[0]}); name a new folder "
