@@ -4,7 +4,7 @@
                            weights="output/pretrain/student_backbone.pth")
 
 `weights` takes what `models.load_backbone` takes: a run's checkpoint.pth (add ema=True for its EMA),
-student_backbone[_ema].pth, a `python -m models.export --to dinov2` file, or an official DINOv2 file;
+student_backbone[_ema].pth, a `python -m tools.export --to dinov2` file, or an official DINOv2 file;
 None gives a randomly initialised student. Size overrides (depth=2, embed_dim=64, ...) and img_size,
 patch_size pass through. The model comes back in eval mode; model(x) is the CLS feature (B, D) and
 model.forward_features(x) gives dict(cls, patch).

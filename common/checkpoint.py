@@ -184,8 +184,9 @@ def load_latest(output_dir: str, name: str = "checkpoint.pth", keep_last: int = 
     return None, None
 
 
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    """Content hash of a file (used to key feature caches by the checkpoint they came from)."""
+def file_fingerprint(path: str, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's content: a moved or copied file keeps it, any changed byte changes it. Keys the
+    feature caches by the checkpoint they came from, and tells a replaced teacher file on resume."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

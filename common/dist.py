@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from models.errors import ConfigError
+from common.errors import ConfigError
 
 
 @dataclass(frozen=True)

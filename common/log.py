@@ -80,11 +80,24 @@ def _to_float(v):
 
 def write_json(path: str, obj) -> None:
     """Write a JSON file atomically (results.json, config.json): readers never see half a file."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a text file atomically (temp file + rename): readers never see half a file."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def read_json(path: str):
+    """The JSON value in `path`, or None when the file is missing, unreadable or not JSON (half written)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _json_default(o):

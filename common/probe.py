@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import models
 from common import dist
-from common.checkpoint import file_sha256
+from common.checkpoint import file_fingerprint
 from common.errors import CheckpointError, ConfigError, DataError, MissingFileError, UserError
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def backbone_identity(pretrained: str | None, arch: str, patch_size: int, model_
                       ema: bool = False, seed: int = 0, img_size: int | None = None) -> dict:
     """Everything that decides the backbone's features: the weights' content hash (not their path, so a
     moved file still matches) and the build (arch, patch, EMA, size overrides, input size)."""
-    weights = f"random-init-seed{seed}" if is_random_init(pretrained) else file_sha256(pretrained)
+    weights = f"random-init-seed{seed}" if is_random_init(pretrained) else file_fingerprint(pretrained)
     return {"weights": weights, "arch": arch, "patch": patch_size, "ema": bool(ema),
             "kwargs": model_kwargs or {}, "img_size": img_size}
 

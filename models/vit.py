@@ -198,7 +198,7 @@ def build_student(name: str, patch_size: int = 14, img_size: int = 224, num_regi
 
 def parse_size_kwargs(text, flag: str = "--student-kwargs", ints_only: bool = True) -> dict:
     """'depth=2,embed_dim=64' or JSON ('{"depth": 2}') -> dict: the size overrides every entry point takes
-    (pretraining's --student-kwargs, the evaluations' --model-kwargs, models.export). A dict passes through.
+    (pretraining's --student-kwargs, the evaluations' --model-kwargs, tools.export). A dict passes through.
     `ints_only`: JSON values must be integers too (key=value pairs always are)."""
     import json
 

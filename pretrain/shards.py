@@ -15,7 +15,7 @@ Order and resume, exact at step level:
   role in the checkpoint (`data_state`), and a resumed epoch skips exactly those samples (read, not
   decoded) and starts each role at its next batch. So kill -9 and resume give the same batches.
 Undecodable samples are skipped and counted like unreadable files (`--on-bad-image skip`), or fail.
-The epoch length comes from the shard index `<prefix>.json` that `python -m pretrain.make_shards` writes
+The epoch length comes from the shard index `<prefix>.json` that `python -m tools.make_shards` writes
 (wids format: {"shardlist": [{"url", "nsamples"}]}), or from counting the members once when it is absent.
 """
 import io
@@ -50,7 +50,7 @@ def expand_shards(spec: str) -> list[str]:
     missing = [u for u in urls if not os.path.isfile(u)]
     if missing:
         raise MissingFileError(f"--data-path {spec!r}: {len(missing)} of {len(urls)} shard files do not exist "
-                               f"(first: {missing[0]}); write shards with `python -m pretrain.make_shards`")
+                               f"(first: {missing[0]}); write shards with `python -m tools.make_shards`")
     return urls
 
 
@@ -70,7 +70,7 @@ def shard_sizes(urls: list[str]) -> list[int]:
                 listed = {os.path.basename(s["url"]): int(s["nsamples"]) for s in json.load(f)["shardlist"]}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"shard index {path} is not a wids index ({type(e).__name__}: {e}); fix or delete it "
-                            f"(the shards are then counted), or rewrite them with pretrain.make_shards") from None
+                            f"(the shards are then counted), or rewrite them with tools.make_shards") from None
         if all(os.path.basename(u) in listed for u in urls):
             return [listed[os.path.basename(u)] for u in urls]
     log.info("no shard index %s: counting the samples of %d shards once", path, len(urls))
@@ -89,7 +89,7 @@ def count_samples(url: str) -> int:
                     keys.add(os.path.join(os.path.dirname(m.name), stem))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"shard {url} is not a readable tar file ({type(e).__name__}: {e}); rewrite it with "
-                        f"python -m pretrain.make_shards") from None
+                        f"python -m tools.make_shards") from None
     return len(keys)
 
 
@@ -117,7 +117,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.max_pixels = cdata._max_image_pixels
         if len(self.urls) < world_size:
             raise ConfigError(f"{len(self.urls)} shards for {world_size} processes: every rank needs at least one "
-                              f"shard; write more, smaller shards (python -m pretrain.make_shards --shard-size)")
+                              f"shard; write more, smaller shards (python -m tools.make_shards --shard-size)")
         self.num_samples = sum(self.sizes)
         self.steps_per_epoch = steps_per_epoch or self.num_samples // (world_size * batch_size)
         self.epoch, self.skip_batches, self.raw_done = 0, 0, {}

@@ -1,4 +1,4 @@
-"""pretrain.benchmark: --precision auto (choice and reason in the JSON), --json into a new folder, nonsense
+"""tools.benchmark: --precision auto (choice and reason in the JSON), --json into a new folder, nonsense
 settings as one-line user errors (exit 2, no traceback, before any timing), the ablation table."""
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from pretrain import benchmark
+from tools import benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--teacher", "dinov2_vits14", "--student", "vit_tiny", "--student-kwargs", "depth=1,embed_dim=32,num_heads=2",
@@ -59,7 +59,7 @@ def test_nonsense_settings_are_one_line_user_errors(flag, value, tmp_path, capsy
     out = tmp_path / "bench.json"
     assert benchmark.main(with_flag(flag, value) + ["--json", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("pretrain.benchmark: error: ")
+    assert len(err) == 1 and err[0].startswith("tools.benchmark: error: ")
     assert not out.exists()
 
 
@@ -81,10 +81,10 @@ def test_an_unusable_json_path_fails_before_any_timing(tmp_path, capsys):
 
 def test_command_line_exit_code_and_no_traceback():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "pretrain.benchmark", "--steps", "0"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tools.benchmark", "--steps", "0"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "pretrain.benchmark: error: --steps must be >= 1, got 0"
+    assert proc.stderr.strip() == "tools.benchmark: error: --steps must be >= 1, got 0"
 
 
 def test_ablations_add_one_speed_up_then_take_one_away_under_reduced_precision():

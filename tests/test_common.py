@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.checkpoint import atomic_save, file_sha256, load_latest, save_with_history
+from common.checkpoint import atomic_save, file_fingerprint, load_latest, save_with_history
 from common.data import SafeImageFolder, check_image_folder, collate_skip_bad
 from common.log import MetricLogger, write_json
 
@@ -37,7 +37,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
         atomic_save({"step": 2, "bad": Unpicklable()}, str(tmp_path / "c.pth"))
     assert torch.load(tmp_path / "c.pth")["step"] == 1
     assert os.listdir(tmp_path) == ["c.pth"]  # no temp files left behind
-    assert len(file_sha256(str(tmp_path / "c.pth"))) == 64
+    assert len(file_fingerprint(str(tmp_path / "c.pth"))) == 64
 
 
 def _image_folder(root, n=2):

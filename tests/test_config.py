@@ -138,7 +138,7 @@ def test_entry_point_reports_config_errors_with_exit_2(tmp_path, capsys, name, t
 def test_every_entry_point_takes_config(tmp_path):
     from fine_grained import main as fine_grained_main
     from linear_eval import main as linear_main
-    from pretrain import benchmark
+    from tools import benchmark
 
     train, val = write_image_folder(tmp_path / "train", 1), write_image_folder(tmp_path / "val", 1)
     path = write(tmp_path / "eval.yaml", f"train_root: {train}\nval-root: {val}\noutput_dir: {tmp_path / 'o'}\n"

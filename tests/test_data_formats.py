@@ -1,6 +1,6 @@
 """Issue #14 item 4: pretraining data as a flat folder, a list file and WebDataset tar shards.
 
-Shards: written by `python -m pretrain.make_shards`, streamed by pretrain/shards.py; a kill -9 and resume
+Shards: written by `python -m tools.make_shards`, streamed by pretrain/shards.py; a kill -9 and resume
 gives bitwise the same weights as an uninterrupted run (CPU fp32), with DataLoader workers too; a broken
 sample inside a shard is skipped and counted.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pretrain import main as pretrain_main
-from pretrain import make_shards
+from tools import make_shards
 from test_pretrain_fixtures import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
                                     train_losses)
 

@@ -118,7 +118,7 @@ def fg_argv(root, out, tmp_path, *extra):
 
 
 def pretrain_dir(path, marked=True):
-    """A pretrain run dir as pretrain.main leaves it (config.json with or without the "tool" key)."""
+    """A pretrain run dir as pretrain.main leaves it (marked=False: its config.json without the "tool" key)."""
     os.makedirs(path)
     config = {"teacher": "dinov2_vits14", "lambda_token": 1.0, "student": "vit_tiny", "output_dir": str(path)}
     if marked:
@@ -186,13 +186,14 @@ def test_linear_eval_unwritable_output_dir(data, tmp_path, capsys):
                       untouched=tmp_path)
 
 
-@pytest.mark.parametrize("marked", [True, False], ids=["marked", "legacy"])
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
 def test_linear_eval_refuses_a_pretrain_dir(data, tmp_path, capsys, marked):
     run = pretrain_dir(tmp_path / "pretrain_run", marked=marked)
     msg = assert_user_error(le_main.main, le_argv(data, run), capsys, "linear_eval.main", "pretrain", "--output-dir",
                             untouched=run)
     assert sorted(os.listdir(run)) == ["checkpoint.pth", "config.json", "log.txt"]
-    assert "belongs to a pretrain run" in msg
+    # unmarked: no tool's dir, refused because it holds files linear_eval would overwrite
+    assert ("belongs to a pretrain run" if marked else "already holds config.json, checkpoint.pth, log.txt") in msg
 
 
 def test_linear_eval_refuses_a_dir_of_unknown_files(data, tmp_path, capsys):
@@ -327,13 +328,12 @@ def test_claim_run_dir_marks_and_recognises_owners(tmp_path):
     assert run_dir_owner(fresh) == "linear_eval" and claim_run_dir(fresh, "linear_eval") == fresh
     with pytest.raises(ConfigError, match="belongs to a linear_eval run"):
         claim_run_dir(fresh, "pretrain")
-    legacy_ckpt = tmp_path / "legacy"
-    legacy_ckpt.mkdir()
-    torch.save({"grid": {}, "meta": {}}, legacy_ckpt / "checkpoint.pth")  # an old linear_eval dir, no config.json
-    assert run_dir_owner(str(legacy_ckpt)) == "linear_eval"
-    (tmp_path / "logged").mkdir()
-    (tmp_path / "logged" / "fine_grained.log").write_text("")
-    assert run_dir_owner(str(tmp_path / "logged")) == "fine_grained"
+    unmarked = tmp_path / "unmarked"
+    unmarked.mkdir()
+    torch.save({"grid": {}, "meta": {}}, unmarked / "checkpoint.pth")  # no config.json: no tool's dir ...
+    assert run_dir_owner(str(unmarked)) is None
+    with pytest.raises(ConfigError, match="already holds checkpoint.pth"):  # ... and still not overwritten
+        claim_run_dir(str(unmarked), "linear_eval")
 
 
 # ---------------------------------------------------------------------------------------------------

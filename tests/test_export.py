@@ -1,4 +1,4 @@
-"""models.export (timm folder, ONNX graph, DINOv2 .pth), hubconf.py, and the README's "Use your distilled
+"""tools.export (timm folder, ONNX graph, DINOv2 .pth), hubconf.py, and the README's "Use your distilled
 model" snippets, each run as written.
 
 Tiny students: vit_tiny with depth 2 / width 64 / 2 heads at 56 px, and timm's convnext_atto. The run dirs
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import models
-from models import export
+from tools import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(depth=2, embed_dim=64, num_heads=2)
@@ -315,7 +315,7 @@ def test_user_errors_exit_2_with_one_message(vit_run, timm_run, tmp_path, capsys
             "missing_images": [f"{vit_run}/checkpoint.pth", "--to", "onnx", "--output", out,
                                "--check-images", tmp_path / "nothing"]}[case]
     rc, stdout, err = run_export(capsys, *argv)
-    assert rc == 2 and err.startswith("models.export: error: ") and expected in err, err
+    assert rc == 2 and err.startswith("tools.export: error: ") and expected in err, err
     assert not out.exists() and os.listdir(tmp_path / "taken") == []
     assert sorted(os.listdir(tmp_path)) == ["lonely", "taken"]  # no temporary left behind
 
@@ -351,7 +351,7 @@ def test_overwrite_never_deletes_a_folder_it_did_not_write(vit_run, tmp_path, ca
 def test_overwrite_replaces_an_earlier_timm_export(vit_run, tmp_path, capsys):
     out = tmp_path / "proteus_tiny"
     assert run_export(capsys, f"{vit_run}/checkpoint.pth", "--to", "timm", "--output", out)[0] == 0
-    assert json.loads((out / "config.json").read_text())["exported_by"] == "models.export"
+    assert json.loads((out / "config.json").read_text())["tool"] == "tools.export"
     first = (out / "model.safetensors").read_bytes()
     rc, _, err = run_export(capsys, f"{vit_run}/checkpoint.pth", "--to", "timm", "--output", out, "--ema",
                             "--overwrite")
@@ -371,12 +371,12 @@ def test_unwritable_output_fails_before_the_model_is_built(vit_run, tmp_path, ca
 
 
 def test_command_line_entry_point(tmp_path):
-    """`python -m models.export` runs main: a user error is one line on stderr, exit 2, no traceback."""
+    """`python -m tools.export` runs main: a user error is one line on stderr, exit 2, no traceback."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "models.export", str(tmp_path / "x.pth"), "--to", "onnx",
+    proc = subprocess.run([sys.executable, "-m", "tools.export", str(tmp_path / "x.pth"), "--to", "onnx",
                            "--output", str(tmp_path / "x.onnx")], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"models.export: error: checkpoint file not found: {tmp_path}/x.pth"]
+    assert proc.stderr.strip().splitlines() == [f"tools.export: error: checkpoint file not found: {tmp_path}/x.pth"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -400,9 +400,9 @@ def test_hubconf_loads_weights_and_random_init(vit_run, monkeypatch):
 # The README's "Use your distilled model" snippets, as written there (copy any change both ways)
 # ----------------------------------------------------------------------------------------------------------
 EXPORT_COMMANDS = """\
-python -m models.export output/pretrain/checkpoint.pth --to timm --output proteus_vit_small_timm
-python -m models.export output/pretrain/checkpoint.pth --to onnx --output proteus_vit_small.onnx
-python -m models.export output/pretrain/checkpoint.pth --to dinov2 --output proteus_vit_small_dinov2.pth
+python -m tools.export output/pretrain/checkpoint.pth --to timm --output proteus_vit_small_timm
+python -m tools.export output/pretrain/checkpoint.pth --to onnx --output proteus_vit_small.onnx
+python -m tools.export output/pretrain/checkpoint.pth --to dinov2 --output proteus_vit_small_dinov2.pth
 """
 
 TIMM_SNIPPET = """\
@@ -471,7 +471,7 @@ def user_dir(tmp_path_factory):
     try:
         for line in EXPORT_COMMANDS.splitlines():
             words = shlex.split(line)
-            assert words[:3] == ["python", "-m", "models.export"]
+            assert words[:3] == ["python", "-m", "tools.export"]
             assert export.main(words[3:]) == 0
     finally:
         os.chdir(cwd)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pretrain import gpu_check
+from tools import gpu_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -50,7 +50,7 @@ def test_dry_run_passes_every_check_and_writes_one_report(dry_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"report: {out}" in proc.stdout
     report = json.loads(out.read_text())
-    assert report["tool"] == "pretrain.gpu_check" and report["dry_run"] is True and report["device"] == "cpu"
+    assert report["tool"] == "tools.gpu_check" and report["dry_run"] is True and report["device"] == "cpu"
     assert {"torch", "device_name", "cpu_native_bf16"} <= set(report["env"])
     checks = report["checks"]
     assert [c["name"] for c in checks] == EXPECTED

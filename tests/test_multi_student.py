@@ -85,7 +85,7 @@ def test_each_students_export_loads_by_itself(joint_run):
         folder = os.path.join(joint_run, key)
         view = json.load(open(os.path.join(folder, "config.json")))
         assert (view["student"], view["student_kwargs"], view["tool"]) == (key, kw, "pretrain")
-        from models.export import read_source
+        from tools.export import read_source
 
         src = read_source(os.path.join(folder, "student_backbone.pth"))  # arch and sizes from the config beside it
         net = models.build_student(src.arch, src.patch_size, src.img_size, **src.kwargs)

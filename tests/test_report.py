@@ -1,4 +1,4 @@
-"""common.report: its tables hold the values of the files it read, its PNGs are real pictures, and a run dir
+"""tools.report: its tables hold the values of the files it read, its PNGs are real pictures, and a run dir
 with nothing to report is a user error (exit 2). Real tiny pretrain + linear_eval runs, synthetic others."""
 import json
 import os
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common import report
+from tools import report
 from fine_grained import summarize
 from fine_grained.datasets import PAPER_DATASETS
 from linear_eval import main as le_main
@@ -151,7 +151,6 @@ def test_fine_grained_mean_needs_all_12_and_matches_summarize(tmp_path):
                         "--output", str(tmp_path / "out")]) == 0
     text = read_report(tmp_path / "out")
     _, mean = summarize.table(summarize.collect(str(tmp_path / "a")))
-    assert report.PAPER_FINE_GRAINED == PAPER_DATASETS  # the copy in common/ is the task folder's list
     row = tables(text, "Fine-grained datasets")["ckpt/student_backbone.pth"]  # no pretrain run beside it
     assert row["mean (12)"] == f"{mean:.2f}" == f"{sum(scores.values()) / 12:.2f}"
     assert [row[d] for d in PAPER_DATASETS] == [f"{s:.2f}" for s in scores.values()]
@@ -172,11 +171,12 @@ def demo_output(root):
     distil = os.path.join(root, "distil")
     write_json(os.path.join(distil, "config.json"), {"tool": "pretrain", "teacher": "dinov2_vits14",
                                                      "student": "vit_tiny"})
-    legacy = [{"step": s, "train/loss": 3.0 / s, "train/loss_token": 1.0 / s, "train/loss_fea": 1.2 / s,
-               "train/loss_patch": 0.8 / s, "train/lr": 1e-3} for s in (1, 2, 3, 4)]
-    resumed = [{"step": 4, "train/loss": 0.7, "train/loss_token": 0.2, "train/loss_fea": 0.3, "train/loss_patch": 0.2},
+    t = "train/dinov2_vits14"
+    first = [{"step": s, "train/loss": 3.0 / s, f"{t}/token": 1.0 / s, f"{t}/fea": 1.2 / s, f"{t}/patch": 0.8 / s,
+              "train/lr": 1e-3} for s in (1, 2, 3, 4)]
+    resumed = [{"step": 4, "train/loss": 0.7, f"{t}/token": 0.2, f"{t}/fea": 0.3, f"{t}/patch": 0.2},
                {"step": 4, "epoch/loss": 1.0}]  # a resume logs step 4 again: the later row is the run's
-    write_lines(os.path.join(distil, "log.txt"), legacy + resumed, tail='{"step": 5, "train/lo')  # killed mid-line
+    write_lines(os.path.join(distil, "log.txt"), first + resumed, tail='{"step": 5, "train/lo')  # killed mid-line
     probe = os.path.join(root, "probe", "fashion_mnist")
     backbone = os.path.join(distil, "student_backbone.pth")
     fine_grained_run(os.path.join(probe, "distilled"), "imagefolder", 73.45, backbone, data_root="/d/probe_56px")
@@ -184,7 +184,7 @@ def demo_output(root):
     return distil
 
 
-def test_demo_output_and_older_log_keys(tmp_path):
+def test_demo_output(tmp_path):
     demo_output(str(tmp_path / "demo"))
     assert report.main([str(tmp_path / "demo")]) == 0
     out = tmp_path / "demo" / "report"
@@ -199,7 +199,7 @@ def test_demo_output_and_older_log_keys(tmp_path):
     assert tables(text, "Fine-grained datasets")["distil: vit_tiny ← dinov2_vits14"] == {
         "probe_56px": "73.45", "imagefolder:cars": "5.00", "mean (12)": "—"}
     assert "4 logged steps up to step 4; total loss 3.0000 → 0.7000" in text
-    assert "| dinov2_vits14 | token (CLS) | 1.0000 | 0.2000 |" in text  # the teacher named by its config.json
+    assert "| dinov2_vits14 | token (CLS) | 1.0000 | 0.2000 |" in text
     assert "1 unreadable lines skipped" in text
     assert "## Results" not in text  # the demo gives no column of the paper's table
     assert_picture(out / "demo_accuracy.png")
@@ -229,12 +229,12 @@ def test_nothing_to_report_is_a_user_error(tmp_path, capsys):
     write_json(str(empty / "notes" / "results.json"), {"foo": 1})  # recognisably no tool's
     assert report.main([str(empty)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("common.report: error: nothing to report under") and "looked (recursively) for" in err
+    assert err.startswith("tools.report: error: nothing to report under") and "looked (recursively) for" in err
     assert "pretrain log.txt" in err and "test_metrics.json" in err and "notes/results.json" in err
     assert not os.path.exists(empty / "report")  # nothing written
     assert report.main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     # as a module: one line, no traceback
-    proc = subprocess.run([sys.executable, "-m", "common.report", str(empty)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "tools.report", str(empty)], cwd=REPO, capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "nothing to report" in proc.stderr

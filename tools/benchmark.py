@@ -1,6 +1,6 @@
 """Time full Proteus training steps: img/s, ms split teacher / student / optimizer, memory, FLOP/s, MFU.
 
-    python -m pretrain.benchmark --teacher dinov2_vits14 --student vit_tiny --batch-size 16 --input-size 112 \\
+    python -m tools.benchmark --teacher dinov2_vits14 --student vit_tiny --batch-size 16 --input-size 112 \\
         --device cpu --steps 10 --ablations --json bench.json
 
 A step is the trainer's own step (pretrain.engine.Trainer): teacher forward (inference mode), one student
@@ -37,29 +37,30 @@ import torch
 
 import models
 from models.teachers import DINOV2_SIZES, SYNCLR
+from models.vit import STUDENTS
 from common import optim
 from common.config import ConfigArgumentParser
 from common.dist import DistInfo, resolve_device
-from common.errors import ConfigError, UserError, cli
+from common.errors import ConfigError, MissingFileError, UserError, cli
 from common.log import MetricLogger, write_json
 from common.precision import CHOICES as PRECISIONS, cpu_native_bf16, resolve_precision
-from .engine import Trainer
-from .losses import OBJECTIVES, ProteusDistiller, TargetSpec, select_objectives
-from .config import check_student, check_teacher
-from .main import teacher_weight_dtype
-from .students import StudentRun, build_student_module, init_seed, seeded, student_specs
-from .masking import MaskGenerator, validate_mask_config
+from common.rundir import check_writable
+from pretrain.engine import Trainer
+from pretrain.losses import OBJECTIVES, ProteusDistiller, TargetSpec, select_objectives
+from pretrain.config import check_student, check_teacher
+from pretrain.main import teacher_weight_dtype
+from pretrain.students import StudentRun, build_student_module, init_seed, seeded, student_specs
+from pretrain.masking import MaskGenerator, validate_mask_config
 
 # dense bf16 / fp32 tensor peaks in TFLOP/s (vendor data sheets; SXM parts)
 GPU_PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
                    "A10": (125.0, 31.2), "L4": (121.0, 30.3), "V100": (125.0, 15.7)}
 CPU_PEAK_N = 1024  # matmul size of the measured CPU peak
 PEAK_BUDGET_S = 2.0  # stop repeating a peak layout after this long (emulated bf16 is ~1 GFLOP/s)
-STUDENTS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 
 
 def parse_args(argv=None):
-    p = ConfigArgumentParser("pretrain.benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ConfigArgumentParser("tools.benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default="dinov2_vitb14")
     p.add_argument("--teacher-checkpoint", default="", help="official-format weights (default: random)")
     p.add_argument("--teacher-dtype", default="auto", choices=("auto", "fp32", "bf16"),
@@ -97,31 +98,32 @@ def validate(a) -> None:
                              ("--threads", a.threads, 0)):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
-    try:
-        for spec in bench_specs(a):
-            if spec.arch not in STUDENTS:  # the benchmark builds DINOv2-style ViT students only
-                raise ValueError(f"unknown student {spec.arch!r}; expected one of {STUDENTS}")
+    specs = bench_specs(a)
+    for spec in specs:
+        if spec.arch not in STUDENTS:  # the benchmark builds DINOv2-style ViT students only
+            raise ConfigError(f"unknown student {spec.arch!r}; expected one of {STUDENTS}")
+    if (a.ablations or a.ablate_compile) and len(specs) > 1:
+        raise ConfigError("--ablations / --ablate-compile time one student; with several --student entries the "
+                          "benchmark compares the joint step against the separate ones")
+    try:  # pretraining's own checks raise plain ValueErrors
+        for spec in specs:
             check_student({"student": spec.arch, "student_kwargs": spec.kwargs, "input_size": a.input_size,
                            "patch_size": a.patch_size})
-        if (a.ablations or a.ablate_compile) and len(bench_specs(a)) > 1:
-            raise ValueError("--ablations / --ablate-compile time one student; with several --student entries the "
-                             "benchmark compares the joint step against the separate ones")
-        cfg = {"input_size": a.input_size}
-        check_teacher({"name": a.teacher}, cfg)
+        check_teacher({"name": a.teacher}, {"input_size": a.input_size})
         validate_mask_config(a.mask_probability, a.mask_ratio)
-        spec = models.teacher_spec(a.teacher)
-        if spec is not None and spec.patch_targets and spec.patch_size != a.patch_size:
-            raise ValueError(f"teacher {a.teacher} has patch size {spec.patch_size}: use --patch-size "
-                             f"{spec.patch_size} (the patch losses match tokens one to one)")
-        if a.teacher_checkpoint and not os.path.isfile(a.teacher_checkpoint):
-            raise FileNotFoundError(f"--teacher-checkpoint {a.teacher_checkpoint!r} does not exist")
-        if a.teacher.startswith("clip_") and not a.teacher_checkpoint:
-            raise ValueError(f"{a.teacher} needs --teacher-checkpoint (random CLIP weights are not built here)")
-        resolve_device(a.device)
     except UserError:
         raise
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except ValueError as e:
         raise ConfigError(str(e)) from e
+    spec = models.teacher_spec(a.teacher)
+    if spec is not None and spec.patch_targets and spec.patch_size != a.patch_size:
+        raise ConfigError(f"teacher {a.teacher} has patch size {spec.patch_size}: use --patch-size "
+                          f"{spec.patch_size} (the patch losses match tokens one to one)")
+    if a.teacher_checkpoint and not os.path.isfile(a.teacher_checkpoint):
+        raise MissingFileError(f"--teacher-checkpoint {a.teacher_checkpoint!r} does not exist")
+    if a.teacher.startswith("clip_") and not a.teacher_checkpoint:
+        raise ConfigError(f"{a.teacher} needs --teacher-checkpoint (random CLIP weights are not built here)")
+    resolve_device(a.device)
     if a.json:
         prepare_output(a.json)
 
@@ -129,14 +131,9 @@ def validate(a) -> None:
 def prepare_output(path: str) -> None:
     """Create the folder of `path` now, so that a bad path fails before minutes of timing, not after."""
     folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--json {path}: cannot create its folder {folder} ({e.strerror}); pick a writable path")
+    check_writable(folder, f"--json {path}: cannot create its folder {folder} or write in it", "pick a writable path")
     if os.path.isdir(path):
         raise ConfigError(f"--json {path} is a folder; give a file name such as {os.path.join(path, 'bench.json')}")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"--json {path}: the folder {folder} is not writable; pick a writable path")
 
 
 # ---- building one variant's step -------------------------------------------------------------------------
@@ -482,7 +479,7 @@ def hardware(device: torch.device) -> dict:
             "cpu_native_bf16": native, "cpu_bf16_reason": why}
 
 
-@cli("pretrain.benchmark")
+@cli("tools.benchmark")
 def main(argv=None) -> int:
     a = parse_args(argv)
     validate(a)
@@ -490,7 +487,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
     precision, reason = resolve_precision(a.precision, device)
-    print(f"pretrain.benchmark: precision {precision} ({reason})", flush=True)
+    print(f"tools.benchmark: precision {precision} ({reason})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         teacher = random_teacher(a.teacher, a.teacher_checkpoint, a.input_size, tmp)
     if len(bench_specs(a)) > 1:

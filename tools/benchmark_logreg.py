@@ -5,8 +5,8 @@ enough noise that accuracy is far from 100 %, and a 5,000-sample test set from t
 Each solver fits all 45 C values of the sweep on the (z-scored) training set and is scored on the test
 set; we report the best accuracy over the sweep and the total time.
 
-    python -m fine_grained.benchmark_logreg            # both solvers, the full sweep
-    python -m fine_grained.benchmark_logreg --quick    # 9 of the 45 C values
+    python -m tools.benchmark_logreg            # both solvers, the full sweep
+    python -m tools.benchmark_logreg --quick    # 9 of the 45 C values
 """
 import argparse
 import json
@@ -67,7 +67,8 @@ def run_sklearn(xtr, ytr, xte, yte, cs, max_iter, tol):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("tools.benchmark_logreg", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="every 5th C value only (9 fits per solver)")
     p.add_argument("--max-iter", type=int, default=1000, help="iteration cap for both solvers (spec: 1000)")
     p.add_argument("--tol", type=float, default=1e-4,

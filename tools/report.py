@@ -1,10 +1,10 @@
 """Gather run dirs into the README's results table, the fine-grained table and plots.
 
-    python -m common.report RUN_DIR... [--output DIR]      # default DIR: the first RUN_DIR's report/
+    python -m tools.report RUN_DIR... [--output DIR]      # default DIR: the first RUN_DIR's report/
 
 Every RUN_DIR is searched recursively for what the tools write, read as each tool writes it:
 - pretrain `log.txt` (MetricLogger JSON lines with "step"; losses "train/loss" and
-  "train/<teacher>/<token|fea|patch>", older runs "train/loss_<objective>") -> a loss-curve PNG per run;
+  "train/<teacher>/<objective>") -> a loss-curve PNG per run;
 - linear_eval `results.json` ("mode": "linear" -> "top1" of the selected head; "knn" -> "k<k>": {"top1"});
 - fine_grained `results.json` ("dataset", "metric", "test_score" in percent);
 - segmentation / depth `test_metrics.json` ("metrics": {"mIoU": ...} / {"rmse": ...});
@@ -25,15 +25,14 @@ import sys
 from dataclasses import dataclass, field
 
 from common.errors import ConfigError, MissingFileError, cli
+from common.log import read_json, write_text
 from common.rundir import run_dir_owner
+from fine_grained.datasets import PAPER_DATASETS as PAPER_FINE_GRAINED
+from pretrain.losses import OBJECTIVES
 
-# The paper's 12 fine-grained datasets, the mean of which is its "Fine-grained" column. A copy of
-# fine_grained.datasets.PAPER_DATASETS (common/ may not import a task folder; a test keeps them equal).
-PAPER_FINE_GRAINED = ("aircraft", "caltech101", "cars", "cifar10", "cifar100", "dtd", "flowers", "food", "pets",
-                      "sun397", "voc2007", "cub")
-OBJECTIVES = ("token", "fea", "patch")  # pretrain/losses.py, in its order
-LEGACY_LOSSES = {f"train/loss_{o}": o for o in OBJECTIVES}  # log.txt keys before several teachers
-OBJ_LABEL = {"token": "token (CLS)", "fea": "feature (all tokens)", "patch": "patch (masked tokens)"}
+# PAPER_FINE_GRAINED: the paper's 12 fine-grained datasets, the mean of which is its "Fine-grained" column.
+# OBJECTIVES: the loss names a pretrain log.txt holds ("train/<teacher>/<objective>").
+OBJ_LABEL = {"token": "token (CLS)", "fea": "feature (all tokens)", "patch": "patch (masked tokens)"}  # else the name
 DEMO_MODELS = {"random_init": "random-init student", "distilled": "distilled student", "teacher": "teacher"}
 DENSE = {"segmentation": ("ADE20K mIoU", "mIoU"), "depth": ("NYU RMSE", "rmse")}  # tool: (column, metric key)
 LINEAR = "ImageNet linear top-1"
@@ -99,7 +98,7 @@ def walk(root: str):
 
 def read_dir(path: str, found: Found) -> None:
     tool = run_dir_owner(path)
-    config = _read_json(os.path.join(path, "config.json")) if tool else None
+    config = read_json(os.path.join(path, "config.json")) if tool else None
     config = config if isinstance(config, dict) else {}
     for name, reader in (("results.json", read_results), ("test_metrics.json", read_dense),
                          ("log.txt", read_log)):
@@ -109,7 +108,7 @@ def read_dir(path: str, found: Found) -> None:
 
 
 def read_results(path: str, tool: str | None, config: dict, found: Found) -> None:
-    r = _read_json(path)
+    r = read_json(path)
     if not isinstance(r, dict):
         found.skipped.append((path, "not a JSON object" if r is not None else "unreadable JSON"))
     elif is_demo(r):
@@ -153,7 +152,7 @@ def read_fine_grained(path: str, r: dict, config: dict, found: Found) -> None:
 
 
 def read_dense(path: str, tool: str | None, config: dict, found: Found) -> None:
-    r = _read_json(path)
+    r = read_json(path)
     metrics = r.get("metrics") if isinstance(r, dict) else None
     if not isinstance(metrics, dict):
         found.skipped.append((path, "no \"metrics\" object"))
@@ -179,14 +178,14 @@ def read_log(path: str, tool: str | None, config: dict, found: Found) -> None:
         for key, arch in zip(students, (s.get("arch", "?") for s in config["students"])):
             own = [{"step": r["step"], **{f"train/{k[len(f'train/{key}/'):]}": v for k, v in r.items()
                                           if k.startswith(f"train/{key}/")}} for r in rows]
-            add_loss_run(found, path, own, bad, tool, config,
+            add_loss_run(found, path, own, bad, tool,
                          f"{pretrain_label(run_dir, {**config, 'student': arch})} [{key}]")
         return
-    add_loss_run(found, path, rows, bad, tool, config, pretrain_label(run_dir, config))
+    add_loss_run(found, path, rows, bad, tool, pretrain_label(run_dir, config))
 
 
-def add_loss_run(found: Found, path: str, rows: list, bad: int, tool: str | None, config: dict, name: str) -> None:
-    total, series = loss_series(rows, config.get("teacher") or "teacher")
+def add_loss_run(found: Found, path: str, rows: list, bad: int, tool: str | None, name: str) -> None:
+    total, series = loss_series(rows)
     if not series and not (tool == "pretrain" and total):
         if tool == "pretrain":
             found.skipped.append((path, f"no training step logged ({name})"))
@@ -213,7 +212,7 @@ def read_jsonl(path: str) -> tuple[list, int]:
     return rows, bad
 
 
-def loss_series(rows: list, legacy_teacher: str) -> tuple[list, dict]:
+def loss_series(rows: list) -> tuple[list, dict]:
     """(total, {(teacher, objective): points}) from the per-step "train/" rows, one point per step.
 
     A resumed run logs again the steps after its last checkpoint: the later rows are the run that continued.
@@ -224,16 +223,14 @@ def loss_series(rows: list, legacy_teacher: str) -> tuple[list, dict]:
         row = by_step[step]
         total.append((step, row["train/loss"]))
         for key, value in row.items():
-            name = loss_name(key, legacy_teacher)
+            name = loss_name(key)
             if name and _is_number(value):
                 series.setdefault(name, []).append((step, value))
     return total, series
 
 
-def loss_name(key: str, legacy_teacher: str) -> tuple[str, str] | None:
-    """(teacher, objective) of a log key: "train/<teacher>/<objective>" or the older "train/loss_<objective>"."""
-    if key in LEGACY_LOSSES:
-        return legacy_teacher, LEGACY_LOSSES[key]
+def loss_name(key: str) -> tuple[str, str] | None:
+    """(teacher, objective) of a log key "train/<teacher>/<objective>"."""
     if key.startswith("train/") and key.count("/") >= 2:
         teacher, objective = key[len("train/"):].rsplit("/", 1)
         if objective in OBJECTIVES:
@@ -271,7 +268,7 @@ def checkpoint_model(found: Found, checkpoint: str, ema: bool):
     if key in found.labels:
         return key
     run_dir = os.path.dirname(path)
-    config = _read_json(os.path.join(run_dir, "config.json")) if run_dir_owner(run_dir) == "pretrain" else None
+    config = read_json(os.path.join(run_dir, "config.json")) if run_dir_owner(run_dir) == "pretrain" else None
     ema_tag = " EMA" if ema or "_ema" in os.path.basename(path) else ""
     if isinstance(config, dict):
         label = pretrain_label(run_dir, config) + ema_tag
@@ -427,7 +424,7 @@ def loss_panels(run: LossRun) -> dict:
     teachers = list(dict.fromkeys(t for t, _ in run.series))
     panels = {} if len(teachers) == 1 else {"total loss": {}}
     for t in teachers:
-        panels[f"teacher {t}"] = {OBJ_LABEL[o]: pts for (tt, o), pts in run.series.items() if tt == t}
+        panels[f"teacher {t}"] = {OBJ_LABEL.get(o, o): pts for (tt, o), pts in run.series.items() if tt == t}
     first = next(iter(panels))
     panels[first] = {"total (weighted sum)": run.total, **panels[first]}
     return panels
@@ -548,7 +545,7 @@ def _unique(stem: str, taken: set) -> str:
 
 def render(found: Found, figures: dict, run_dirs: list) -> str:
     parts = ["# Proteus report", "",
-             f"`python -m common.report {' '.join(run_dirs)}`: {len(found.sources)} files read.", ""]
+             f"`python -m tools.report {' '.join(run_dirs)}`: {len(found.sources)} files read.", ""]
     table = results_table(found)
     if table:
         parts += ["## Results", "", table, "",
@@ -572,25 +569,9 @@ def loss_summary(run: LossRun) -> str:
     lines = [f"`{run.path}`: {len(run.total)} logged steps up to step {last[0]}; total loss "
              f"{first[1]:.4f} → {last[1]:.4f}."]
     if run.series:
-        rows = [[t, OBJ_LABEL[o], f"{pts[0][1]:.4f}", f"{pts[-1][1]:.4f}"] for (t, o), pts in run.series.items()]
+        rows = [[t, OBJ_LABEL.get(o, o), f"{pts[0][1]:.4f}", f"{pts[-1][1]:.4f}"] for (t, o), pts in run.series.items()]
         lines += ["", markdown_table(["teacher", "objective", "first", "last"], rows)]
     return "\n".join(lines)
-
-
-def write_text(path: str, text: str) -> None:
-    """Atomic, like common.log.write_json: a reader never sees half a report."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _is_number(v) -> bool:
@@ -602,7 +583,7 @@ def _under(path: str, root: str) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser("common.report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser("tools.report", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs, searched recursively")
     p.add_argument("--output", default=None, help="folder for report.md and the PNGs (default: RUN_DIR[0]/report)")
     args = p.parse_args(argv)
@@ -612,7 +593,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-@cli("common.report")
+@cli("tools.report")
 def main(argv=None) -> int:
     args = parse_args(argv)
     found = scan(args.run_dirs)  # refuses a dir with nothing to report before writing anything

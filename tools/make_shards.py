@@ -1,6 +1,6 @@
 """Write an image set as WebDataset tar shards for `pretrain.main --data-path 'OUT/shards-{000000..N}.tar'`.
 
-    python -m pretrain.make_shards /data/imagenet/train /data/in1k-shards --shard-size 1000
+    python -m tools.make_shards /data/imagenet/train /data/in1k-shards --shard-size 1000
 
 Input: an ImageFolder root, a flat folder of images or a text file of paths (what pretrain.main takes).
 Each sample is `<index>.<original extension>` (the file's bytes, not re-encoded) plus `<index>.cls` (the
@@ -19,6 +19,7 @@ import tarfile
 
 from common import data as cdata
 from common.errors import ConfigError, cli
+from common.rundir import check_writable
 
 
 def source_samples(source: str) -> list[tuple[str, int]]:
@@ -38,12 +39,7 @@ def check_output_dir(out_dir: str, source: str) -> None:
     real = os.path.realpath(out_dir)
     if real == src or real.startswith(src + os.sep):
         raise ConfigError(f"output {out_dir!r} is inside the source {source!r}; write the shards elsewhere")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create output folder {out_dir!r} ({e.strerror}); name a writable folder") from None
-    if not os.access(out_dir, os.W_OK):
-        raise ConfigError(f"output folder {out_dir!r} is not writable; name a writable folder")
+    check_writable(out_dir, f"cannot create output folder {out_dir!r} or write in it", "name a writable folder")
     existing = [n for n in os.listdir(out_dir) if n.startswith("shards-") and n.endswith(".tar")]
     if existing:
         raise ConfigError(f"{out_dir!r} already holds {len(existing)} shards (e.g. {existing[0]}); name a new folder "
@@ -76,9 +72,9 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-@cli("pretrain.make_shards")
+@cli("tools.make_shards")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser("pretrain.make_shards", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser("tools.make_shards", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="ImageFolder root, flat image folder or text file of image paths")
     p.add_argument("output_dir")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")

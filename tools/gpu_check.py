@@ -1,7 +1,7 @@
 """One-command GPU check: CUDA training, resume, the two feature evaluations and the step benchmarks, one JSON.
 
     bash scripts/gpu_check.sh [--out gpu_check.json] [--budget-s 450] [--bench-batch 128]
-    python -m pretrain.gpu_check --device cpu --dry-run --out /tmp/gpu_check.json   # the same path, tiny, on CPU
+    python -m tools.gpu_check --device cpu --dry-run --out /tmp/gpu_check.json   # the same path, tiny, on CPU
 
 Needs only torch, torchvision, timm, tensorboard and numpy, and nothing from the network: the data (an
 ImageFolder of noisy single-colour JPEGs) and a random-weight DINOv2 ViT-S/14 teacher in the official
@@ -14,7 +14,7 @@ format are written to a temporary folder first. Then, each in its own process wi
     resume_continue     ... then the same command resumes and finishes
     linear_eval         one short linear probe of the bf16 student (linear_eval.main)
     fine_grained        one feature pass + logistic regression of the bf16 student (fine_grained.main)
-    bench_*             pretrain.benchmark for ViT-S/14 <- DINOv2-B/14 and ViT-B/14 <- DINOv2-L/14 at 224 px,
+    bench_*             tools.benchmark for ViT-S/14 <- DINOv2-B/14 and ViT-B/14 <- DINOv2-L/14 at 224 px,
                         eager and --compile: img/s, MFU against the GPU's bf16 data-sheet peak, peak memory
     bench_joint_*       ViT-Ti + S + B /14 <- DINOv2-L/14 at 224 px on one teacher pass, against the three
                         separate steps (alternating): the ratio, each student's time and peak memory
@@ -88,7 +88,7 @@ def dry_sizes() -> Sizes:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("pretrain.gpu_check", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser("tools.gpu_check", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="output/gpu_check.json", help="the JSON report (its folder is created)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu only with --dry-run")
@@ -321,7 +321,7 @@ def eval_checks(inputs: dict, work: str, sizes: Sizes, device: str, student: str
 
 
 def bench_checks(work: str, sizes: Sizes, device: str) -> list:
-    """pretrain.benchmark per pair, eager first (all pairs), then --compile."""
+    """tools.benchmark per pair, eager first (all pairs), then --compile."""
     checks = []
     for compiled in (False, True):
         for student, teacher, kwargs, size, batch in sizes.bench_pairs:
@@ -330,7 +330,7 @@ def bench_checks(work: str, sizes: Sizes, device: str) -> list:
                 checks.append((name, lambda b, name=name: skipped(name, "torch.compile is not timed in a dry run")))
                 continue
             path = os.path.join(work, f"{name}.json")
-            argv = ["-m", "pretrain.benchmark", "--teacher", teacher, "--student", student,
+            argv = ["-m", "tools.benchmark", "--teacher", teacher, "--student", student,
                     "--batch-size", str(batch), "--input-size", str(size), "--device", device,
                     "--steps", str(sizes.bench_steps), "--warmup", str(sizes.bench_warmup), "--json", path]
             argv += (["--student-kwargs", kwargs] if kwargs else []) + (["--compile"] if compiled else [])
@@ -343,11 +343,11 @@ def bench_checks(work: str, sizes: Sizes, device: str) -> list:
 
 
 def joint_check(work: str, sizes: Sizes, device: str):
-    """pretrain.benchmark with several students: the joint step against the separate ones (eager)."""
+    """tools.benchmark with several students: the joint step against the separate ones (eager)."""
     students, teacher, kwargs, size, batch = sizes.joint
     name = f"bench_joint_{students.replace(',', '+')}_{teacher}"
     path = os.path.join(work, f"{name}.json")
-    argv = ["-m", "pretrain.benchmark", "--teacher", teacher, "--student", students, "--batch-size", str(batch),
+    argv = ["-m", "tools.benchmark", "--teacher", teacher, "--student", students, "--batch-size", str(batch),
             "--input-size", str(size), "--device", device, "--steps", str(sizes.bench_steps),
             "--warmup", str(sizes.bench_warmup), "--json", path] + (["--student-kwargs", kwargs] if kwargs else [])
     return (name, lambda b: run_command(name, argv, sizes.timeout_s["bench"] * 2, b, verify=joint_verifier(path)))
@@ -406,7 +406,7 @@ def run_all(a, sizes: Sizes, work: str) -> dict:
     t0 = time.monotonic()
     budget = Budget(a.budget_s)
     first, inputs = prepare_inputs(work, sizes)
-    report = {"tool": "pretrain.gpu_check", "dry_run": a.dry_run, "device": a.device, "budget_s": a.budget_s,
+    report = {"tool": "tools.gpu_check", "dry_run": a.dry_run, "device": a.device, "budget_s": a.budget_s,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": environment(a.device), "checks": [first]}
     for name, runner in plan(inputs, work, sizes, a.device) if inputs else []:
         record = runner(budget)
@@ -419,13 +419,13 @@ def run_all(a, sizes: Sizes, work: str) -> dict:
     return report
 
 
-@cli("pretrain.gpu_check")
+@cli("tools.gpu_check")
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.device == "cpu" and not a.dry_run:
         raise ConfigError("--device cpu is for --dry-run only (the full-size check needs a GPU)")
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("pretrain.gpu_check: no CUDA GPU is visible; nothing to check on this machine "
+        print("tools.gpu_check: no CUDA GPU is visible; nothing to check on this machine "
               "(the CPU test suite covers the rest; `--device cpu --dry-run` exercises this check's path)")
         return 0
     out = os.path.abspath(a.out)
@@ -442,7 +442,7 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     write_json(out, report)
     s = report["summary"]
-    print(f"pretrain.gpu_check: {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped in "
+    print(f"tools.gpu_check: {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped in "
           f"{report['seconds']:.0f} s; report: {out}")
     for row in report["benchmarks"]:
         if "ratio" in row:  # several students on one teacher pass

@@ -1,6 +1,6 @@
 """Export a distilled student for use elsewhere: a timm / Hugging Face folder, an ONNX graph, a DINOv2 .pth.
 
-    python -m models.export CHECKPOINT --to {timm,onnx,dinov2} --output PATH [--ema]
+    python -m tools.export CHECKPOINT --to {timm,onnx,dinov2} --output PATH [--ema]
 
 CHECKPOINT is any `checkpoint.pth` of `pretrain.main` (any step) or a flat `student_backbone[_ema].pth`.
 The architecture is read from the checkpoint's own config, else from the run's config.json beside the
@@ -22,7 +22,7 @@ each output, max |onnx - torch| / max |torch| must stay within --tolerance (defa
 kernels that sum in another order differ by about 1e-6 of the feature scale; a changed weight or a
 mistranslated op shows up far above 1e-4.
 --overwrite replaces a file, or a folder an earlier `--to timm` wrote (its config.json says
-`"exported_by": "models.export"` and it holds only the three files); any other folder is refused.
+`"tool": "tools.export"` and it holds only the three files); any other folder is refused.
 Exit codes: 0 done; 2 a user error (one message, no traceback); 3 a failed self-check (PATH not written).
 """
 import argparse
@@ -32,23 +32,25 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, ConfigError, DataError, MissingFileError, UserError
-from .teachers import IMAGENET_MEAN, IMAGENET_STD
-from .timm_student import is_timm_name, timm_model_keys
-from .vit import STUDENTS, DinoVisionTransformer, build_student, parse_size_kwargs
-from .weights import (EVAL_ALLOWED_MISSING, PROTEUS_TRAINING_GLOBALS, backbone_state_dict, fit_pos_embed,
+from common.errors import CheckpointError, ConfigError, DataError, MissingFileError, cli
+from common.log import read_json
+from common import rundir
+from common.rundir import TOOL_KEY, run_dir_owner
+from models.teachers import IMAGENET_MEAN, IMAGENET_STD
+from models.timm_student import is_timm_name, timm_model_keys
+from models.vit import STUDENTS, DinoVisionTransformer, build_student, parse_size_kwargs
+from models.weights import (EVAL_ALLOWED_MISSING, PROTEUS_TRAINING_GLOBALS, backbone_state_dict, fit_pos_embed,
                       load_backbone, load_state_dict_checked, read_checkpoint)
 
-PROG = "models.export"
+PROG = "tools.export"
 FORMATS = ("timm", "onnx", "dinov2")
-EXIT_USER_ERROR, EXIT_CHECK_FAILED = 2, 3
+EXIT_CHECK_FAILED = 3  # a user error exits 2 (common.errors.cli)
 TOLERANCE = 1e-4  # ONNX: max |onnx - torch| over max |torch|, per output
 OPSET = 17
 # The evaluation view (common.data.build_eval_transform): bicubic resize to S * 256/224, centre crop S.
@@ -63,9 +65,9 @@ CARD_RECIPE = ("teacher", "teacher_weight", "objectives", "lambda_token", "lambd
                "precision", "data_path", "single_image", "git_sha")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_CHECK_IMAGES = 16
-# What `--to timm` writes; config.json carries EXPORT_MARK so that --overwrite knows the folder is ours.
+# What `--to timm` writes; its config.json carries the run-dir marker ("tool": PROG) so that --overwrite
+# knows the folder is ours.
 TIMM_FILES = ("config.json", "model.safetensors", "README.md")
-EXPORT_MARK = "exported_by"
 
 
 class CheckFailed(RuntimeError):
@@ -220,45 +222,20 @@ def check_replaceable(output: str, overwrite: bool) -> None:
         raise ConfigError(f"--output {output} exists; pass --overwrite to replace it, or choose another path")
     if not os.path.isdir(output) or os.path.islink(output):
         return  # a file or a link: replacing it removes only that entry
-    config = os.path.join(output, "config.json")
     foreign = sorted(set(os.listdir(output)) - set(TIMM_FILES))
-    if not _exported_here(config) or foreign:
-        why = f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which models.export " \
-              f"does not write" if foreign else f"it has no {EXPORT_MARK!r} in config.json"
-        raise ConfigError(f"--output {output} is a folder that models.export did not write ({why}); --overwrite "
+    if run_dir_owner(output) != PROG or foreign:
+        why = f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which tools.export " \
+              f"does not write" if foreign else f"it has no {TOOL_KEY!r} in config.json"
+        raise ConfigError(f"--output {output} is a folder that tools.export did not write ({why}); --overwrite "
                           f"only replaces a file or an earlier timm export. Choose another path, or remove the "
                           f"folder yourself if it is yours to delete")
-
-
-def _exported_here(config_path: str) -> bool:
-    try:
-        with open(config_path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and cfg.get(EXPORT_MARK) == PROG
 
 
 def check_writable(output: str) -> None:
     """Refuse an --output whose folder cannot be created or written, before the model is built."""
     folder = os.path.dirname(os.path.abspath(output))
-    missing, parent = [], folder
-    while not os.path.lexists(parent):  # the folders the probe creates, removed again after it
-        missing.append(parent)
-        parent = os.path.dirname(parent)
-    try:
-        for path in reversed(missing):
-            os.mkdir(path)
-        fd, probe = tempfile.mkstemp(prefix=".export-probe-", dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise ConfigError(f"cannot write --output {output}: its folder {folder} cannot be created or written "
-                          f"({err.strerror or err}); choose a path in a folder you can write") from None
-    finally:
-        for path in missing:
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
+    rundir.check_writable(folder, f"cannot write --output {output}: its folder {folder} cannot be created or "
+                          f"written", "choose a path in a folder you can write", keep=False)
 
 
 def _remove(path: str) -> None:
@@ -323,7 +300,7 @@ def forget_timm_release(config_path: str) -> str:
         cfg = json.load(f)
     for key in TIMM_SOURCE_FIELDS:
         cfg["pretrained_cfg"].pop(key, None)
-    cfg[EXPORT_MARK] = PROG  # timm ignores unknown top-level keys
+    cfg[TOOL_KEY] = PROG  # timm ignores unknown top-level keys
     with open(config_path, "w") as f:
         json.dump(cfg, f, indent=2)
     return cfg["architecture"]
@@ -352,7 +329,7 @@ def model_card(src: Source, architecture: str, title: str) -> str:
     teacher = f" from `{cfg['teacher']}`" if cfg.get("teacher") else ""
     lines = ["---", "library_name: timm", "tags: [image-feature-extraction, timm, proteus, distillation]", "---",
              f"# {title}", "", f"A {src.arch} distilled{teacher} with Proteus (ICLR 2025), exported by "
-             f"`python -m models.export`.", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+             f"`python -m tools.export`.", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
              "## Use", "", "```python", "import timm", "from PIL import Image", "",
              f'model = timm.create_model("local-dir:{title}", pretrained=True).eval()',
              "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
@@ -389,13 +366,9 @@ def results_section(run_dir: str) -> list[str]:
 
 
 def result_rows(path: str, run_dir: str) -> list[str]:
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, ValueError):
-        return []  # a half-written or foreign file: leave it out of the card
+    results = read_json(path)
     if not isinstance(results, dict):
-        return []
+        return []  # a half-written or foreign file: leave it out of the card
     where = os.path.relpath(os.path.dirname(path), run_dir)
     where += f" ({results['dataset']})" if "dataset" in results else ""
     return [f"| {where} | {key} | {value:.4g} |" for key, value in results.items()
@@ -590,14 +563,12 @@ def export(args) -> str:
     return export_dinov2(model, src, args.output, args.overwrite)
 
 
+@cli(PROG)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
     try:
-        check_args(args)
         print(export(args))
-    except UserError as err:  # models/ cannot import common.errors: the same boundary, here
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except CheckFailed as err:
         print(f"{PROG}: self-check failed, nothing written at {args.output}: {err}", file=sys.stderr)
         return EXIT_CHECK_FAILED

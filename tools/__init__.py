@@ -1,0 +1,1 @@
+"""Command-line tools around the library: run as `python -m tools.<name>`; nothing in the library imports them."""
