@@ -138,7 +138,7 @@ class StudentRun:
 
     def memory_mib(self) -> dict:
         """What this student holds between steps, in MiB: parameters (student + heads), gradients, AdamW's two
-        moments, the EMA copy (activations come on top, per step: pretrain.benchmark measures them on GPU)."""
+        moments, the EMA copy (activations come on top, per step: tools.benchmark measures them on GPU)."""
         mib = 2.0 ** -20
         params = [p for p in self.distiller.parameters()]
         trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
