@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
-    args.n_last_blocks = args.n_last_blocks or default_last_blocks(args.arch)
+    args.n_last_blocks = args.n_last_blocks or default_last_blocks(args.arch, args.model_kwargs)
     for flag, values in (("lrs", args.lrs), ("n-last-blocks", args.n_last_blocks), ("knn-k", args.knn_k)):
         if not all(v > 0 for v in values):
             raise ConfigError(f"--{flag} must all be > 0, got {values}")
@@ -113,9 +113,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def default_last_blocks(arch: str) -> list[int]:
-    """DINOv2's grid uses the last 1 and 4 blocks; a timm backbone has only its final features."""
-    return [1] if models.is_timm_name(arch) else [1, 4]
+def default_last_blocks(arch: str, model_kwargs: dict | None = None) -> list[int]:
+    """DINOv2's grid uses the last 1 and 4 blocks (all blocks of a shallower ViT, e.g. a depth-2 test run);
+    a timm backbone has only its final features."""
+    if models.is_timm_name(arch):
+        return [1]
+    depth = (model_kwargs or {}).get("depth") if isinstance(model_kwargs, dict) else None
+    if not isinstance(depth, int) or depth < 1:
+        depth = models.VIT_SIZES[arch][1] if arch in models.VIT_SIZES else 4
+    return sorted({1, min(4, depth)})
 
 
 def init_distributed(requested: str) -> dist.DistInfo:
