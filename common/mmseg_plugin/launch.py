@@ -52,6 +52,7 @@ from models import VIT_SIZES, is_timm_name
 from models.run import RunBackbone, resolve_run
 
 # The shipped configs per family and student size: <task>/configs/<family>_proteus-vit-<size>14_*.py
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SIZE_LETTER = {"vit_tiny": "t", "vit_small": "s", "vit_base": "b", "vit_large": "l"}
 RECIPE = re.compile(r"_(\d+)xb(\d+)-")  # "4xb8" in a config name: 4 processes x 8 images
 BACKBONE_KEYS = ("weights", "arch", "patch_size", "overrides", "ema", "student")  # what identifies a backbone
@@ -143,9 +144,10 @@ def config_path(config: str, task: str, run: RunBackbone | None) -> str:
         raise MissingFileError(f"config file not found: {config}; a family name ({config}) needs --backbone RUN "
                                f"(the size comes from the run), else pass a {task}/configs/*.py file")
     size = SIZE_LETTER.get(run.arch)
-    found = sorted(glob.glob(osp.join(task, "configs", f"{config}_proteus-vit-{size}14_*.py"))) if size else []
+    folder = osp.join(REPO, task, "configs")
+    found = sorted(glob.glob(osp.join(folder, f"{config}_proteus-vit-{size}14_*.py"))) if size else []
     if len(found) != 1:
-        families = sorted({osp.basename(p).split("_proteus")[0] for p in glob.glob(osp.join(task, "configs", "*.py"))})
+        families = sorted({osp.basename(p).split("_proteus")[0] for p in glob.glob(osp.join(folder, "*.py"))})
         raise MissingFileError(f"no {task} config of family {config!r} for {run.arch}; families: "
                                f"{', '.join(families)} (sizes t, s, b, l), or pass a config file")
     return found[0]
