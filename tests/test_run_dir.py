@@ -237,6 +237,11 @@ def test_dense_rerun_with_another_backbone_never_gets_the_first_ones_metrics(den
     assert set(by_backbone) == {files["A"], files["B"]}  # each model's metrics under its own name ...
     trained_in = {k: os.path.dirname(m["checkpoint"]) for k, m in by_backbone.items()}
     assert trained_in[files["A"]] != trained_in[files["B"]]  # ... from its own training
+    # testing A's checkpoint while naming backbone B: refused too
+    capsys.readouterr()
+    assert seg_test.main([config, by_backbone[files["A"]]["checkpoint"], "--work-dir", str(tmp_path / "t"),
+                          "--cfg-options", f"model.backbone.checkpoint={files['B']}"]) == 2
+    assert "A.pth" in dense_error_line(capsys, "segmentation.test")
 
 
 def test_dense_dry_run_and_the_gpu_count_rule(dense, tmp_path, capsys):

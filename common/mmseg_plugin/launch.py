@@ -380,10 +380,10 @@ def run_test(task: str, argv=None) -> dict:
     train_dir = osp.dirname(osp.abspath(args.checkpoint)) if args.checkpoint else cfg.work_dir
     args.checkpoint = args.checkpoint or find_checkpoint(train_dir)
     trained = (_read_marker(train_dir) or {}).get("backbone")
-    if trained is not None and args.backbone is not None and \
-            any(trained.get(k) != args.identity.get(k) for k in BACKBONE_KEYS):
-        raise ConfigError(f"{args.checkpoint} was trained with backbone {describe_backbone(trained)}, not "
-                          f"--backbone {describe_backbone(args.identity)}; pass the matching checkpoint")
+    named = args.backbone is not None or any(k.startswith("model.backbone.checkpoint") for k in args.cfg_options)
+    if trained is not None and named and any(trained.get(k) != args.identity.get(k) for k in BACKBONE_KEYS):
+        raise ConfigError(f"{args.checkpoint} was trained with backbone {describe_backbone(trained)}, not the one "
+                          f"named here, {describe_backbone(args.identity)}; pass the matching checkpoint")
     args.identity = trained or args.identity
     cfg.work_dir = work_dir or osp.join(train_dir, "test")
     check_inputs(cfg, ("test_dataloader",), task)
