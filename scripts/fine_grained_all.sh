@@ -19,4 +19,4 @@ for d in aircraft caltech101 cars cifar10 cifar100 dtd flowers food pets sun397 
     echo "== $d: FAILED (its fine_grained.log is under $RUN/eval/)"
   fi
 done
-python -m common.report "$RUN"
+python -m tools.report "$RUN"

@@ -24,7 +24,7 @@ import models
 from fine_grained import main as fg_main
 from linear_eval import main as le_main
 from pretrain import main as pretrain_main
-from test_pretrain_fixtures import PYTHON, REPO, teacher_ckpt, tiny_args, tiny_data  # noqa: F401
+from test_pretrain_fixtures import FAULTY_PRETRAIN, PYTHON, REPO, teacher_ckpt, tiny_args, tiny_data  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_KW = "depth=2,embed_dim=64,num_heads=2"
@@ -86,7 +86,7 @@ def test_evaluations_take_the_run_dir_alone(tiny_run, eval_data, tmp_path, capsy
     assert config["model_kwargs"] == {"depth": 2, "embed_dim": 64, "num_heads": 2} and config["patch_size"] == 14
     assert config["pretrained_source"] == tiny_run
 
-    from common import report  # tools.report once the tools move lands
+    from tools import report
 
     assert report.main([tiny_run, "--output", str(tmp_path / "report")]) == 0
     text = open(tmp_path / "report" / "report.md").read()
@@ -97,7 +97,7 @@ def test_evaluations_take_the_run_dir_alone(tiny_run, eval_data, tmp_path, capsy
 
 def test_export_card_lists_the_runs_evaluations(tiny_run, eval_data, tmp_path):
     fg_main.run(fg_argv(eval_data, tmp_path, "--pretrained", tiny_run))
-    from models import export
+    from tools import export
 
     assert export.main([tiny_run, "--to", "timm", "--output", str(tmp_path / "timm")]) == 0
     card = open(tmp_path / "timm" / "README.md").read()
@@ -139,7 +139,7 @@ def test_a_flag_that_contradicts_the_run_is_an_error_naming_both(tmp_path, eval_
     assert "--arch vit_base" in err and "vit_small" in err
     assert fg_main.main(fg_argv(eval_data, tmp_path, "--pretrained", run, "--model-kwargs", "depth=3")) == 2
     assert "depth" in one_error_line(capsys)
-    from models import export
+    from tools import export
 
     assert export.main([run, "--to", "dinov2", "--output", str(tmp_path / "x.pth"), "--arch", "vit_base"]) == 2
     err = one_error_line(capsys)
@@ -155,9 +155,9 @@ def killed_two_student_run(tmp_path_factory, tiny_data, teacher_ckpt):  # noqa: 
     out = str(tmp_path_factory.mktemp("killed") / "run")
     argv = tiny_args(tiny_data, teacher_ckpt, out, student="vit_tiny,vit_small",
                      student_kwargs=f"{TINY_KW};depth=1,embed_dim=32,num_heads=2", pca_every_epochs=0, epochs=2)
-    killed = subprocess.run([PYTHON, "-m", "pretrain.main", *argv], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PROTEUS_KILL_AT_STEP": "3", "HF_HUB_OFFLINE": "1",
-                                 "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    killed = subprocess.run([PYTHON, FAULTY_PRETRAIN, "--kill-at-step", "3", "--", *argv], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                 "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not os.path.exists(os.path.join(out, "vit_tiny"))  # mid-run: no export yet
     return out
@@ -167,7 +167,7 @@ def test_a_student_of_a_killed_multi_student_run(killed_two_student_run, eval_da
     run = killed_two_student_run
     ckpt = os.path.join(run, "checkpoint.pth")
     step = torch.load(ckpt, weights_only=True)["global_step"]
-    from models import export
+    from tools import export
 
     for ema in ((), ("--ema",)):
         out = tmp_path / f"tiny{'_ema' if ema else ''}.pth"

@@ -62,7 +62,7 @@ def test_slurm_eval_passes_the_run_dir_and_the_gpu_count(tmp_path):
     assert "-m depth.train dpt --backbone RUN --resume" in out
     out = run("slurm_eval.sh", ["fine_grained", "RUN", "--multiple"], repo, bin_dir, **env).stdout
     assert "python -m fine_grained.main --dataset cub --data-root cache_data/raw/cub --pretrained RUN --multiple" in out
-    assert "python -m common.report RUN" in out or "python -m tools.report RUN" in out
+    assert "python -m tools.report RUN" in out
 
 
 def test_scripts_use_the_repos_venv_when_present(tmp_path):

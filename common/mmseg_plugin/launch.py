@@ -14,9 +14,9 @@ error naming both.
 
 Work dirs are keyed by the backbone, so one model's checkpoints and metrics are never credited to another:
 - the default work dir is RUN/eval/[<key>/][step<N>/]<task>/<config name> for a run, else
-  work_dirs/<task>/<config name>/<first 12 hex of the backbone's content hash, or random-init>;
-- the work dir's config.json records the backbone's identity (weights' sha256, arch, patch, size
-  overrides, EMA, student); training (resumed or not) with another backbone in that dir is refused;
+  work_dirs/<task>/<config name>/<the weights' fingerprint (common.checkpoint), or random-init>;
+- the work dir's config.json records the backbone's identity (weights' fingerprint, arch, patch,
+  size overrides, EMA, student); training (resumed or not) with another backbone in that dir is refused;
 - test reads the identity of the work dir its checkpoint came from and writes it into test_metrics.json.
 
 GPU count: a config named <N>xb<B> is the recipe of N processes x B images (global batch N*B). On W
@@ -42,7 +42,7 @@ from mmengine.config import Config, DictAction
 from mmengine.dist import is_main_process
 from mmengine.runner import Runner
 
-from common.checkpoint import file_sha256
+from common.checkpoint import file_fingerprint
 from common.dist import init_distributed
 from common.errors import ConfigError, MissingFileError
 from common.log import write_json
@@ -187,11 +187,11 @@ def apply_backbone(cfg: Config, run: RunBackbone, args) -> None:
 
 
 def backbone_identity(cfg: Config, run: RunBackbone | None) -> dict:
-    """What decides the dense backbone: the weights' content hash and the build (arch, patch, sizes, EMA,
+    """What decides the dense backbone: the weights' fingerprint and the build (arch, patch, sizes, EMA,
     student); `checkpoint` and `run_dir` are recorded to name it, not compared."""
     bb = cfg.model.get("backbone", {})
     ckpt = bb.get("checkpoint") or bb.get("checkpoint_path") or (bb.get("init_cfg") or {}).get("checkpoint")
-    weights = file_sha256(ckpt) if isinstance(ckpt, str) and osp.isfile(ckpt) else \
+    weights = file_fingerprint(ckpt) if isinstance(ckpt, str) and osp.isfile(ckpt) else \
         ("random-init" if ckpt in (None, "", "none", "None") else f"missing:{ckpt}")
     overrides = bb.get("overrides")
     return {"weights": weights, "arch": bb.get("arch", bb.get("model_name", bb.get("type"))),
@@ -204,13 +204,13 @@ def backbone_identity(cfg: Config, run: RunBackbone | None) -> dict:
 def describe_backbone(identity: dict) -> str:
     what = identity.get("checkpoint") or "random init"
     extra = ", ".join(f"{k} {identity[k]}" for k in ("arch", "overrides", "student") if identity.get(k))
-    return f"{what} ({extra}{', EMA' if identity.get('ema') else ''}; sha256 {str(identity['weights'])[:12]})"
+    return f"{what} ({extra}{', EMA' if identity.get('ema') else ''}; weights {str(identity['weights'])[:24]})"
 
 
 def default_work_dir(task: str, name: str, run: RunBackbone | None, identity: dict, ema: bool) -> str:
     if run is not None and run.run_dir is not None:
         return osp.join(run.eval_dir(task, ema), name)
-    tag = identity["weights"][:12] if identity["weights"] != "random-init" else "random-init"
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "-", identity["weights"])[:24]  # the weights' fingerprint, or random-init
     return osp.join("work_dirs", task, name, tag)
 
 
