@@ -155,7 +155,8 @@ def killed_two_student_run(tmp_path_factory, tiny_data, teacher_ckpt):  # noqa: 
     out = str(tmp_path_factory.mktemp("killed") / "run")
     argv = tiny_args(tiny_data, teacher_ckpt, out, student="vit_tiny,vit_small",
                      student_kwargs=f"{TINY_KW};depth=1,embed_dim=32,num_heads=2", pca_every_epochs=0, epochs=2)
-    killed = subprocess.run([PYTHON, FAULTY_PRETRAIN, "--kill-at-step", "3", "--", *argv], cwd=REPO, capture_output=True, text=True,
+    killed = subprocess.run([PYTHON, FAULTY_PRETRAIN, "--kill-at-step", "3", "--", *argv], cwd=REPO,
+                            capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                                  "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
