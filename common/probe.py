@@ -28,12 +28,14 @@ log = logging.getLogger(__name__)
 
 
 def build_frozen_backbone(pretrained: str | None, arch: str, patch_size: int = 14, img_size: int = 224,
-                          model_kwargs: dict | None = None, ema: bool = False, seed: int = 0) -> nn.Module:
+                          model_kwargs: dict | None = None, ema: bool = False, seed: int = 0,
+                          student: str | None = None) -> nn.Module:
     """Load the evaluation backbone (eval mode, no grads): a DINOv2 ViT through `models.load_backbone`, or
     `timm:<name>` through `models.load_backbone` (a `models.TimmStudent`).
 
     `model_kwargs` (e.g. {"depth": 2, "embed_dim": 64, "num_heads": 2}, optionally "img_size") overrides
-    the size of `arch`; for timm archs they go to `timm.create_model`. Random init ("none") is seeded so
+    the size of `arch`; for timm archs they go to `timm.create_model`. `student`: the key of one student in a
+    several-student pretrain checkpoint.pth (common.backbone_flags resolves it from --student). Random init ("none") is seeded so
     its feature cache stays valid; the seeding runs on a forked RNG so the caller's own random stream (its
     --seed) is left untouched. A checkpoint that is missing, unreadable or of another architecture raises
     a UserError (MissingFileError / CheckpointError) saying so.
@@ -49,7 +51,7 @@ def build_frozen_backbone(pretrained: str | None, arch: str, patch_size: int = 1
         torch.manual_seed(seed)
         try:
             model = models.load_backbone(pretrained, arch, patch_size=patch_size, img_size=img_size, ema=ema,
-                                         **kwargs)
+                                         student=student, **kwargs)
         except UserError:
             raise
         except TypeError as e:
@@ -121,12 +123,14 @@ def check_pretrained(pretrained: str | None) -> None:
 
 
 def backbone_identity(pretrained: str | None, arch: str, patch_size: int, model_kwargs: dict | None,
-                      ema: bool = False, seed: int = 0, img_size: int | None = None) -> dict:
+                      ema: bool = False, seed: int = 0, img_size: int | None = None, student: str | None = None) -> dict:
     """Everything that decides the backbone's features: the weights' content hash (not their path, so a
-    moved file still matches) and the build (arch, patch, EMA, size overrides, input size)."""
+    moved file still matches) and the build (arch, patch, EMA, size overrides, input size; the student's key
+    when the file holds several)."""
     weights = f"random-init-seed{seed}" if is_random_init(pretrained) else file_fingerprint(pretrained)
-    return {"weights": weights, "arch": arch, "patch": patch_size, "ema": bool(ema),
-            "kwargs": model_kwargs or {}, "img_size": img_size}
+    identity = {"weights": weights, "arch": arch, "patch": patch_size, "ema": bool(ema),
+                "kwargs": model_kwargs or {}, "img_size": img_size}
+    return {**identity, "student": student} if student else identity
 
 
 def frozen_features(model: nn.Module, images: torch.Tensor, n_last_blocks: int = 4):

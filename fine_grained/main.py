@@ -1,7 +1,8 @@
 """Fine-grained transfer: logistic regression on frozen features (spec §3.2).
 
-    python -m fine_grained.main --dataset cub --data-root data/cub --arch vit_small \
-        --pretrained output/pretrain/student_backbone.pth --output-dir output/fg/cub
+    python -m fine_grained.main --dataset cub --data-root data/cub --pretrained output/proteus_small_dinov2
+        # -> output/proteus_small_dinov2/eval/fine_grained/cub/results.json; the backbone flags
+        #    (common/backbone_flags.py) are read from the run; --student KEY with several students
 
 Features (final-block CLS after the final norm; `--multiple`: last 4 CLS + mean patch token) are
 extracted once per split and cached under --cache-dir (default ~/.cache/proteus/fine_grained), keyed
@@ -23,11 +24,12 @@ import torch
 
 import models
 from common import probe
+from common.backbone_flags import add_backbone_args, resolve_backbone
 from common.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from common.dist import resolve_device
 from common.errors import ConfigError, DataError, cli
 from common.log import MetricLogger, setup_logging, write_json
-from common.precision import CHOICES as PRECISIONS, autocast_dtype, resolve_precision
+from common.precision import autocast_dtype, resolve_precision
 from common.rundir import claim_run_dir, write_config
 from fine_grained.cache import backbone_fingerprint, cache_path, default_cache_dir, read_cache, write_cache
 from fine_grained.datasets import DATASETS, holdout_split
@@ -46,7 +48,7 @@ NORMS = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
 
 
 def get_args_parser():
-    from common.config import ConfigArgumentParser, size_kwargs  # -c/--config FILE; one size-override syntax
+    from common.config import ConfigArgumentParser  # -c/--config FILE
 
     p = ConfigArgumentParser("Fine-grained logistic-regression transfer", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,29 +56,19 @@ def get_args_parser():
     g.add_argument("--dataset", required=True, choices=sorted(DATASETS),
                    help="registry entry (fine_grained/datasets.py)")
     g.add_argument("--data-root", required=True, help="local root in the layout the dataset's error message shows")
-    g.add_argument("--image-size", "--input-size", dest="image_size", type=int, default=224,
-                   help="centre-crop size fed to the backbone")
     g.add_argument("--resize", type=int, default=None, help="short side before the crop (default: --image-size)")
     g.add_argument("--norm", default="clip", choices=sorted(NORMS), help="input normalisation (original: clip)")
     g.add_argument("--batch-size", type=int, default=32, help="feature-extraction batch size")
     g.add_argument("--num-workers", type=int, default=4)
-    g = p.add_argument_group("backbone")
-    g.add_argument("--arch", "--student", dest="arch", default="vit_small",
-                   help="vit_tiny | vit_small | vit_base | vit_large | vit_giant2, "
-                   "or timm:<name> for a student trained with pretrain.main --student timm:<name>")
-    g.add_argument("--patch-size", type=int, default=14, help="ViT patch size (not used by timm archs)")
-    g.add_argument("--pretrained", default="none", help="checkpoint path, or 'none' for the random-init baseline")
-    g.add_argument("--ema", action="store_true", help="evaluate the EMA student of a pretrain checkpoint")
-    g.add_argument("--model-kwargs", "--student-kwargs", dest="model_kwargs", type=size_kwargs, default=None,
-                   help='JSON size overrides for small models, e.g. \'{"depth": 2, "embed_dim": 64, "num_heads": 2}\'')
+    g = add_backbone_args(p)  # the image size is the centre crop fed to the backbone
     g.add_argument("--multiple", action="store_true", help="features = last 4 CLS tokens + mean patch token (5D)")
-    g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="feature-extraction precision (auto: bf16 where it is native, else fp32 on CPU)")
     g = p.add_argument_group("classifier")
     g.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (original: 1000)")
     g.add_argument("--tol", type=float, default=1e-4, help="L-BFGS stops when max |gradient| <= tol")
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", required=True)
+    g.add_argument("--output-dir", default=None,
+                   help="default: RUN/eval/[<student>/][step<N>/]fine_grained[_ema]/<dataset> of the run --pretrained "
+                        "names")
     g.add_argument("--cache-dir", default=None,
                    help="feature cache directory, shared between runs (default: $XDG_CACHE_HOME or "
                         "~/.cache, then proteus/fine_grained)")
@@ -88,6 +80,7 @@ def get_args_parser():
 def parse_args(argv=None) -> argparse.Namespace:
     """Command line, checked before any work: every bad value is a ConfigError naming the flag."""
     args = get_args_parser().parse_args(argv)
+    resolve_backbone(args, TOOL, args.dataset)  # the run --pretrained names: arch, sizes, patch, image size, output
     for flag in ("image_size", "batch_size", "max_iter", "patch_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -99,7 +92,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.multiple and models.is_timm_name(args.arch):
         raise ConfigError(f"--multiple needs the CLS tokens of the last 4 blocks, but --arch {args.arch} gives only "
                           f"its final features (timm stages differ in width); drop --multiple")
-    probe.check_pretrained(args.pretrained)
     args.cache_dir = args.cache_dir or default_cache_dir()
     return args
 
@@ -148,7 +140,8 @@ def split_features(args, backbone, splits, transform, device, precision: str, me
     build_size = probe.backbone_img_size(args.arch, args.image_size)
     # the fingerprint hashes the checkpoint file: only worth it when the cache is used
     fingerprint = None if args.no_cache else backbone_fingerprint(args.pretrained, args.arch, args.patch_size,
-                                                                   args.model_kwargs, args.ema, img_size=build_size)
+                                                                   args.model_kwargs, args.ema, img_size=build_size,
+                                                                   student=args.student)
     out = {}
     for name, ds in splits.items():
         path = None if fingerprint is None else cache_path(args, fingerprint, name, ds, transform, n_last, precision)
@@ -210,7 +203,7 @@ def run(argv=None) -> dict:
     write_config(output_dir, TOOL, {**vars(args), "precision_resolved": precision, "precision_reason": reason})
     backbone = probe.build_frozen_backbone(args.pretrained, args.arch, args.patch_size,
                                            img_size=probe.backbone_img_size(args.arch, args.image_size),
-                                           model_kwargs=args.model_kwargs, ema=args.ema)
+                                           model_kwargs=args.model_kwargs, ema=args.ema, student=args.student)
     metrics = MetricLogger(output_dir)  # log.txt (JSON lines) + tensorboard/
     t0 = time.time()
     feats = split_features(args, backbone, splits, transform, device, precision, metrics)
@@ -225,7 +218,8 @@ def run(argv=None) -> dict:
     results = {"dataset": args.dataset, "metric": spec.metric, "test_score": result.test_score,
                "best_C": result.best_C, "best_val_score": max(result.val_scores),
                "val_scores": dict(zip((f"{c:.4g}" for c in C_SWEEP), result.val_scores)),
-               "arch": args.arch, "pretrained": args.pretrained, "multiple": args.multiple,
+               "arch": args.arch, "pretrained": args.pretrained, "multiple": args.multiple, "ema": args.ema,
+               "student": args.student_key, "run_dir": args.run_dir,
                "num_classes": len(parsed.classes), "image_size": args.image_size,
                "precision": precision, "precision_reason": reason,
                "sizes": {k: len(v[1]) for k, v in sets.items()},

@@ -1,7 +1,11 @@
 """ImageNet linear probe (DINOv2 protocol, spec §2.2), kNN, and robustness sets. torchrun-ready, resumable.
 
     torchrun --nproc_per_node=4 -m linear_eval.main --train-root IN/train --val-root IN/val \
-        --arch vit_small --pretrained student_backbone.pth --output-dir output/linear
+        --pretrained output/proteus_small_dinov2      # -> output/proteus_small_dinov2/eval/linear/results.json
+
+--pretrained takes the pretraining run dir (arch, size overrides, patch and image size come from its
+config.json; flags that contradict it are refused; --student KEY with several students), its checkpoint.pth,
+an exported backbone, or any accepted file with --arch etc. (common/backbone_flags.py).
 
 Linear mode trains 52 heads at once on the frozen backbone (last 1 / 4 blocks' CLS, with / without the
 mean patch token, x 13 lrs) with SGD + cosine per iteration, evaluates them periodically and writes the
@@ -21,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import models
 from common import dist, probe
+from common.backbone_flags import add_backbone_args, resolve_backbone
 from common.checkpoint import load_latest
 from common.data import LAYOUT_HELP, collate_skip_bad, seed_worker
 from common.errors import ConfigError, DataError, MissingFileError, cli
@@ -38,32 +43,19 @@ ROBUSTNESS_SETS = ("imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a",
 
 
 def get_args_parser():
-    from common.config import ConfigArgumentParser, size_kwargs  # -c/--config FILE; one size-override syntax
+    from common.config import ConfigArgumentParser  # -c/--config FILE
 
     p = ConfigArgumentParser("Linear probe / kNN on frozen features", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--train-root", required=True, help="ImageFolder of training images (ImageNet: .../train)")
     g.add_argument("--val-root", required=True, help="ImageFolder of val images in the same class folders")
-    g.add_argument("--image-size", "--input-size", dest="image_size", type=int, default=224,
-                   help="crop size; eval resizes to size*256/224 first")
     g.add_argument("--batch-size", type=int, default=128, help="per-process batch (lr scales with the global one)")
     g.add_argument("--num-workers", type=int, default=8)
     g.add_argument("--selection", default="val", choices=("val", "train-holdout"),
                    help="pick the best head on val (DINOv2) or on a held-out part of train")
     g.add_argument("--holdout-fraction", type=float, default=0.01, help="part of train held out for selection")
-    g = p.add_argument_group("backbone")
-    g.add_argument("--arch", "--student", dest="arch", default="vit_small",
-                   help="vit_tiny | vit_small | vit_base | vit_large | vit_giant2, "
-                   "or timm:<name> for a student trained with pretrain.main --student timm:<name>")
-    g.add_argument("--patch-size", type=int, default=14, help="ViT patch size (not used by timm archs)")
-    g.add_argument("--pretrained", default="none", help="checkpoint path, or 'none' (random init)")
-    g.add_argument("--ema", action="store_true", help="evaluate the EMA student of a pretrain checkpoint")
-    g.add_argument("--model-kwargs", "--student-kwargs", dest="model_kwargs", type=size_kwargs, default=None,
-                   help="size overrides for small models: depth=2,embed_dim=64 or JSON")
-    g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="backbone precision (auto: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, "
-                        "else fp32)")
+    g = add_backbone_args(p)  # eval resizes to image size * 256/224, then crops it
     g.add_argument("--autocast", dest="precision", type=lambda v: "fp32" if v == "none" else v, choices=PRECISIONS,
                    help="old name of --precision ('none' = fp32)")
     g = p.add_argument_group("linear probe")
@@ -82,7 +74,8 @@ def get_args_parser():
     for name in ROBUSTNESS_SETS:
         g.add_argument(f"--{name}", default=None, help=f"root of {name} (layouts: linear_eval/robustness.py)")
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", required=True)
+    g.add_argument("--output-dir", default=None,
+                   help="default: RUN/eval/[<student>/][step<N>/]{linear|knn}[_ema] of the run --pretrained names")
     g.add_argument("--device", default="auto")
     g.add_argument("--seed", type=int, default=0)
     return p
@@ -91,13 +84,14 @@ def get_args_parser():
 def parse_args(argv=None) -> argparse.Namespace:
     """Command line, checked before any work: every bad value is a ConfigError naming the flag."""
     args = get_args_parser().parse_args(argv)
+    resolve_backbone(args, args.mode)  # the run --pretrained names: arch, sizes, patch, image size, output dir
     positive = ("image_size", "batch_size", "patch_size", "epochs", "eval_period", "checkpoint_period")
     for flag in positive + (("epoch_length",) if args.epoch_length is not None else ()):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
-    args.n_last_blocks = args.n_last_blocks or default_last_blocks(args.arch)
+    args.n_last_blocks = args.n_last_blocks or default_last_blocks(args.arch, args.model_kwargs)
     for flag, values in (("lrs", args.lrs), ("n-last-blocks", args.n_last_blocks), ("knn-k", args.knn_k)):
         if not all(v > 0 for v in values):
             raise ConfigError(f"--{flag} must all be > 0, got {values}")
@@ -108,7 +102,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if models.is_timm_name(args.arch) and args.n_last_blocks != [1]:
         raise ConfigError(f"--arch {args.arch} gives only its final features (timm stages differ in width): "
                           f"--n-last-blocks must be 1, got {args.n_last_blocks}")
-    probe.check_pretrained(args.pretrained)
     for flag in ("train_root", "val_root"):  # before the output dir is created
         if not os.path.isdir(getattr(args, flag)):
             raise MissingFileError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such directory; "
@@ -120,9 +113,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def default_last_blocks(arch: str) -> list[int]:
-    """DINOv2's grid uses the last 1 and 4 blocks; a timm backbone has only its final features."""
-    return [1] if models.is_timm_name(arch) else [1, 4]
+def default_last_blocks(arch: str, model_kwargs: dict | None = None) -> list[int]:
+    """DINOv2's grid uses the last 1 and 4 blocks (all blocks of a shallower ViT, e.g. a depth-2 test run);
+    a timm backbone has only its final features."""
+    if models.is_timm_name(arch):
+        return [1]
+    depth = (model_kwargs or {}).get("depth") if isinstance(model_kwargs, dict) else None
+    if not isinstance(depth, int) or depth < 1:
+        depth = models.VIT_SIZES[arch][1] if arch in models.VIT_SIZES else 4
+    return sorted({1, min(4, depth)})
 
 
 def init_distributed(requested: str) -> dist.DistInfo:
@@ -209,7 +208,7 @@ def linear_plan(args, info, classes, train_view) -> dict:
     global_batch = args.batch_size * info.world_size
     epoch_length = args.epoch_length or max(len(train_view) // global_batch, 1)
     backbone = probe.backbone_identity(args.pretrained, args.arch, args.patch_size, args.model_kwargs, args.ema,
-                                       img_size=args.image_size)
+                                       img_size=args.image_size, student=args.student)
     return {"arch": args.arch, "num_classes": len(classes), "lrs": list(args.lrs), "global_batch": global_batch,
             "n_last_blocks": list(args.n_last_blocks), "max_iter": args.epochs * epoch_length,
             "epoch_length": epoch_length, "selection": args.selection, "backbone": backbone,
@@ -324,7 +323,8 @@ def run(argv=None) -> dict:
                                              "precision_reason": reason})
     backbone = probe.build_frozen_backbone(args.pretrained, args.arch, args.patch_size,
                                            img_size=probe.backbone_img_size(args.arch, args.image_size),
-                                           model_kwargs=args.model_kwargs, ema=args.ema).to(info.device)
+                                           model_kwargs=args.model_kwargs, ema=args.ema,
+                                           student=args.student).to(info.device)
     metric_logger = MetricLogger(args.output_dir, enabled=info.is_main)  # log.txt (JSON lines) + tensorboard/
     amp = autocast_dtype(precision)
     if args.mode == "knn":
@@ -332,7 +332,7 @@ def run(argv=None) -> dict:
     else:
         results = run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_logger, meta, resume)
     results.update(arch=args.arch, pretrained=args.pretrained, image_size=args.image_size, precision=precision,
-                   precision_reason=reason)
+                   precision_reason=reason, ema=args.ema, student=args.student_key, run_dir=args.run_dir)
     log_results(metric_logger, results, meta["max_iter"] if meta else 0)
     metric_logger.close()
     if info.is_main:

@@ -280,10 +280,11 @@ def fit_pos_embed(state_dict: dict, model: nn.Module) -> dict:
     return {**state_dict, "pos_embed": resample_pos_embed(pos, tuple(grid), num_prefix_tokens=1)}
 
 
-def backbone_state_dict(ckpt: dict, ema: bool = False) -> dict:
+def backbone_state_dict(ckpt: dict, ema: bool = False, student: str | None = None) -> dict:
     """Extract a DINOv2-format backbone state dict from any checkpoint we accept.
 
-    - our pretrain `checkpoint.pth`: keys `student` / `student_ema` (DINOv2 format already);
+    - our pretrain `checkpoint.pth`: keys `student` / `student_ema` (DINOv2 format already); with several
+      students, `students` = {key: {student, student_ema, ...}}: `student` (its key) picks one;
     - our exports `student_backbone[_ema].pth` and official DINOv2 `dinov2_vit?14_pretrain.pth`: flat;
     - original Proteus release / training checkpoints: `model` dict with `student.backbone.*` keys (the
       training checkpoint's EMA, `model_ema`, is the backbone alone).
@@ -291,8 +292,13 @@ def backbone_state_dict(ckpt: dict, ema: bool = False) -> dict:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"the checkpoint holds a {type(ckpt).__name__}, not a state dict")
     if isinstance(ckpt.get("students"), dict):  # pretrain.main with several students
-        raise CheckpointError(f"the checkpoint holds {len(ckpt['students'])} students ({', '.join(ckpt['students'])}); "
-                              f"pass one of them: OUTPUT/<student>/student_backbone.pth once the run has finished")
+        keys = ", ".join(map(str, ckpt["students"]))
+        if student is None:
+            raise CheckpointError(f"the checkpoint holds {len(ckpt['students'])} students ({keys}); pick one with "
+                                  f"--student KEY")
+        if not isinstance(ckpt["students"].get(student), dict):
+            raise CheckpointError(f"the checkpoint holds no student {student!r}; its students: {keys}")
+        ckpt = ckpt["students"][student]
     if ema:
         for key in ("student_ema", "model_ema"):
             if isinstance(ckpt.get(key), dict):
@@ -312,26 +318,27 @@ EVAL_ALLOWED_MISSING = ("mask_token",)
 
 
 def load_backbone(path: str | None, arch: str, patch_size: int = 14, img_size: int = 224, ema: bool = False,
-                  **overrides):
+                  student: str | None = None, **overrides):
     """The one loader for evaluation: build `arch` and load any accepted checkpoint strictly.
 
     `path` None or "none" gives the random-init baseline. The position embedding is resampled to the
     model's grid (official DINOv2 files are 518 px). Registers are taken from the checkpoint.
     `overrides` (e.g. depth=2, embed_dim=64, num_heads=2) change the size, for tiny test models.
+    `student`: the key of one student in a several-student pretrain checkpoint.pth (models.run.resolve_run).
     Returns the model in eval mode.
     """
     from .vit import build_vit  # local: vit imports this module's siblings only
     from .timm_student import is_timm_name
 
     if is_timm_name(arch):
-        return load_timm_backbone(path, arch, img_size=img_size, ema=ema, **overrides)
+        return load_timm_backbone(path, arch, img_size=img_size, ema=ema, student=student, **overrides)
 
     if path in (None, "", "none"):
         model = build_vit(arch, patch_size=patch_size, img_size=img_size, **overrides)
         return model.eval()
     ckpt = read_checkpoint(path, allowed_globals=PROTEUS_TRAINING_GLOBALS)
     try:
-        sd = backbone_state_dict(ckpt, ema=ema)
+        sd = backbone_state_dict(ckpt, ema=ema, student=student)
     except CheckpointError as err:  # name the file
         raise CheckpointError(f"{path}: {err}") from None
     regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
@@ -343,7 +350,8 @@ def load_backbone(path: str | None, arch: str, patch_size: int = 14, img_size: i
     return model.eval()
 
 
-def load_timm_backbone(path: str | None, arch: str, img_size: int = 224, ema: bool = False, **kwargs) -> nn.Module:
+def load_timm_backbone(path: str | None, arch: str, img_size: int = 224, ema: bool = False, student: str | None = None,
+                       **kwargs) -> nn.Module:
     from .vit import build_student  # local: vit imports this module's siblings only
 
     """`timm:<name>` for evaluation: the `models.TimmStudent` that `pretrain.main --student timm:<name>` trains,
@@ -359,7 +367,7 @@ def load_timm_backbone(path: str | None, arch: str, img_size: int = 224, ema: bo
         return student.eval()
     ckpt = read_checkpoint(path)
     try:
-        sd = backbone_state_dict(ckpt, ema=ema)
+        sd = backbone_state_dict(ckpt, ema=ema, student=student)
     except CheckpointError as err:  # name the file
         raise CheckpointError(f"{path}: {err}") from None
     from .timm_student import timm_model_keys

@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# NYU-Depth V2 monocular depth of a Proteus backbone (mmsegmentation 1.2.2 plugin): train, then test the
-# best-RMSE checkpoint. Data and backbone preparation: depth/README.md.
+# NYU-Depth V2 monocular depth of a pretraining run's student (mmsegmentation 1.2.2 plugin): train, then test
+# the best-RMSE checkpoint. Data preparation: depth/README.md.
 #
-#   bash scripts/depth_nyu.sh {dpt|dpt-frozen|linear} {t|s|b|l} [GPUS=4] [key=value ... (passed as --cfg-options)]
-#   e.g. bash scripts/depth_nyu.sh dpt s 4 model.backbone.checkpoint=/path/student_backbone.pth
+#   bash scripts/depth_nyu.sh RUN {dpt|dpt-frozen|linear} [GPUS=4] [key=value ... (passed as --cfg-options)]
+#   e.g. bash scripts/depth_nyu.sh output/proteus_small_dinov2 dpt 4
+#        STUDENT=vit_tiny bash scripts/depth_nyu.sh output/family dpt 4          (several students: pick one)
 #
-# The configs assume 4 GPUs x 4 images. Re-running the same command resumes from the latest checkpoint.
+# RUN: the run dir, its checkpoint.pth or an exported backbone. The work dir is
+# RUN/eval/[<student>/]depth/<config name>, keyed by the backbone. The configs' recipe is 4 GPUs x 4 images;
+# other GPU counts keep the global batch and lr (or --scale-lr). Re-running the same command resumes.
 set -euo pipefail
-FAMILY=${1:?family: dpt, dpt-frozen or linear}
-SIZE=${2:?size: t, s, b or l}
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+RUN=${1:?usage: $0 RUN FAMILY [GPUS] [key=value ...]}
+FAMILY=${2:?family: dpt, dpt-frozen or linear}
 GPUS=${3:-4}
 shift $(( $# < 3 ? $# : 3 ))
-CONFIG=$(ls depth/configs/${FAMILY}_proteus-vit-${SIZE}14_*.py)
-WORK=work_dirs/depth/$(basename "${CONFIG%.py}")
+PICK=(--backbone "$RUN"); [ -n "${STUDENT:-}" ] && PICK+=(--student "$STUDENT"); [ -n "${EMA:-}" ] && PICK+=(--ema)
 OPTS=(); [ $# -gt 0 ] && OPTS=(--cfg-options "$@")
 
-torchrun --nproc_per_node="$GPUS" -m depth.train "$CONFIG" --work-dir "$WORK" --resume "${OPTS[@]}"
-BEST=$(ls -t "$WORK"/best_rmse_iter_*.pth | head -n 1)
-torchrun --nproc_per_node="$GPUS" -m depth.test "$CONFIG" "$BEST" --work-dir "$WORK/test" "${OPTS[@]}"
+torchrun --nproc_per_node="$GPUS" -m depth.train "$FAMILY" "${PICK[@]}" --resume "${OPTS[@]}"
+torchrun --nproc_per_node="$GPUS" -m depth.test "$FAMILY" "${PICK[@]}" "${OPTS[@]}"

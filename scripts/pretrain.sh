@@ -9,5 +9,6 @@
 # flaky nodes set MAX_RESTARTS=N (restarted workers resume from the checkpoint). torchrun exits 1 whenever a
 # worker failed; its log names the worker's code (75 = preempted after a checkpoint: rerun).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"  # the repo's .venv when present
 CONFIG=${1:?usage: $0 CONFIG [pretrain.main flags]}
 torchrun --nproc_per_node="${GPUS:-8}" --max-restarts="${MAX_RESTARTS:-0}" -m pretrain.main -c "$CONFIG" "${@:2}"

@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# ADE20K semantic segmentation of a Proteus backbone (mmsegmentation 1.2.2 plugin): train, then test the
-# best checkpoint. Data and backbone preparation: segmentation/README.md.
+# ADE20K semantic segmentation of a pretraining run's student (mmsegmentation 1.2.2 plugin): train, then test
+# the best checkpoint. Data preparation: segmentation/README.md.
 #
-#   bash scripts/seg_ade20k.sh {upernet|linear} {t|s|b|l} [GPUS=4] [key=value ... (passed as --cfg-options)]
-#   e.g. bash scripts/seg_ade20k.sh upernet s 4 model.backbone.checkpoint=/path/student_backbone.pth
+#   bash scripts/seg_ade20k.sh RUN {upernet|linear} [GPUS=4] [key=value ... (passed as --cfg-options)]
+#   e.g. bash scripts/seg_ade20k.sh output/proteus_small_dinov2 upernet 4
+#        STUDENT=vit_tiny bash scripts/seg_ade20k.sh output/family linear 4     (several students: pick one)
 #
-# The configs assume 4 GPUs (global batch = GPUS x per-GPU batch in the file name). Re-running the same
-# command resumes from the latest checkpoint in the work dir.
+# RUN: the run dir (its student's size picks the config, its weights the backbone), its checkpoint.pth or an
+# exported backbone. The work dir is RUN/eval/[<student>/]segmentation/<config name> (keyed by the backbone:
+# another backbone never resumes this one's checkpoint). The configs' recipe is 4 GPUs x per-GPU batch; on
+# another GPU count the per-GPU batch follows so the global batch and lr stay (see common/mmseg_plugin/launch.py;
+# --scale-lr is the alternative). Re-running the same command resumes.
 set -euo pipefail
-FAMILY=${1:?family: upernet or linear}
-SIZE=${2:?size: t, s, b or l}
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+RUN=${1:?usage: $0 RUN FAMILY [GPUS] [key=value ...]}
+FAMILY=${2:?family: upernet or linear}
 GPUS=${3:-4}
 shift $(( $# < 3 ? $# : 3 ))
-CONFIG=$(ls segmentation/configs/${FAMILY}_proteus-vit-${SIZE}14_*.py)
-WORK=work_dirs/segmentation/$(basename "${CONFIG%.py}")
+PICK=(--backbone "$RUN"); [ -n "${STUDENT:-}" ] && PICK+=(--student "$STUDENT"); [ -n "${EMA:-}" ] && PICK+=(--ema)
 OPTS=(); [ $# -gt 0 ] && OPTS=(--cfg-options "$@")
 
-torchrun --nproc_per_node="$GPUS" -m segmentation.train "$CONFIG" --work-dir "$WORK" --resume "${OPTS[@]}"
-BEST=$(ls -t "$WORK"/best_mIoU_iter_*.pth | head -n 1)
-torchrun --nproc_per_node="$GPUS" -m segmentation.test "$CONFIG" "$BEST" --work-dir "$WORK/test" "${OPTS[@]}"
+torchrun --nproc_per_node="$GPUS" -m segmentation.train "$FAMILY" "${PICK[@]}" --resume "${OPTS[@]}"
+torchrun --nproc_per_node="$GPUS" -m segmentation.test "$FAMILY" "${PICK[@]}" "${OPTS[@]}"

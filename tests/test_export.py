@@ -289,6 +289,7 @@ def test_dinov2_export_is_the_backbone_state_dict_and_loads(vit_run, tmp_path, c
     ("missing", "checkpoint file not found"),
     ("no_arch", "cannot tell the architecture"),
     ("wrong_arch", "checkpoint does not fit vit_small"),
+    ("contradicts_run", "--arch vit_small contradicts run"),
     ("bad_kwargs", "--model-kwargs expects key=int pairs"),
     ("timm_to_dinov2", "has no DINOv2 layout"),
     ("exists", "exists; pass --overwrite"),
@@ -304,8 +305,10 @@ def test_user_errors_exit_2_with_one_message(vit_run, timm_run, tmp_path, capsys
     out = tmp_path / "out"
     argv = {"missing": [tmp_path / "nope.pth", "--to", "timm", "--output", out],
             "no_arch": [flat, "--to", "dinov2", "--output", out],
-            "wrong_arch": [f"{vit_run}/checkpoint.pth", "--to", "timm", "--output", out, "--arch", "vit_small",
-                           "--model-kwargs", ""],
+            "wrong_arch": [flat, "--to", "timm", "--output", out, "--arch", "vit_small", "--model-kwargs", ""],
+            # a flag that says something else than the run is refused, naming both (models.run)
+            "contradicts_run": [f"{vit_run}/checkpoint.pth", "--to", "timm", "--output", out, "--arch", "vit_small",
+                                "--model-kwargs", ""],
             "bad_kwargs": [flat, "--to", "timm", "--output", out, "--arch", "vit_tiny", "--model-kwargs", "depth:2"],
             "timm_to_dinov2": [f"{timm_run}/checkpoint.pth", "--to", "dinov2", "--output", out],
             "exists": [f"{vit_run}/checkpoint.pth", "--to", "dinov2", "--output", tmp_path / "taken"],

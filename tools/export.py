@@ -1,10 +1,13 @@
 """Export a distilled student for use elsewhere: a timm / Hugging Face folder, an ONNX graph, a DINOv2 .pth.
 
-    python -m tools.export CHECKPOINT --to {timm,onnx,dinov2} --output PATH [--ema]
+    python -m tools.export RUN --to {timm,onnx,dinov2} --output PATH [--ema] [--student KEY]
 
-CHECKPOINT is any `checkpoint.pth` of `pretrain.main` (any step) or a flat `student_backbone[_ema].pth`.
-The architecture is read from the checkpoint's own config, else from the run's config.json beside the
-file; --arch, --patch-size, --img-size and --model-kwargs give it (for a file with neither) or override it.
+RUN is a `pretrain.main` run dir (its finished export, else its checkpoint.pth), any `checkpoint.pth` of
+one (any step) or a flat `student_backbone[_ema].pth` (models.run.resolve_run). The architecture is read
+from the run's config.json (else the checkpoint's own config); --arch, --patch-size and --model-kwargs
+give it for a file with neither and must agree with the run otherwise (a contradiction is an error naming
+both); --img-size sets the export's input size. With several students, --student KEY picks one, from the
+finished run or a mid-run checkpoint.pth. The model card lists the run's evaluation results (RUN/eval/).
 
 - timm:   PATH/config.json + model.safetensors + README.md (a model card): the layout of a Hugging Face
           Hub repo, loaded by `timm.create_model("local-dir:PATH", pretrained=True)`. A ViT student becomes
@@ -45,6 +48,7 @@ from common.rundir import TOOL_KEY, run_dir_owner
 from models.teachers import IMAGENET_MEAN, IMAGENET_STD
 from models.timm_student import is_timm_name, timm_model_keys
 from models.vit import STUDENTS, DinoVisionTransformer, build_student, parse_size_kwargs
+from models.run import RunBackbone, pick_student, resolve_run, run_students
 from models.weights import (EVAL_ALLOWED_MISSING, PROTEUS_TRAINING_GLOBALS, backbone_state_dict, fit_pos_embed,
                       load_backbone, load_state_dict_checked, read_checkpoint)
 
@@ -88,6 +92,8 @@ class Source:
     ema: bool
     config: dict = field(default_factory=dict)  # the run's configuration; {} when none was found
     global_step: int | None = None  # None for the flat backbone files, written when the run finished
+    run_dir: str | None = None  # the pretraining run the weights belong to (its eval/ results go on the card)
+    key: str | None = None  # the student's key in a several-student run
 
     @property
     def is_timm(self) -> bool:
@@ -95,44 +101,57 @@ class Source:
 
 
 def read_source(path: str, ema: bool = False, arch: str | None = None, patch_size: int | None = None,
-                img_size: int | None = None, model_kwargs: str | None = None) -> Source:
-    """The weights of `path` and the architecture they belong to (explicit arguments win over the run's)."""
-    ckpt = read_checkpoint(path, allowed_globals=PROTEUS_TRAINING_GLOBALS)
+                img_size: int | None = None, model_kwargs: str | None = None, student: str | None = None) -> Source:
+    """The weights of `path` (a run dir, its checkpoint.pth, an export) and the architecture they belong to.
+
+    The run's values (models.run.resolve_run) fill what the flags leave out; a flag that contradicts the run
+    (another arch, patch size or size override) is a ConfigError naming both. --img-size may differ (the
+    export's input size). `student` picks one student of a several-student run or checkpoint.
+    """
+    run = resolve_run(path, student=student, ema=ema)
+    ckpt = read_checkpoint(run.weights, allowed_globals=PROTEUS_TRAINING_GLOBALS)
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint or state dict")
-    config = run_config(path, ckpt)
-    arch = arch or config.get("student")
+        raise CheckpointError(f"{run.weights} holds a {type(ckpt).__name__}, not a checkpoint or state dict")
+    own = ckpt.get("config") if isinstance(ckpt.get("config"), dict) and ckpt["config"].get("student") else None
+    if run.arch is None and own is not None:  # a checkpoint.pth moved away from its run: its own configuration
+        spec = pick_student(run_students(own), student, f"checkpoint {run.weights}")
+        run = RunBackbone(weights=run.weights, arch=spec["arch"], kwargs=parse_kwargs(spec["kwargs"]),
+                          patch_size=int(own.get("patch_size") or 14), img_size=int(own.get("input_size") or 224),
+                          student=spec["key"] if len(run_students(own)) > 1 else None, config=own)
+    elif run.arch is None and student and arch is None:  # no run: --student is the architecture (old alias)
+        arch, run.student = student, None
+    config = run.config if run.arch is not None else {}
+    if run.arch is not None:
+        check_against_run(run, arch, patch_size, parse_kwargs(model_kwargs) if model_kwargs is not None else None)
+    arch = arch or run.arch
     if not arch:
-        raise ConfigError(f"cannot tell the architecture of {path}: it holds no run configuration and there is "
-                          f"no pretrain config.json beside it; pass --arch (vit_tiny/small/base/large or "
+        raise ConfigError(f"cannot tell the architecture of {run.weights}: it holds no run configuration and there "
+                          f"is no pretrain config.json beside it; pass --arch (vit_tiny/small/base/large or "
                           f"timm:<name>) and, if the run changed them, --patch-size, --img-size, --model-kwargs")
     try:
-        sd = backbone_state_dict(ckpt, ema=ema)
+        sd = backbone_state_dict(ckpt, ema=ema, student=run.student)
     except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        raise CheckpointError(f"{run.weights}: {err}") from None
     if is_timm_name(arch):  # checkpoint.pth holds TimmStudent keys
         sd = timm_model_keys(sd)
-    text = model_kwargs if model_kwargs is not None else config.get("student_kwargs", "")
-    step = ckpt.get("global_step") if isinstance(ckpt.get("student"), dict) else None
-    return Source(os.path.abspath(path), arch, int(patch_size or config.get("patch_size") or 14),
-                  int(img_size or config.get("input_size") or 224), parse_kwargs(text), sd, ema, config, step)
+    kwargs = parse_kwargs(model_kwargs) if model_kwargs is not None else dict(run.kwargs)
+    holds_students = isinstance(ckpt.get("student"), dict) or isinstance(ckpt.get("students"), dict)
+    step = ckpt.get("global_step") if holds_students else None
+    return Source(run.weights, arch, int(patch_size or run.patch_size or 14), int(img_size or run.img_size or 224),
+                  kwargs, sd, ema, config, step, run_dir=run.run_dir, key=run.key)
 
 
-def run_config(path: str, ckpt: dict) -> dict:
-    """The pretraining configuration: the checkpoint's own, else the run's config.json beside the file."""
-    if isinstance(ckpt.get("config"), dict) and ckpt["config"].get("student"):
-        return ckpt["config"]
-    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if not os.path.isfile(beside):
-        return {}
-    try:
-        with open(beside) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{beside} is not readable JSON ({err}); fix it or pass --arch and the sizes") from err
-    if not isinstance(cfg, dict) or cfg.get("tool", "pretrain") != "pretrain" or "student" not in cfg:
-        return {}  # another tool's run dir: it says nothing about these weights
-    return cfg
+def check_against_run(run: RunBackbone, arch, patch_size, kwargs) -> None:
+    """The export's flags against the run: equal, or absent (the run's are used)."""
+    where = run.describe()
+    if arch is not None and arch != run.arch:
+        raise ConfigError(f"--arch {arch} contradicts {where}, which trained {run.arch}; drop --arch")
+    if patch_size is not None and patch_size != run.patch_size and not is_timm_name(run.arch):
+        raise ConfigError(f"--patch-size {patch_size} contradicts {where}, which trained patch {run.patch_size}; "
+                          f"drop --patch-size")
+    if kwargs is not None and kwargs != run.kwargs:
+        raise ConfigError(f"--model-kwargs {kwargs} contradicts {where}, which trained "
+                          f"{run.kwargs or 'no size overrides'}; drop --model-kwargs")
 
 
 def parse_kwargs(text) -> dict:
@@ -335,7 +354,7 @@ def model_card(src: Source, architecture: str, title: str) -> str:
              "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
              'features = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))  # pre-logits',
              "```", ""]
-    return "\n".join(lines + results_section(os.path.dirname(src.path)))
+    return "\n".join(lines + results_section(src.run_dir or os.path.dirname(src.path), src.key))
 
 
 def _card_value(value) -> str:
@@ -355,10 +374,15 @@ def steps_line(src: Source) -> str:
             else "unknown (a backbone file without its run's config.json)")
 
 
-def results_section(run_dir: str) -> list[str]:
-    """Every results.json in the run dir or below (evaluations written into the run), as a table."""
-    patterns = [os.path.join(run_dir, *["*"] * depth, "results.json") for depth in range(4)]
+def results_section(run_dir: str, key: str | None = None) -> list[str]:
+    """Every results.json / test_metrics.json in the run dir or below (the evaluations write into RUN/eval/),
+    as a table; with several students (`key`), only those of this student."""
+    patterns = [os.path.join(run_dir, *["*"] * depth, name) for depth in range(7)
+                for name in ("results.json", "test_metrics.json")]
     found = sorted(path for pattern in patterns for path in glob.glob(pattern))
+    if key is not None:
+        mine = os.path.join(run_dir, "eval", key) + os.sep
+        found = [p for p in found if p.startswith(mine) or p.startswith(os.path.join(run_dir, key) + os.sep)]
     rows = [row for path in found for row in result_rows(path, run_dir)]
     if not rows:
         return ["## Evaluation", "", "No results.json was found in the run directory.", ""]
@@ -369,6 +393,8 @@ def result_rows(path: str, run_dir: str) -> list[str]:
     results = read_json(path)
     if not isinstance(results, dict):
         return []  # a half-written or foreign file: leave it out of the card
+    if isinstance(results.get("metrics"), dict):  # a dense test_metrics.json
+        results = results["metrics"]
     where = os.path.relpath(os.path.dirname(path), run_dir)
     where += f" ({results['dataset']})" if "dataset" in results else ""
     return [f"| {where} | {key} | {value:.4g} |" for key, value in results.items()
@@ -519,12 +545,14 @@ def export_dinov2(model: nn.Module, src: Source, output: str, overwrite: bool) -
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint.pth of pretrain.main, or student_backbone[_ema].pth")
+    p.add_argument("checkpoint", help="a pretrain.main run dir, its checkpoint.pth (any step), or "
+                                      "student_backbone[_ema].pth")
     p.add_argument("--to", required=True, choices=FORMATS, help="timm folder, ONNX graph or DINOv2 .pth")
     p.add_argument("--output", required=True, help="the folder (timm) or file (onnx, dinov2) to write")
     p.add_argument("--ema", action="store_true", help="export the student's EMA (checkpoint.pth: student_ema)")
-    p.add_argument("--arch", "--student", dest="arch", help="vit_tiny/small/base/large or timm:<name> "
-                   "(default: the run's --student)")
+    p.add_argument("--student", metavar="KEY", help="several-student run: the student to export (its folder name, "
+                   "e.g. vit_tiny), from the finished run or a mid-run checkpoint.pth; a file of no run: the arch")
+    p.add_argument("--arch", help="vit_tiny/small/base/large or timm:<name> (default: the run's --student)")
     p.add_argument("--patch-size", type=int, help="ViT patch size (default: the run's)")
     p.add_argument("--img-size", "--image-size", "--input-size", dest="img_size", type=int,
                    help="input size S of the export (default: the run's --input-size)")
@@ -554,7 +582,8 @@ def check_args(args) -> None:
 
 
 def export(args) -> str:
-    src = read_source(args.checkpoint, args.ema, args.arch, args.patch_size, args.img_size, args.model_kwargs)
+    src = read_source(args.checkpoint, args.ema, args.arch, args.patch_size, args.img_size, args.model_kwargs,
+                      student=args.student)
     model = build_backbone(src)
     if args.to == "timm":
         return export_timm(model, src, args.output, args.overwrite)

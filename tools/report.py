@@ -9,7 +9,9 @@ Every RUN_DIR is searched recursively for what the tools write, read as each too
 - fine_grained `results.json` ("dataset", "metric", "test_score" in percent);
 - segmentation / depth `test_metrics.json` ("metrics": {"mIoU": ...} / {"rmse": ...});
 - the demo's `results.json` ("random_init" / "distilled" / "teacher" in percent, a "transfer" block).
-Which tool wrote a dir is its config.json "tool" (common.rundir.run_dir_owner).
+Which tool wrote a dir is its config.json "tool" (common.rundir.run_dir_owner). The evaluations write into
+the pretraining run (RUN/eval/...), so `report RUN` shows every number of that run; beside them, a "paper
+target" row per student size of the runs read (the released Proteus models: PAPER_TARGETS).
 
 A model (a table row) is one evaluated checkpoint file (with its EMA flag), or, for the random-init
 baseline, one architecture; a dense run's model is its `model.backbone.checkpoint` option. When two files
@@ -36,6 +38,10 @@ OBJ_LABEL = {"token": "token (CLS)", "fea": "feature (all tokens)", "patch": "pa
 DEMO_MODELS = {"random_init": "random-init student", "distilled": "distilled student", "teacher": "teacher"}
 DENSE = {"segmentation": ("ADE20K mIoU", "mIoU"), "depth": ("NYU RMSE", "rmse")}  # tool: (column, metric key)
 LINEAR = "ImageNet linear top-1"
+# The paper's released Proteus models (distilled from DINOv2; README table, paper Tables 1-7): the target a run
+# of that student size is shown beside. ADE20K: UperNet fine-tune mIoU; NYU: DPT fine-tune RMSE.
+PAPER_TARGETS = {"vit_tiny": (75.2, 80.2, 40.7, 0.423), "vit_small": (81.8, 85.8, 50.0, 0.350),
+                 "vit_base": (84.9, 88.6, 54.4, 0.303), "vit_large": (86.2, 91.0, 57.7, 0.240)}
 SKIP_DIRS = {"tensorboard", "__pycache__"}
 LOOKED_FOR = ("pretrain log.txt (config.json \"tool\": \"pretrain\"), linear_eval and fine_grained results.json, "
               "segmentation / depth test_metrics.json, the demo's results.json (random_init / distilled / teacher)")
@@ -67,6 +73,7 @@ class Found:
     demos: list = field(default_factory=list)  # (path, {dataset: {model: percent}})
     sources: list = field(default_factory=list)  # (path, what)
     skipped: list = field(default_factory=list)  # (path, why)
+    targets: list = field(default_factory=list)  # student archs of the pretrain runs read (paper targets shown)
 
 
 # ==========================================================================================================
@@ -100,6 +107,10 @@ def read_dir(path: str, found: Found) -> None:
     tool = run_dir_owner(path)
     config = read_json(os.path.join(path, "config.json")) if tool else None
     config = config if isinstance(config, dict) else {}
+    if tool == "pretrain":
+        archs = [s.get("arch") for s in config.get("students") or [] if isinstance(s, dict)] or \
+            str(config.get("student", "")).split(",")
+        found.targets += [a for a in archs if a in PAPER_TARGETS and a not in found.targets]
     for name, reader in (("results.json", read_results), ("test_metrics.json", read_dense),
                          ("log.txt", read_log)):
         file = os.path.join(path, name)
@@ -163,7 +174,7 @@ def read_dense(path: str, tool: str | None, config: dict, found: Found) -> None:
     if key not in metrics:
         found.skipped.append((path, f"metrics {sorted(metrics)} hold neither mIoU nor rmse"))
         return
-    model = dense_model(config, r.get("config", ""), found)
+    model = dense_model(config, r.get("config", ""), found, r.get("backbone"))
     put(found, model, column, metrics[key], path)
     found.sources.append((path, f"{tool} {key} -> {found.labels[model]}"))
 
@@ -248,11 +259,16 @@ def eval_model(r: dict, config: dict, found: Found):
     if pretrained == "none":
         kwargs = config.get("model_kwargs") or {}
         return model_key(found, ("random", arch, json.dumps(kwargs, sort_keys=True)), f"{arch}, random init")
-    return checkpoint_model(found, pretrained, bool(config.get("ema", False)))
+    return checkpoint_model(found, pretrained, bool(r.get("ema", config.get("ema", False))),
+                            r.get("student") or config.get("student"))
 
 
-def dense_model(config: dict, config_file: str, found: Found):
-    """A dense run's model: the backbone checkpoint passed on the command line, else its config file."""
+def dense_model(config: dict, config_file: str, found: Found, backbone: dict | None = None):
+    """A dense run's model: the backbone its launcher recorded (test_metrics.json / config.json "backbone"),
+    else the checkpoint passed on the command line, else its config file."""
+    for known in (backbone, config.get("backbone")):
+        if isinstance(known, dict) and isinstance(known.get("checkpoint"), str):
+            return checkpoint_model(found, known["checkpoint"], bool(known.get("ema")), known.get("student"))
     options = config.get("cfg_options") or {}
     for key in ("model.backbone.checkpoint", "model.backbone.checkpoint_path"):
         if isinstance(options.get(key), str) and options[key] not in ("", "none", "None"):
@@ -261,20 +277,32 @@ def dense_model(config: dict, config_file: str, found: Found):
     return model_key(found, ("config", stem), f"{stem} (backbone as in its config)")
 
 
-def checkpoint_model(found: Found, checkpoint: str, ema: bool):
-    """Keyed by the real path: the same file reached by two relative paths is one model."""
+def checkpoint_model(found: Found, checkpoint: str, ema: bool, student: str | None = None):
+    """Keyed by the real path (the same file reached by two relative paths is one model) and, in a
+    several-student checkpoint, the student's key."""
     path = os.path.realpath(os.path.expanduser(checkpoint))
-    key = ("checkpoint", path, ema)
+    key = ("checkpoint", path, ema) + ((student,) if student else ())
     if key in found.labels:
         return key
     run_dir = os.path.dirname(path)
     config = read_json(os.path.join(run_dir, "config.json")) if run_dir_owner(run_dir) == "pretrain" else None
     ema_tag = " EMA" if ema or "_ema" in os.path.basename(path) else ""
-    if isinstance(config, dict):
+    if isinstance(config, dict) and student:
+        arch = next((s.get("arch") for s in config.get("students") or [] if isinstance(s, dict)
+                     and s.get("key") == student), student)
+        step = f" step {config_step(path)}" if os.path.basename(path).startswith("checkpoint") else ""
+        label = f"{pretrain_label(run_dir, {**config, 'student': arch})} [{student}{step}]{ema_tag}"
+    elif isinstance(config, dict):
         label = pretrain_label(run_dir, config) + ema_tag
     else:
         label = os.path.join(os.path.basename(run_dir), os.path.basename(path)) + ema_tag
     return model_key(found, key, label)
+
+
+def config_step(path: str):
+    from models.run import checkpoint_step  # reads global_step only (mmap)
+
+    return checkpoint_step(path)
 
 
 def pretrain_label(run_dir: str, config: dict) -> str:
@@ -362,6 +390,11 @@ def results_table(found: Found) -> str | None:
                   _cell(row, "ADE20K mIoU"), _cell(row, "NYU RMSE", 3)]
         if any(v != "—" for v in values):
             rows.append([found.labels[model], *values])
+    if rows:  # the paper's number for each student size of the runs read, beside them
+        for arch in found.targets:
+            lin, fg, ade, nyu = PAPER_TARGETS[arch]
+            rows.append([f"paper target: Proteus {arch}", _fmt(lin, 2), *("—" for _ in knn), _fmt(fg, 2),
+                         _fmt(ade, 2), _fmt(nyu, 3)])
     return markdown_table(header, rows) if rows else None
 
 

@@ -31,6 +31,8 @@ class ProteusViT(BaseModule):
         checkpoint: any file models.load_backbone accepts (our checkpoint.pth / student_backbone.pth,
             original Proteus release files, official DINOv2), or None for random init.
         ema: take the EMA student from a pretrain checkpoint.
+        student: the key of one student in a several-student pretrain checkpoint.pth (`--backbone RUN
+            --student KEY` of the launchers sets it).
         out_indices: block indices whose outputs are returned, shallow to deep.
         final_norm: apply the final LayerNorm to the returned features (see module doc).
         output_cls_token: return `[map (B, D, h, w), cls (B, D)]` per level (DPT's readout needs it).
@@ -42,7 +44,7 @@ class ProteusViT(BaseModule):
 
     def __init__(self, arch="vit_small", patch_size=14, img_size=518, checkpoint=None, ema=False,
                  out_indices=(3, 5, 7, 11), final_norm=False, output_cls_token=False, frozen=False,
-                 drop_path_rate=0.0, num_register_tokens=0, overrides=None, init_cfg=None):
+                 drop_path_rate=0.0, num_register_tokens=0, overrides=None, student=None, init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}: use a crop of "
@@ -55,7 +57,7 @@ class ProteusViT(BaseModule):
             raise ValueError(f"out_indices {list(out_indices)} must be block indices in [0, {depth - 1}] for "
                              f"{arch} with {depth} blocks")
         self.arch, self.patch_size, self.img_size, self.ema = arch, patch_size, img_size, ema
-        self.checkpoint = checkpoint
+        self.checkpoint, self.student = checkpoint, student
         self.final_norm, self.output_cls_token, self.frozen = final_norm, output_cls_token, frozen
         self.embed_dim = self.vit.embed_dim
         self._freeze_unused()
@@ -82,7 +84,7 @@ class ProteusViT(BaseModule):
             return
         hint = "put the Proteus backbone there or pass --cfg-options model.backbone.checkpoint=PATH (None = random init)"
         ckpt = read_checkpoint(self.checkpoint, hint=hint, allowed_globals=PROTEUS_TRAINING_GLOBALS)
-        sd = backbone_state_dict(ckpt, ema=self.ema)
+        sd = backbone_state_dict(ckpt, ema=self.ema, student=self.student)
         # straight into this ViT (it carries drop path / size overrides), with load_backbone's own rules:
         # strict, pos-embed resampled to the crop, only the unused mask token may be absent
         absent = load_state_dict_checked(self.vit, fit_pos_embed(sd, self.vit), allowed_missing=EVAL_ALLOWED_MISSING,

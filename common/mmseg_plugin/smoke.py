@@ -21,6 +21,15 @@ def _scale_channels(value, old_dim: int, new_dim: int, untied: int = 32):
     return min(value, untied) if isinstance(value, int) else value
 
 
+def scale_head_channels(model, old_dim: int, new_dim: int) -> None:
+    """Neck / decode / auxiliary head channel counts tied to the ViT width, from `old_dim` to `new_dim`."""
+    for part in ("neck", "decode_head", "auxiliary_head"):
+        if model.get(part):
+            for key in _CHANNEL_KEYS:
+                if key in model[part]:
+                    model[part][key] = _scale_channels(model[part][key], old_dim, new_dim)
+
+
 def _walk(node, fn):
     """Apply fn to every dict in a nested config structure (dicts and lists)."""
     if isinstance(node, dict):
@@ -57,11 +66,7 @@ def shrink_config(cfg: Config, crop: int = 56, dim: int = 64, depth: int = 4, he
     old_dim = VIT_SIZES[model.backbone.arch][0]
     model.backbone.update(img_size=crop, checkpoint=None, out_indices=list(range(depth)),
                           overrides=dict(depth=depth, embed_dim=dim, num_heads=heads))
-    for part in ("neck", "decode_head", "auxiliary_head"):
-        if model.get(part):
-            for key in _CHANNEL_KEYS:
-                if key in model[part]:
-                    model[part][key] = _scale_channels(model[part][key], old_dim, dim)
+    scale_head_channels(model, old_dim, dim)
     _walk(cfg._cfg_dict, lambda d: d.update(type="BN") if d.get("type") == "SyncBN" else None)
     model.data_preprocessor.size = (crop, crop)
     stride = model.test_cfg.get("stride")
