@@ -22,7 +22,7 @@ from common.config import ConfigArgumentParser
 from common.dist import DistInfo, resolve_device
 from common.errors import ConfigError, MissingFileError, UserError
 from common.precision import resolve_precision
-from . import shards
+from . import accumulate, monitor, shards
 from .losses import OBJECTIVES, select_objectives
 from .masking import validate_mask_config
 from .students import student_specs
@@ -52,6 +52,7 @@ class Knob:
     student: bool = False
     aliases: tuple = ()
     group: str = ""
+    parse: object = None  # the flag's argparse type when it is not the default's type (--min-lr: number or auto)
 
     @property
     def flag(self) -> str:
@@ -105,7 +106,8 @@ def build_parser(table, prog: str, description: str) -> ConfigArgumentParser:
         elif isinstance(k.default, list):
             g.add_argument(*flags, default=k.default, nargs="+", type=type(k.default[0]), help=k.help)
         else:
-            g.add_argument(*flags, default=k.default, type=type(k.default), choices=k.choices or None, help=k.help)
+            g.add_argument(*flags, default=k.default, type=k.parse or type(k.default), choices=k.choices or None,
+                           help=k.help)
     return parser
 
 
@@ -115,6 +117,8 @@ def check_ranges(cfg: dict, table) -> None:
         if not k.bounded:
             continue
         v = cfg[k.name]
+        if isinstance(v, str):  # a word the knob's parse accepts besides numbers ("auto")
+            continue
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{k.flag} must be a finite number, got {v}")
         lo, hi = (k.ge if k.gt is None else k.gt), (k.le if k.lt is None else k.lt)
@@ -144,6 +148,8 @@ def validate_config(cfg: dict, table, world_size: int) -> None:
     check_optimisation(cfg, world_size)
     check_augmentation(cfg)
     resume_changes(cfg["allow_resume_change"], table)
+    monitor.check_wandb(cfg["wandb"])
+    monitor.parse_knn_dirs(cfg["monitor_knn"])
     resolve_device(cfg["device"])  # --device cuda without a GPU fails here, not after the teacher
     if cfg["single_image"]:
         if not os.path.isfile(cfg["single_image"]):
@@ -232,9 +238,7 @@ def check_data_sources(cfg: dict) -> None:
 
 
 def check_optimisation(cfg: dict, world_size: int) -> None:
-    if cfg["global_batch_size"] and cfg["global_batch_size"] % world_size:
-        raise ConfigError(f"--global-batch-size {cfg['global_batch_size']} is not divisible by the {world_size} "
-                          f"processes; use a multiple of {world_size}")
+    accumulate.plan_batches(cfg["batch_size"], cfg["global_batch_size"], world_size)  # divides, or the fix
     if cfg["warmup_epochs"] > cfg["epochs"]:
         raise ConfigError(f"need 0 <= --warmup-epochs <= --epochs, got {cfg['warmup_epochs']} / {cfg['epochs']}")
     betas = cfg["opt_betas"]
@@ -248,7 +252,8 @@ def check_optimisation(cfg: dict, world_size: int) -> None:
 def check_students(cfg: dict, world_size: int) -> None:
     """Every --student entry, and each one's peak learning rate against --min-lr."""
     specs = student_specs(cfg)
-    global_batch = cfg["global_batch_size"] or cfg["batch_size"] * world_size
+    global_batch = accumulate.plan_batches(cfg["batch_size"], cfg["global_batch_size"], world_size).global_batch
+    min_lr = min_lr_of(cfg, global_batch)
     for spec in specs:
         try:
             check_student({**cfg, "student": spec.arch, "student_kwargs": spec.kwargs})
@@ -259,10 +264,25 @@ def check_students(cfg: dict, world_size: int) -> None:
         peak = optim.scaled_lr(spec.lr, global_batch, cfg["lr_reference_batch"])
         if not peak > 0:
             raise ConfigError(f"--student-lr must be > 0, got {spec.lr} for {spec.key}")
-        if cfg["min_lr"] > peak:
-            raise ConfigError(f"--min-lr {cfg['min_lr']} is above the peak learning rate {peak:.3g} of student "
+        if min_lr > peak:
+            what = (f"--min-lr {cfg['min_lr']}" if cfg["min_lr"] != "auto" else
+                    f"--min-lr auto ({min_lr:.3g} = {accumulate.MIN_LR_AT_REFERENCE} x global batch / "
+                    f"--lr-reference-batch)")
+            raise ConfigError(f"{what} is above the peak learning rate {peak:.3g} of student "
                               f"{spec.key} (lr {spec.lr} x global batch {global_batch} / --lr-reference-batch "
                               f"{cfg['lr_reference_batch']})")
+
+
+def float_or_auto(text: str):
+    """argparse type of --min-lr: a number, or the word auto."""
+    return "auto" if text == "auto" else float(text)
+
+
+def min_lr_of(cfg, global_batch: int) -> float:
+    """--min-lr as given, or its batch-scaled default (pretrain/accumulate.py default_min_lr)."""
+    if cfg["min_lr"] == "auto":
+        return accumulate.default_min_lr(global_batch, cfg["lr_reference_batch"])
+    return cfg["min_lr"]
 
 
 def check_student(cfg: dict) -> None:
@@ -368,10 +388,12 @@ def derive(cfg: dict, info: DistInfo) -> types.MappingProxyType:
     cfg["precision_requested"] = cfg["precision"]
     cfg["precision"], cfg["precision_reason"] = resolve_precision(cfg["precision"], info.device)
     log.info("precision %s (%s)", cfg["precision"], cfg["precision_reason"])
-    if cfg["global_batch_size"]:
-        cfg["batch_size"] = cfg["global_batch_size"] // info.world_size
+    plan = accumulate.plan_batches(cfg["batch_size"], cfg["global_batch_size"], info.world_size)
+    cfg["batch_size"], cfg["accum_steps"] = plan.micro, plan.accum  # micro-batch; micro-batches per step
     cfg["world_size"] = info.world_size
-    cfg["global_batch"] = cfg["batch_size"] * info.world_size
+    cfg["global_batch"] = plan.global_batch
+    cfg["min_lr_requested"], cfg["min_lr"] = cfg["min_lr"], min_lr_of(cfg, plan.global_batch)
+    log.info("%s", accumulate.describe(plan))
     cfg["lr_scaled"] = optim.scaled_lr(cfg["lr"], cfg["global_batch"], cfg["lr_reference_batch"])
     cfg["students"] = [{**spec.as_dict(), "lr_scaled": optim.scaled_lr(spec.lr, cfg["global_batch"],
                                                                        cfg["lr_reference_batch"])}

@@ -36,36 +36,50 @@ def build_data(cfg, info: DistInfo) -> Data:
                                            cfg["images_per_class"], cfg["single_image"],
                                            cfg["single_image_length"], cfg["seed"])
     sampler = cdata.build_train_sampler(dataset, info.world_size, info.rank, cfg["repeated_aug"], cfg["seed"])
-    steps_per_epoch = len(sampler) // cfg["batch_size"]
+    step_batch = step_batch_of(cfg)
+    steps_per_epoch = len(sampler) // step_batch
     if steps_per_epoch == 0:
         raise DataError(f"{len(dataset)} images give {len(sampler)} per process, less than one batch of "
-                        f"{cfg['batch_size']}: lower --batch-size or use more data")
+                        f"{step_batch}{batch_origin(cfg)}")
     generator = torch.Generator()
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
+    loader = torch.utils.data.DataLoader(  # one optimizer step's images per batch (split into micro-batches)
+        dataset, batch_size=step_batch, sampler=sampler, num_workers=cfg["num_workers"],
         pin_memory=cfg["pin_mem"] and info.device.type == "cuda", drop_last=True,
         collate_fn=cdata.collate_skip_bad, worker_init_fn=worker_init, generator=generator,
         persistent_workers=False)
     log.info("data: %d images, %d steps/epoch of %d x %d processes", len(dataset), steps_per_epoch,
-             cfg["batch_size"], info.world_size)
+             step_batch, info.world_size)
     return Data(loader, generator, steps_per_epoch, fixed_pca_batch(dataset, cfg))
 
 
 def build_shard_data(cfg, info: DistInfo, transform) -> Data:
     """Tar shards streamed in whole batches (pretrain/shards.py): DeiT's repeated augmentation does not apply."""
-    stream = shards.ShardStream(cfg["data_path"][0], transform, cfg["batch_size"], world_size=info.world_size,
+    stream = shards.ShardStream(cfg["data_path"][0], transform, step_batch_of(cfg), world_size=info.world_size,
                                 rank=info.rank, seed=cfg["seed"], on_bad_image=cfg["on_bad_image"])
     if stream.steps_per_epoch == 0:
         raise DataError(f"{stream.num_samples} samples in {len(stream.urls)} shards give less than one batch of "
-                        f"{cfg['batch_size']} per process: lower --batch-size or use more data")
+                        f"{step_batch_of(cfg)} per process{batch_origin(cfg)}")
     generator = torch.Generator()
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg["num_workers"], pin_memory=cfg["pin_mem"] and
         info.device.type == "cuda", collate_fn=shards.collate_shard_batch, worker_init_fn=worker_init,
         generator=generator, persistent_workers=False)
     log.info("data: %d samples in %d shards, %d steps/epoch of %d x %d processes", stream.num_samples,
-             len(stream.urls), stream.steps_per_epoch, cfg["batch_size"], info.world_size)
+             len(stream.urls), stream.steps_per_epoch, step_batch_of(cfg), info.world_size)
     return Data(loader, generator, stream.steps_per_epoch, shard_pca_batch(stream, cfg))
+
+
+def step_batch_of(cfg) -> int:
+    """Images per process per optimizer step: the loader's batch (split into --batch-size micro-batches)."""
+    return cfg["batch_size"] * cfg.get("accum_steps", 1)
+
+
+def batch_origin(cfg) -> str:
+    """Where the per-process step batch comes from, and the fix for too little data."""
+    if cfg["global_batch_size"]:
+        return (f" (--global-batch-size {cfg['global_batch_size']} / {cfg['world_size']} processes): lower "
+                f"--global-batch-size or use more data")
+    return " (--batch-size): lower --batch-size or use more data"
 
 
 def worker_init(worker_id: int) -> None:

@@ -25,6 +25,7 @@ from common import probe
 from common.dist import DistInfo, barrier
 from common.errors import DataError
 from common.log import MetricLogger
+from . import accumulate, monitor
 from . import state as ckpt_state
 from .students import prefixed
 from .targets import prepare_targets
@@ -108,8 +109,14 @@ class Trainer:
     preempt: PreemptionFlag | None = None
     grids: dict = field(default_factory=dict)
     normaliser: torch.nn.Module | None = None
+    knn_monitor: object = None  # pretrain/monitor.py KnnMonitor (--monitor-knn, rank 0): built from cfg if None
+    data_wait: monitor.DataWait = field(default_factory=monitor.DataWait)
     _save_failures: int = 0  # consecutive failed checkpoint writes
     _save_error: str = ""
+
+    def __post_init__(self):
+        if self.knn_monitor is None:
+            self.knn_monitor = monitor.build_knn_monitor(self.cfg, self.dist_info.is_main)
 
     @property
     def distiller(self) -> torch.nn.Module:
@@ -146,7 +153,7 @@ class Trainer:
         with torch.inference_mode():
             return prepare_targets(raw, self.grids, self.distiller.grid, self.normaliser)
 
-    def student_losses(self, run, images, masks, rows, targets) -> dict:
+    def student_losses(self, run, images, masks, rows, targets, micro: int = 0) -> dict:
         """One student's forward (its own stochastic-depth stream): its distiller's loss dict."""
         with run.rng(self.cfg["seed"], self.dist_info.rank, self.progress.global_step, images.device), \
                 self.autocast():
@@ -186,6 +193,7 @@ class Trainer:
             self.train_one_epoch(epoch)
             self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
             self.save_checkpoint()
+            monitor.run_knn_monitor(self, epoch)
             if cfg["pca_every_epochs"] and ((epoch + 1) % cfg["pca_every_epochs"] == 0 or epoch + 1 == cfg["epochs"]):
                 self.log_pca()
 
@@ -197,7 +205,7 @@ class Trainer:
         if hasattr(self.loader.dataset, "set_epoch"):  # tar shards: positions per loader role
             self.loader.dataset.set_epoch(epoch, skip, self.progress.data_state)
         else:
-            self.loader.sampler.set_epoch(epoch, skip=skip * cfg["batch_size"])
+            self.loader.sampler.set_epoch(epoch, skip=skip * cfg["batch_size"] * cfg.get("accum_steps", 1))
         # worker seeds depend on (seed, epoch, rank) only, never on how the run was interrupted
         self.loader_generator.manual_seed(cfg["seed"] * 100_003 + epoch * 1_009 + self.dist_info.rank)
         for run in self.students:
@@ -207,7 +215,8 @@ class Trainer:
         total = cfg["epochs"] * self.steps_per_epoch
         window = probe.Progress("step", total, start=self.progress.global_step)  # img/s and ETA since the last line
         window_sums, window_steps = torch.zeros(len(names), dtype=torch.float64), 0  # losses since the last line
-        for item in self.batches():
+        self.data_wait.take()
+        for item in self.data_wait.wrap(self.batches()):
             (batch, n_bad), position = item if len(item) == 2 and isinstance(item[1], tuple) else (item, None)
             if position is not None:
                 self.progress.data_state[position[0]] = position[1]
@@ -244,14 +253,9 @@ class Trainer:
         step = self.progress.global_step
         for run in self.students:
             run.step_schedule(step)  # per-iteration schedule: lr of *this* step
-        masks, rows = self.mask_gen(images.shape[0])  # (B, N) bool, (M,)
+        masks, rows = self.mask_gen(images.shape[0])  # (B, N) bool, (M,): drawn for the whole step batch
         masks, rows = masks.to(images.device, non_blocking=True), rows.to(images.device, non_blocking=True)
-        targets = self.teacher_targets(images)
-        losses = {}
-        for run in self.students:
-            own = self.student_losses(run, images, masks, rows, targets)
-            self.backward(run, own["loss"])
-            losses.update(zip(prefixed(self.prefix(run), own), own.values()))
+        losses = self.accumulate_gradients(images, masks, rows)
         stats = self._reduce_stats(losses, n_bad)  # one host sync per step
         n = len(self.loss_names)
         self.progress.bad_images += int(stats[n + 1])
@@ -264,6 +268,24 @@ class Trainer:
         self.progress.global_step += 1
         self.progress.step_in_epoch += 1
         return stats[:n], extras, stats[n] > 0
+
+    def accumulate_gradients(self, images, masks, rows) -> dict:
+        """Forward + backward of every student over the step batch, in micro-batches of --batch-size
+        (pretrain/accumulate.py: the gradients and losses of the one-batch step). Returns the step's losses."""
+        micro = self.cfg["batch_size"] if self.cfg.get("accum_steps", 1) > 1 else images.shape[0]
+        parts = accumulate.split_step(images, masks, rows, micro)
+        losses = {}
+        for mb in parts:
+            targets = self.teacher_targets(mb.images)
+            for run in self.students:
+                with accumulate.sync_gradients(run.model, mb):  # DDP: one all-reduce, on the last micro-batch
+                    own = self.student_losses(run, mb.images, mb.masks, mb.rows, targets, micro=mb.index)
+                    total = own["loss"] if len(parts) == 1 else accumulate.weighted_total(run.distiller, own, mb)
+                    self.backward(run, total)
+                logged = accumulate.logged_losses(run.distiller, own, total, mb)  # this micro-batch's share
+                for k, v in zip(prefixed(self.prefix(run), logged), logged.values()):
+                    losses[k] = losses[k] + v if k in losses else v
+        return losses
 
     def _step_student(self, run, step: int, epoch: int, stats: list[float], want_norm: bool) -> dict:
         """AdamW step of one student if its losses are finite; its {lr, grad_norm} (prefixed when several)."""
@@ -355,18 +377,22 @@ class Trainer:
         # the losses printed and logged are the mean over the steps since the last line, not one step's value
         losses = dict(zip(self.loss_names, mean_losses))
         total, ips = window.total, window.img_per_s
+        data_share, mem = self.data_wait.take(), monitor.peak_memory_gib(self.dist_info.device)
         head = (f"epoch {epoch} [{self.progress.step_in_epoch}/{self.steps_per_epoch}] step "
                 f"{self.progress.global_step}/{total}")
-        parts = []
+        rows = []
         for run in self.students:
-            pre = prefixed(self.prefix(run), ("loss", "lr"))
-            own = prefixed(self.prefix(run), run.distiller.loss_names[1:])
-            detail = " ".join(f"{k.split('/', 1)[1] if self.multi else k} {losses[k]:.4f}" for k in own)
-            parts.append(f"{run.key + ' ' if self.multi else ''}loss {losses[pre[0]]:.4f} ({detail})  "
-                         f"lr {extras[pre[1]]:.2e}")
-        log.info("%s  %s  %.1f img/s  eta %s", head, "  |  ".join(parts), ips, probe.hms(window.eta_s))
+            pre = prefixed(self.prefix(run), ("loss", "lr", "grad_norm"))
+            names = run.distiller.loss_names[1:]
+            short = monitor.short_loss_names(names)
+            rows.append(dict(key=run.key if self.multi else None, loss=losses[pre[0]], lr=extras[pre[1]],
+                             grad_norm=extras.get(pre[2]), parts={short[n]: losses[k] for n, k in
+                                                                  zip(names, prefixed(self.prefix(run), names))}))
+        for line in monitor.progress_lines(head, rows, ips, data_share, probe.hms(window.eta_s), mem):
+            log.info("%s", line)
+        memory = {} if mem is None else {"peak_mem_gib": mem}
         self.metrics.log(self.progress.global_step, prefix="train/", **losses, **extras, img_per_s=ips,
-                         epoch=epoch, bad_images=self.progress.bad_images)
+                         data_wait=data_share, epoch=epoch, bad_images=self.progress.bad_images, **memory)
 
     @torch.no_grad()
     def log_pca(self) -> None:

@@ -8,7 +8,7 @@ its keys are named in --allow-resume-change. Exit codes: 0 done, 2 bad input (no
 74 checkpoints could not be written, 75 stopped by a signal after a checkpoint (rerun the same command).
 """
 import models
-from .config import OBJECTIVE_WEIGHTS, Knob as K, knob_table
+from .config import OBJECTIVE_WEIGHTS, Knob as K, float_or_auto, knob_table
 
 FREE, CHANGE = "free", "changeable"  # resume policy; every other knob must match the checkpoint's
 # ==========================================================================================================
@@ -21,8 +21,8 @@ KNOBS = knob_table(
       "listing image paths (several are merged), or one tar-shard pattern 'DIR/shards-{000000..001281}.tar'",
       resume=CHANGE),
     K("input_size", 224, "training crop size (the teacher sees the same crop)", ge=1, aliases=("--image-size",)),
-    K("batch_size", 128, "images per process per step (original: 128 x 4 GPUs = 512 global)", ge=1),
-    K("global_batch_size", 0, "if > 0: global batch, split over processes (must divide evenly)", ge=0),
+    K("batch_size", 0, "images per process per forward (0: --global-batch-size / processes, else 128)", ge=0),
+    K("global_batch_size", 0, "if > 0: images per step; G / (batch x processes) micro-batches accumulate", ge=0),
     K("num_workers", 10, "DataLoader worker processes per rank", ge=0, resume=FREE),
     K("pin_mem", True, "pinned host memory for faster host-to-GPU copies", resume=FREE),
     K("on_bad_image", "skip", "unreadable images: skip (warn + count) or fail", ("skip", "fail"), resume=CHANGE),
@@ -72,7 +72,7 @@ KNOBS = knob_table(
     K("lr", 5e-4, "base learning rate for a global batch of --lr-reference-batch (linear scaling)", gt=0,
       resume=CHANGE, student=True),
     K("lr_reference_batch", 512, "lr = --lr x global batch / this (DeiT rule)", ge=1),
-    K("min_lr", 1e-5, "cosine floor", ge=0, resume=CHANGE),
+    K("min_lr", "auto", "cosine floor (auto: scaled as --lr, 1e-5 at 512)", ge=0, resume=CHANGE, parse=float_or_auto),
     K("warmup_lr", 1e-6, "learning rate at step 0", ge=0, resume=CHANGE),
     K("weight_decay", 0.05, "AdamW weight decay (none on 1-D params and biases)", ge=0),
     K("decay_tokens", True, "weight-decay pos/cls/mask tokens (original: yes; --no-decay-tokens: timm/DeiT style)"),
@@ -101,6 +101,9 @@ KNOBS = knob_table(
     K("max_bad_steps", 20, "fp16: consecutive scaler-skipped / non-finite steps tolerated before stopping", ge=0,
       resume=FREE),
     K("dist_timeout_min", 30, "collective timeout in minutes", ge=1, resume=FREE),
+    K("wandb", "", "W&B project that also gets the TensorBoard scalars and images (optional package)", resume=FREE),
+    K("monitor_knn", "", "TRAIN_DIR,VAL_DIR: kNN top-1 of the EMA student every --monitor-every epochs", resume=FREE),
+    K("monitor_every", 1, "epochs between two --monitor-knn probes (pretrain/monitor.py)", ge=1, resume=FREE),
 )
 
 # The rest of the imports sit below the table, which is what a reader of this file comes for (ruff: E402 off here)
@@ -114,8 +117,8 @@ import torch
 from common import optim
 from common.dist import DistInfo, cleanup, init_distributed
 from common.errors import cli
-from common.log import MetricLogger, setup_logging
-from . import config, resume
+from common.log import setup_logging
+from . import config, monitor, resume
 from . import state as ckpt_state
 from .data import build_data
 from .engine import EXIT_PREEMPTED, PREEMPT_SIGNALS, PreemptionFlag, StopTraining, Trainer
@@ -273,7 +276,7 @@ def build_trainer(cfg, info: DistInfo, data, teachers: dict, preempt: Preemption
     masked_view = students[0].distiller.masked_view  # the same objectives for every student
     mask_gen = MaskGenerator(grid[0] * grid[1], cfg["mask_probability"] if masked_view else 0.0,
                              cfg["mask_ratio"], seed=cfg["seed"] + info.rank)
-    metrics = MetricLogger(cfg["output_dir"], enabled=info.is_main)
+    metrics = monitor.metric_logger(cfg, info.is_main)  # log.txt + TensorBoard (+ W&B with --wandb)
     grids = {k: (cfg["input_size"] // t.patch_size,) * 2 for k, t in teachers.items()}
     dims = {k: t.embed_dim for k, t in teachers.items()}  # PHI-S: fitted on the first batches (fit_teacher_norm)
     return Trainer(cfg, info, students, teachers, mask_gen, data.loader, data.generator, data.steps_per_epoch,

@@ -127,11 +127,12 @@ class StudentRun:
     def key(self) -> str:
         return self.spec.key
 
-    def rng(self, seed: int, rank: int, step: int, device: torch.device):
-        """The stochastic-depth stream of this student at `step` (nothing to fork without drop path)."""
+    def rng(self, seed: int, rank: int, step: int, device: torch.device, micro: int = 0):
+        """The stochastic-depth stream of this student at `step`, micro-batch `micro` (gradient accumulation);
+        nothing to fork without drop path."""
         if self.spec.drop_path <= 0:
             return nullcontext()
-        return seeded((init_seed(seed, self.key) + 7_919 * rank + 104_729 * step) % 2**63, device)
+        return seeded((init_seed(seed, self.key) + 7_919 * rank + 104_729 * step + 1_299_709 * micro) % 2**63, device)
 
     def step_schedule(self, global_step: int) -> None:
         self.scheduler.step_update(global_step - self.start_step)

@@ -95,9 +95,9 @@ def test_extending_epochs_with_allow_resume_change_rebuilds_the_schedule(tmp_pat
     assert pretrain_main.main(argv) == 0
     assert _ckpt(out)["global_step"] == 12
     lrs = {r["step"]: r["train/lr"] for r in read_log(out) if "train/lr" in r}
-    peak = 0.05 * 4 / 512
+    peak, floor = 0.05 * 4 / 512, 1e-5 * 4 / 512  # the default --min-lr scales with the batch as the lr (#19)
     for step in range(7, 13):  # logged after step index step-1, on the new 12-step cosine
-        assert lrs[step] == pytest.approx(cosine_lr_at(step - 1, peak, 12, 0, 1e-5, 1e-6), rel=1e-6)
+        assert lrs[step] == pytest.approx(cosine_lr_at(step - 1, peak, 12, 0, floor, 1e-6), rel=1e-6)
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["epochs"] == 2 and cfg["resume_changes"] == [{"step": 6, "changes": {"epochs": [1, 2]}}]
     assert cfg["tool"] == "pretrain" and cfg["resumed_from"].endswith("checkpoint.pth")
