@@ -117,7 +117,7 @@ class TrackedMetricLogger(MetricLogger):
         out = os.path.abspath(output_dir)
         self.run = wandb.init(project=project, dir=out, name=os.path.basename(out.rstrip(os.sep)),
                               id=hashlib.sha1(out.encode()).hexdigest()[:16], resume="allow",
-                              config=json.loads(json.dumps(config, default=str)))
+                              config=json.loads(json.dumps(dict(config), default=str)))  # a plain dict
         self._wandb = wandb
 
     def log(self, step: int, prefix: str = "", write_json: bool = True, **scalars) -> None:
