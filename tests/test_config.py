@@ -259,6 +259,7 @@ def test_dense_leaf_takes_the_size_of_its_name(path):
 
 
 def test_model_flags_are_one_vocabulary_across_entry_points():
+    from common.backbone_flags import resolve_backbone
     from fine_grained.main import get_args_parser as fine_grained_parser
     from linear_eval.main import get_args_parser as linear_eval_parser
     from pretrain.main import parse_config
@@ -271,5 +272,7 @@ def test_model_flags_are_one_vocabulary_across_entry_points():
                                        "--input-size", "56"])
         b = parser.parse_args(extra + ["--arch", "vit_tiny", "--model-kwargs", '{"depth": 2, "embed_dim": 64}',
                                        "--image-size", "56"])
+        for args in (a, b):  # without a run, --student names the architecture (with one it picks a student)
+            resolve_backbone(args, "probe")
         assert (a.arch, a.model_kwargs, a.image_size) == (b.arch, b.model_kwargs, b.image_size) == (
             "vit_tiny", {"depth": 2, "embed_dim": 64}, 56)
