@@ -42,15 +42,16 @@ import torch
 import torch.nn as nn
 
 from common.errors import CheckpointError, ConfigError, DataError, MissingFileError, cli
-from common.log import read_json
 from common import rundir
+from common.log import read_json
 from common.rundir import TOOL_KEY, run_dir_owner
 from models.teachers import IMAGENET_MEAN, IMAGENET_STD
 from models.timm_student import is_timm_name, timm_model_keys
 from models.vit import STUDENTS, DinoVisionTransformer, build_student, parse_size_kwargs
 from models.run import RunBackbone, pick_student, resolve_run, run_students
 from models.weights import (EVAL_ALLOWED_MISSING, PROTEUS_TRAINING_GLOBALS, backbone_state_dict, fit_pos_embed,
-                      load_backbone, load_state_dict_checked, read_checkpoint)
+                            load_backbone, load_state_dict_checked, read_checkpoint)
+from pretrain.losses import OBJECTIVES
 
 PROG = "tools.export"
 FORMATS = ("timm", "onnx", "dinov2")
@@ -64,9 +65,10 @@ TIMM_VIT = {"vit_tiny": "vit_small", "vit_small": "vit_small", "vit_base": "vit_
 # pretrained_cfg fields that describe timm's own release of an architecture, not these weights.
 TIMM_SOURCE_FIELDS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "description")
 # The recipe a model card lists, when the run's configuration has it.
-CARD_RECIPE = ("teacher", "teacher_weight", "objectives", "lambda_token", "lambda_fea", "lambda_patch",
-               "mask_probability", "mask_ratio", "epochs", "global_batch", "lr", "lr_scaled", "weight_decay",
-               "precision", "data_path", "single_image", "git_sha")
+# (the objectives' --lambda-<name> weights come between the two parts, in the registry's order)
+CARD_RECIPE = (("teacher", "teacher_weight", "objectives"),
+               ("mask_probability", "mask_ratio", "epochs", "global_batch", "lr", "lr_scaled", "weight_decay",
+                "precision", "data_path", "single_image", "git_sha"))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_CHECK_IMAGES = 16
 # What `--to timm` writes; its config.json carries the run-dir marker ("tool": PROG) so that --overwrite
@@ -343,7 +345,8 @@ def model_card(src: Source, architecture: str, title: str) -> str:
             ("timm architecture", f"`{architecture}`"),
             ("weights", f"EMA of the student (decay {cfg.get('ema_decay', '?')})" if src.ema else "the student"),
             ("source", f"`{os.path.basename(src.path)}` of run `{os.path.basename(os.path.dirname(src.path))}`")]
-    rows += [(key, f"`{_card_value(cfg[key])}`") for key in CARD_RECIPE if cfg.get(key) not in (None, "", [], {})]
+    keys = (*CARD_RECIPE[0], *(f"lambda_{name}" for name in OBJECTIVES), *CARD_RECIPE[1])
+    rows += [(key, f"`{_card_value(cfg[key])}`") for key in keys if cfg.get(key) not in (None, "", [], {})]
     rows.append(("steps", steps_line(src)))
     teacher = f" from `{cfg['teacher']}`" if cfg.get("teacher") else ""
     lines = ["---", "library_name: timm", "tags: [image-feature-extraction, timm, proteus, distillation]", "---",
