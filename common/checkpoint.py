@@ -193,14 +193,3 @@ def file_fingerprint(path: str, chunk: int = 1 << 20) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def file_fingerprint(path: str, chunk: int = 1 << 20) -> str:
-    """Size + SHA-256 of the first and last MiB: a file overwritten in place changes it, a copy does not
-    (cheap for multi-GB teacher weights; file_sha256 reads the whole file)."""
-    size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(chunk))
-        f.seek(max(size - chunk, 0))
-        h.update(f.read(chunk))
-    return f"{size}:{h.hexdigest()[:16]}"

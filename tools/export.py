@@ -47,6 +47,7 @@ from models.timm_student import is_timm_name, timm_model_keys
 from models.vit import STUDENTS, DinoVisionTransformer, build_student, parse_size_kwargs
 from models.weights import (EVAL_ALLOWED_MISSING, PROTEUS_TRAINING_GLOBALS, backbone_state_dict, fit_pos_embed,
                       load_backbone, load_state_dict_checked, read_checkpoint)
+from pretrain.losses import OBJECTIVES
 
 PROG = "tools.export"
 FORMATS = ("timm", "onnx", "dinov2")
@@ -60,7 +61,7 @@ TIMM_VIT = {"vit_tiny": "vit_small", "vit_small": "vit_small", "vit_base": "vit_
 # pretrained_cfg fields that describe timm's own release of an architecture, not these weights.
 TIMM_SOURCE_FIELDS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "description")
 # The recipe a model card lists, when the run's configuration has it.
-CARD_RECIPE = ("teacher", "teacher_weight", "objectives", "lambda_token", "lambda_fea", "lambda_patch",
+CARD_RECIPE = ("teacher", "teacher_weight", "objectives", *(f"lambda_{name}" for name in OBJECTIVES),
                "mask_probability", "mask_ratio", "epochs", "global_batch", "lr", "lr_scaled", "weight_decay",
                "precision", "data_path", "single_image", "git_sha")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
