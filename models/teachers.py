@@ -197,10 +197,12 @@ class TeacherFamily:
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     patch_targets: bool = True
+    arch_kwargs: dict = field(default_factory=dict)  # for every name of the family (as its publisher ran it)
 
     def spec(self, key: str, name: str) -> TeacherSpec:
         arch, patch, dim, *kw = self.names[name]
-        return TeacherSpec(patch, dim, self.patch_targets, self.mean, self.std, key, arch, kw[0] if kw else {})
+        return TeacherSpec(patch, dim, self.patch_targets, self.mean, self.std, key, arch,
+                           {**self.arch_kwargs, **(kw[0] if kw else {})})
 
 
 def _teacher(family: TeacherFamily, spec: TeacherSpec, backbone: nn.Module, name: str, **kw) -> Teacher:
@@ -257,7 +259,29 @@ def _timm_model(spec: TeacherSpec, img_size: int | None = None, **kw):
     return timm.create_model(spec.arch, pretrained=False, **kw)
 
 
+def _bicubic_pos_embed(model: nn.Module) -> nn.Module:
+    """Resample a prefix-free ViT's position embedding as transformers' SigLIP does at a new grid (bicubic,
+    align_corners=False, no antialias; timm's default antialiases, which differs at a new grid)."""
+    import types
+
+    import torch.nn.functional as F
+
+    def _pos_embed(self, x):  # x (B, H, W, C) with dynamic_img_size
+        b, h, w, c = x.shape
+        pos, (gh, gw) = self.pos_embed, self.patch_embed.grid_size
+        if (h, w) != (gh, gw):
+            pos = F.interpolate(pos.reshape(1, gh, gw, c).permute(0, 3, 1, 2), size=(h, w), mode="bicubic",
+                                align_corners=False).permute(0, 2, 3, 1).reshape(1, h * w, c)
+        return self.pos_drop(x.reshape(b, h * w, c) + pos)
+
+    assert model.num_prefix_tokens == 0 and model.dynamic_img_size
+    model._pos_embed = types.MethodType(_pos_embed, model)
+    return model
+
+
 def _timm_teacher(spec, name, model, **kw):
+    if spec.family == "siglip2":
+        model = _bicubic_pos_embed(model)
     family = TEACHER_FAMILIES[spec.family]
     pool = {"dinov3": "cls", "siglip2": "head", "pe_core": "head", "aimv2": "head", "clip": "cls"}[spec.family]
     return _teacher(family, spec, _TimmTokens(model, pool), name, **kw)
@@ -456,7 +480,8 @@ TEACHER_FAMILIES: dict[str, TeacherFamily] = {
         f"{HF}google/siglip2-<size>-patch16-224 model.safetensors (transformers), or the open_clip / timm "
         "file (timm/ViT-B-16-SigLIP2, timm/vit_*_siglip_*.v2_webli)", "Apache-2.0",
         _hf_or_timm_load(layouts.is_hf_siglip, layouts.hf_siglip_to_timm, "timm.models.vision_transformer"),
-        _timm_random, SIGLIP_MEAN, SIGLIP_STD),
+        # big_vision's GELU is the tanh approximation (as in transformers); timm's SigLIP default is exact
+        _timm_random, SIGLIP_MEAN, SIGLIP_STD, arch_kwargs={"act_layer": "gelu_tanh"}),
     "pe_core": TeacherFamily(
         "PE-core",
         {"pe_core_t16": ("vit_pe_core_tiny_patch16_384", 16, 192),

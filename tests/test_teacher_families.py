@@ -1,0 +1,183 @@
+"""Every teacher family against a second implementation, with random weights written in the publisher's layout.
+
+For each family: build the reference (transformers where it has the model) with a tiny random config, save
+its weights as the publisher ships them, load the file through `build_teacher` (a tiny row registered in
+`TEACHER_FAMILIES` for the test) and compare the summary (`cls`) and patch targets at two input sizes, the
+second on a grid the position embedding / RoPE was not built for. Offline, CPU, a few seconds.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from models import build_teacher
+from models.errors import ConfigError
+from models.teachers import TEACHER_FAMILIES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4  # max |diff| relative to the reference's max |value|
+
+
+def rel_diff(got, ref):
+    got, ref = got.detach(), ref.detach()
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture
+def tiny_row():
+    """Register a tiny architecture under a family for one test; removed afterwards."""
+    added = []
+
+    def add(family, name, arch, patch, dim, **kw):
+        TEACHER_FAMILIES[family].names[name] = (arch, patch, dim, kw)
+        added.append((family, name))
+        return name
+
+    yield add
+    for family, name in added:
+        del TEACHER_FAMILIES[family].names[name]
+
+
+def images(size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, size, size, generator=g)
+
+
+def to_publisher_input(x, teacher):
+    """The batch the publisher's model sees: our input is ImageNet-normalised, the teacher renormalises."""
+    return x * teacher.scale + teacher.shift if teacher.renormalize else x
+
+
+def save_safetensors(sd, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return str(path)
+
+
+# ---- DINOv3: transformers DINOv3ViTModel; Meta's .pth and the Hugging Face model.safetensors -------------
+def hf_dinov3_to_meta(sd: dict) -> dict:
+    """transformers DINOv3 keys -> Meta's release layout (the inverse of transformers' conversion script)."""
+    sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+    out = {"cls_token": sd["embeddings.cls_token"], "storage_tokens": sd["embeddings.register_tokens"],
+           "mask_token": sd["embeddings.mask_token"][0],
+           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
+           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"], "rope_embed.periods": torch.ones(4)}
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layer."))
+    for i in range(depth):
+        p, q = f"layer.{i}.", f"blocks.{i}."
+        a = p + "attention."
+        out[q + "attn.qkv.weight"] = torch.cat([sd[a + f"{n}_proj.weight"] for n in "qkv"])
+        out[q + "attn.qkv.bias"] = torch.cat([sd[a + "q_proj.bias"], torch.zeros_like(sd[a + "q_proj.bias"]),
+                                              sd[a + "v_proj.bias"]])
+        out[q + "attn.qkv.bias_mask"] = torch.ones_like(out[q + "attn.qkv.bias"])
+        out[q + "attn.proj.weight"], out[q + "attn.proj.bias"] = sd[a + "o_proj.weight"], sd[a + "o_proj.bias"]
+        out[q + "ls1.gamma"], out[q + "ls2.gamma"] = sd[p + "layer_scale1.lambda1"], sd[p + "layer_scale2.lambda1"]
+        for n in ("norm1", "norm2"):
+            out[f"{q}{n}.weight"], out[f"{q}{n}.bias"] = sd[f"{p}{n}.weight"], sd[f"{p}{n}.bias"]
+        for src, dst in (("up_proj", "fc1"), ("down_proj", "fc2")):
+            out[f"{q}mlp.{dst}.weight"], out[f"{q}mlp.{dst}.bias"] = sd[f"{p}mlp.{src}.weight"], sd[f"{p}mlp.{src}.bias"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dinov3():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=128, num_register_tokens=4, patch_size=16,
+                                       layerscale_value=0.5)
+    model = transformers.DINOv3ViTModel(cfg).eval()
+    with torch.no_grad():  # non-trivial biases and LayerNorm affine parameters
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["meta_pth", "hf_safetensors"])
+def test_dinov3_equals_transformers(tmp_path, tiny_row, hf_dinov3, layout):
+    name = tiny_row("dinov3", "dinov3_tiny", "vit_small_patch16_dinov3", 16, 64,
+                    embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
+    sd = hf_dinov3.state_dict()
+    if layout == "meta_pth":
+        path = tmp_path / "dinov3_tiny_pretrain.pth"
+        torch.save(hf_dinov3_to_meta(sd), path)
+    else:
+        path = save_safetensors(sd, tmp_path / "model.safetensors")
+    teacher = build_teacher(name, checkpoint=str(path))
+    assert teacher.summary.startswith("the class token")
+    for size in (64, 112):  # 4x4 and 7x7 patch grids: RoPE on a grid of another shape
+        x = images(size)
+        ref = hf_dinov3(pixel_values=to_publisher_input(x, teacher)).last_hidden_state
+        out = teacher(x)
+        assert out["patch"].shape == (2, (size // 16) ** 2, 64)
+        assert rel_diff(out["cls"], ref[:, 0]) <= TOL, size
+        assert rel_diff(out["patch"], ref[:, 5:]) <= TOL, size  # CLS + 4 registers excluded
+        print(f"DINOv3 {layout} {size}px: cls {rel_diff(out['cls'], ref[:, 0]):.2e} "
+              f"patch {rel_diff(out['patch'], ref[:, 5:]):.2e}")
+
+
+# ---- SigLIP2: transformers SiglipVisionModel (the fixed-resolution SigLIP2 checkpoints use it) -----------
+@pytest.fixture(scope="module")
+def hf_siglip():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.SiglipVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=128, image_size=64, patch_size=16)
+    model = transformers.SiglipVisionModel(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["hf_safetensors", "open_clip"])
+def test_siglip2_equals_transformers(tmp_path, tiny_row, hf_siglip, layout):
+    name = tiny_row("siglip2", "siglip2_tiny", "vit_base_patch16_siglip_224", 16, 64,
+                    img_size=64, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
+    sd = {f"vision_model.{k}": v for k, v in hf_siglip.state_dict().items()}  # as in SiglipModel files
+    path = save_safetensors(sd, tmp_path / "model.safetensors")
+    if layout == "open_clip":  # open_clip's SigLIP2 = a timm trunk under visual.trunk.*
+        teacher = build_teacher(name, checkpoint=path)
+        trunk = {f"visual.trunk.{k}": v for k, v in teacher.backbone.model.state_dict().items()}
+        path = tmp_path / "open_clip_model.pth"
+        torch.save(trunk, path)
+    teacher = build_teacher(name, checkpoint=str(path))
+    assert "attention-pooling" in teacher.summary
+    for size in (64, 128):  # 4x4 (native) and 8x8: the position embedding is interpolated
+        x = images(size)
+        ref = hf_siglip(pixel_values=to_publisher_input(x, teacher), interpolate_pos_encoding=size != 64)
+        out = teacher(x)
+        pooled, tokens = ref.pooler_output, ref.last_hidden_state
+        print(f"SigLIP2 {layout} {size}px: cls {rel_diff(out['cls'], pooled):.2e} "
+              f"patch {rel_diff(out['patch'], tokens):.2e}")
+        assert rel_diff(out["cls"], pooled) <= TOL, size
+        assert rel_diff(out["patch"], tokens) <= TOL, size
+        assert rel_diff(out["cls"], tokens.mean(1)) > 0.1  # the pooled embedding, not the patch mean
+
+
+# ---- AIMv2: transformers Aimv2VisionModel ------------------------------------------------------------------
+def test_aimv2_equals_transformers(tmp_path, tiny_row):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Aimv2VisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=128, image_size=56, patch_size=14, use_head=False)
+    ref_model = transformers.Aimv2VisionModel(cfg).eval()
+    with torch.no_grad():
+        for n, p in ref_model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    name = tiny_row("aimv2", "aimv2_tiny", "aimv2_large_patch14_224", 14, 64,
+                    img_size=56, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
+    path = save_safetensors(ref_model.state_dict(), tmp_path / "model.safetensors")
+    teacher = build_teacher(name, checkpoint=path)
+    x = images(56)
+    ref = ref_model(pixel_values=to_publisher_input(x, teacher)).last_hidden_state
+    out = teacher(x)
+    print(f"AIMv2 56px: cls {rel_diff(out['cls'], ref.mean(1)):.2e} patch {rel_diff(out['patch'], ref):.2e}")
+    assert rel_diff(out["cls"], ref.mean(1)) <= TOL and rel_diff(out["patch"], ref) <= TOL
