@@ -398,18 +398,18 @@ def _generic_timm_load(spec, name, checkpoint, img_size):
     model_name = name[len(TIMM_PREFIX):]
     # our safe reader (clear errors, TorchScript without its code), then timm's own key filter
     overlay = dict(state_dict=read_checkpoint(checkpoint)) if checkpoint else None
-    model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=img_size,
-                              dynamic_img_size=True)
-    cfg = model.pretrained_cfg
     try:
-        timm.models.load_pretrained(model, pretrained_cfg=timm.models.PretrainedCfg(**{**cfg, **(overlay or {})}))
-    except OSError as err:  # no network / not in the Hugging Face cache: one line that says where to get it
+        model = timm.create_model(model_name, pretrained=True, num_classes=0, img_size=img_size,
+                                  pretrained_cfg_overlay=overlay, dynamic_img_size=True)
+    except OSError as err:  # offline and not in the Hugging Face cache: one line that says where to get it
         if checkpoint:
             raise
-        where = cfg.get("hf_hub_id") or cfg.get("url") or "the Hugging Face hub"
+        cfg = timm.models.get_pretrained_cfg(model_name)
+        where = (cfg.hf_hub_id or cfg.url) if cfg else "the Hugging Face hub"
         raise ConfigError(f"teacher {name}: no --teacher-checkpoint and its pretrained weights could not be "
                           f"downloaded ({type(err).__name__}); get them from {where} (timm) and pass "
                           f"--teacher-checkpoint FILE") from None
+    cfg = model.pretrained_cfg
     pool, words = timm_summary(model)
     log.info("teacher %s: summary (cls) target = %s", name, words)
     generic = TeacherSpec(model.patch_embed.patch_size[0], model.embed_dim, True, cfg.get("mean", IMAGENET_MEAN),

@@ -15,6 +15,7 @@ import torch
 from models import build_teacher
 from models.errors import ConfigError
 from models.teachers import TEACHER_FAMILIES
+from test_pretrain_fixtures import run_module, tiny_args, tiny_data  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # max |diff| relative to the reference's max |value|
@@ -181,3 +182,43 @@ def test_aimv2_equals_transformers(tmp_path, tiny_row):
     out = teacher(x)
     print(f"AIMv2 56px: cls {rel_diff(out['cls'], ref.mean(1)):.2e} patch {rel_diff(out['patch'], ref):.2e}")
     assert rel_diff(out["cls"], ref.mean(1)) <= TOL and rel_diff(out["patch"], ref) <= TOL
+
+
+# ---- timm:<SigLIP-family model>: the summary is the pooled embedding, not the patch mean -------------------
+def test_timm_siglip_summary_is_the_attention_pooled_embedding(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, num_classes=0).eval()
+    torch.save(ref.state_dict(), tmp_path / "siglip.pth")
+    teacher = build_teacher("timm:vit_base_patch16_siglip_224", checkpoint=str(tmp_path / "siglip.pth"))
+    assert "attention-pooling" in teacher.summary
+    x = images(224)[:1]
+    with torch.no_grad():
+        tokens = ref.forward_features(x * teacher.scale + teacher.shift)
+        pooled = ref.forward_head(tokens, pre_logits=True)
+    out = teacher(x)
+    torch.testing.assert_close(out["cls"], pooled)
+    torch.testing.assert_close(out["patch"], tokens)
+    assert rel_diff(out["cls"], tokens.mean(1)) > 0.1
+
+
+def test_generic_timm_without_class_token_or_pool_head_states_its_summary():
+    teacher = build_teacher("timm:vit_base_patch16_siglip_gap_224", random_weights=True)
+    assert "no class token and no pooling head" in teacher.summary and "avg" in teacher.summary
+
+
+# ---- no file, no network: one line, exit 2 ------------------------------------------------------------------
+@pytest.mark.parametrize("teacher", ["timm:vit_small_patch16_224", "dinov3_vitb16", "siglip2_vitb16"])
+def test_missing_teacher_file_offline_is_one_line_exit_2(tmp_path, tiny_data, teacher):
+    argv = tiny_args(tiny_data, "", str(tmp_path / "out"), teacher=teacher, input_size=64, patch_size=16)
+    res = run_module(argv, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    err = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "--teacher-checkpoint" in err[0] and ("huggingface.co" in err[0] or "timm/" in err[0]), err[0]
+
+
+def test_unknown_teacher_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown teacher"):
+        build_teacher("dinov3_vitz16")
