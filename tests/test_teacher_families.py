@@ -5,6 +5,7 @@ its weights as the publisher ships them, load the file through `build_teacher` (
 `TEACHER_FAMILIES` for the test) and compare the summary (`cls`) and patch targets at two input sizes, the
 second on a grid the position embedding / RoPE was not built for. Offline, CPU, a few seconds.
 """
+import json
 import os
 import subprocess
 import sys
@@ -222,3 +223,66 @@ def test_missing_teacher_file_offline_is_one_line_exit_2(tmp_path, tiny_data, te
 def test_unknown_teacher_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown teacher"):
         build_teacher("dinov3_vitz16")
+
+
+# ---- DINOv3 + SigLIP2 at once: PHI-S, /16 teachers on a /14 student's grid, kill -9 and a bitwise resume ---
+TINY_ROWS = {"dinov3": ("dinov3_tiny", ("vit_small_patch16_dinov3", 16, 64,
+                                        dict(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0))),
+             "siglip2": ("siglip2_tiny", ("vit_base_patch16_siglip_224", 16, 64,
+                                          dict(img_size=64, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)))}
+RUNNER = f"""
+import runpy, sys
+from models.teachers import TEACHER_FAMILIES
+for family, (name, row) in {TINY_ROWS!r}.items():
+    TEACHER_FAMILIES[family].names[name] = row
+sys.argv = ["pretrain.main"] + sys.argv[1:]
+runpy.run_module("pretrain.main", run_name="__main__")
+"""
+
+
+@pytest.fixture
+def tiny_modern_teachers(tmp_path, tiny_row, hf_dinov3, hf_siglip):
+    for family, (name, (arch, patch, dim, kw)) in TINY_ROWS.items():
+        tiny_row(family, name, arch, patch, dim, **kw)
+    d3 = save_safetensors(hf_dinov3.state_dict(), tmp_path / "dinov3.safetensors")
+    sl = save_safetensors({f"vision_model.{k}": v for k, v in hf_siglip.state_dict().items()},
+                          tmp_path / "siglip2.safetensors")
+    return f"{d3},{sl}"
+
+
+def test_dinov3_and_siglip2_train_log_each_and_resume_bitwise_after_kill9(tmp_path, tiny_data, tiny_modern_teachers):
+    from test_pretrain_fixtures import PYTHON, read_log, train_losses
+
+    from pretrain import main as pretrain_main
+
+    def argv(out):  # 112 px: the /16 teachers give 7x7, resampled to the /14 student's 8x8 grid
+        return tiny_args(tiny_data, tiny_modern_teachers, out, teacher="dinov3_tiny,siglip2_tiny", input_size=112,
+                         teacher_weight="1,0.5", teacher_norm_batches=2, pca_every_epochs=0, epochs=1)
+
+    ref_out, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    assert pretrain_main.main(argv(ref_out)) == 0
+    rows = [r for r in read_log(ref_out) if "train/loss" in r]
+    for t in ("dinov3_tiny", "siglip2_tiny"):
+        for o in ("token", "fea", "patch"):
+            assert all(torch.isfinite(torch.tensor(r[f"train/{t}/{o}"])) for r in rows), (t, o)
+    cfg = json.load(open(os.path.join(ref_out, "config.json")))
+    assert "attention-pooling" in cfg["teacher_summary"]["siglip2_tiny"]
+    assert cfg["teacher_summary"]["dinov3_tiny"].startswith("the class token")
+    ckpt = torch.load(os.path.join(ref_out, "checkpoint.pth"), weights_only=True)
+    assert ckpt["target_norm"]["norms.siglip2_tiny/cls.fitted"]  # PHI-S per teacher
+
+    killed = subprocess.run([PYTHON, "-c", RUNNER, *argv(out)], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PROTEUS_KILL_AT_STEP": "4", "HF_HUB_OFFLINE": "1",
+                                 "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert pretrain_main.main(argv(out)) == 0
+    got = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    for k in ckpt["student"]:
+        assert torch.equal(ckpt["student"][k], got["student"][k]), k
+    assert train_losses(out)[6] == train_losses(ref_out)[6]
+
+
+def test_input_size_rule_before_any_weights_load(tmp_path, tiny_data):
+    res = run_module(tiny_args(tiny_data, "/nonexistent/dinov3.pth,/nonexistent/siglip.safetensors",
+                               str(tmp_path / "o"), teacher="dinov3_vitb16,siglip2_vitb16", input_size=56), timeout=300)
+    assert res.returncode == 2 and "patch size 16" in res.stderr and "nonexistent" not in res.stderr, res.stderr
