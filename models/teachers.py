@@ -369,7 +369,7 @@ def _radio_teacher(spec, name, model, summary_idxs, summary_index=None):
 
 
 def _radio_load(spec, name, checkpoint, img_size, summary_index=None):
-    from timm.models.vision_transformer import _convert_radio
+    from timm.models.naflexvit import checkpoint_filter_fn
 
     family = TEACHER_FAMILIES["c_radio"]
     if not checkpoint:
@@ -384,9 +384,7 @@ def _radio_load(spec, name, checkpoint, img_size, summary_index=None):
     if idxs is None:
         raise CheckpointError(f"{checkpoint} has no `radio_model.summary_idxs`: which of its {n_cls} summary "
                               f"tokens are summaries is unknown; {family.source}")
-    new = _convert_radio(sd)  # NaFlexVit keeps RADIO's 128x128 grid and resamples it per input as RADIO does
-    new = {("embeds." + {"patch_embed.proj.weight": "proj.weight", "patch_embed.proj.bias": "proj.bias"}.get(k, k)
-            if not k.startswith("blocks.") else k): v for k, v in new.items()}
+    new = checkpoint_filter_fn(dict(sd), model)  # NaFlexVit keeps RADIO's stored grid, resampled per input
     load_state_dict_checked(model, new, what=f"teacher {name}")
     return _radio_teacher(spec, name, model, [int(i) for i in idxs.tolist()], summary_index)
 

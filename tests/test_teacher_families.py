@@ -286,3 +286,96 @@ def test_input_size_rule_before_any_weights_load(tmp_path, tiny_data):
     res = run_module(tiny_args(tiny_data, "/nonexistent/dinov3.pth,/nonexistent/siglip.safetensors",
                                str(tmp_path / "o"), teacher="dinov3_vitb16,siglip2_vitb16", input_size=56), timeout=300)
     assert res.returncode == 2 and "patch size 16" in res.stderr and "nonexistent" not in res.stderr, res.stderr
+
+
+# ---- PE-core: Meta's PE-Core-*.pt layout (perception_models); no independent implementation is installable --
+def timm_pe_to_meta(sd: dict) -> dict:
+    """timm's PE keys -> Meta's release layout (the inverse of timm's _convert_pe), under `visual.`."""
+    out = {}
+    for k, v in sd.items():
+        if k == "cls_token":
+            k, v = "class_embedding", v[0, 0]
+        elif k == "pos_embed":
+            k, v = "positional_embedding", v[0]
+        elif k.startswith("attn_pool."):
+            if k.startswith(("attn_pool.q.", "attn_pool.kv.")):
+                continue
+            k = (k.replace("attn_pool.latent", "attn_pool.probe").replace("attn_pool.proj", "attn_pool.attn.out_proj")
+                 .replace("attn_pool.norm", "attn_pool.layernorm").replace("mlp.fc1", "mlp.c_fc")
+                 .replace("mlp.fc2", "mlp.c_proj"))
+        else:
+            k = (k.replace("patch_embed.proj", "conv1").replace("norm_pre", "ln_pre").replace("blocks.", "transformer.resblocks.")
+                 .replace("norm1", "ln_1").replace("norm2", "ln_2").replace("attn.qkv.", "attn.in_proj_")
+                 .replace("attn.proj", "attn.out_proj").replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj")
+                 .replace("gamma_1", "ls_1.gamma").replace("gamma_2", "ls_2.gamma"))
+            k = "ln_post." + k[len("norm."):] if k.startswith("norm.") else k
+        out["visual." + k] = v
+    for t in ("weight", "bias"):
+        out[f"visual.attn_pool.attn.in_proj_{t}"] = torch.cat([sd[f"attn_pool.q.{t}"], sd[f"attn_pool.kv.{t}"]])
+    out["visual.proj"] = torch.randn(sd["norm.weight"].shape[0], 32)  # into the text space: not a target
+    return out
+
+
+def test_pe_core_meta_layout_round_trips_and_summary_is_the_pooled_embedding(tmp_path, tiny_row):
+    import timm
+
+    name = tiny_row("pe_core", "pe_core_tiny", "vit_pe_core_base_patch16_224", 16, 64,
+                    img_size=64, embed_dim=64, depth=2, num_heads=4)
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_pe_core_base_patch16_224", pretrained=False, num_classes=0, img_size=64,
+                            embed_dim=64, depth=2, num_heads=4, dynamic_img_size=True).eval()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    torch.save(timm_pe_to_meta(ref.state_dict()), tmp_path / "PE-Core-tiny.pt")
+    teacher = build_teacher(name, checkpoint=str(tmp_path / "PE-Core-tiny.pt"))
+    for size in (64, 96):
+        x = images(size)
+        with torch.no_grad():
+            tokens = ref.forward_features(to_publisher_input(x, teacher))
+            pooled = ref.forward_head(tokens, pre_logits=True)
+        out = teacher(x)
+        print(f"PE-core meta_pt {size}px: cls {rel_diff(out['cls'], pooled):.2e} "
+              f"patch {rel_diff(out['patch'], tokens[:, 1:]):.2e}")
+        assert rel_diff(out["cls"], pooled) <= TOL and rel_diff(out["patch"], tokens[:, 1:]) <= TOL
+        assert rel_diff(out["cls"], tokens[:, 0]) > 0.1  # the pooled embedding, not PE's class token
+
+
+# ---- C-RADIO: NVIDIA's model.safetensors layout; RADIO's own code needs trust_remote_code, so the reference is
+# timm's RADIO loader (create_model with the file as its pretrained weights) --------------------------------
+def test_c_radio_nvidia_layout_summary_tokens_concatenated(tmp_path, tiny_row):
+    import timm
+
+    kw = dict(embed_dim=64, depth=2, num_heads=4, reg_tokens=3, pos_embed_grid_size=(8, 8))
+    name = tiny_row("c_radio", "c_radio_tiny", "naflexvit_base_patch16_radio_v3", 16, 64, **kw)
+    g = torch.Generator().manual_seed(0)
+    sd = {"radio_model.model.patch_generator.embedder.weight": torch.randn(64, 3 * 16 * 16, generator=g) * 0.02,
+          "radio_model.model.patch_generator.pos_embed": torch.randn(1, 64, 64, generator=g),
+          "radio_model.model.patch_generator.cls_token.token": torch.randn(4, 64, generator=g),
+          "radio_model.summary_idxs": torch.tensor([0, 1, 2]),
+          "radio_model.input_conditioner.norm_mean": torch.zeros(3, 1, 1)}
+    shapes = timm.create_model("naflexvit_base_patch16_radio_v3", pretrained=False, num_classes=0, **kw).state_dict()
+    for k, v in shapes.items():
+        if k.startswith("blocks."):
+            sd[f"radio_model.model.{k}"] = torch.randn(v.shape, generator=g) * (0.1 if v.ndim > 1 else 1)
+    path = save_safetensors(sd, tmp_path / "model.safetensors")
+    ref = timm.create_model("naflexvit_base_patch16_radio_v3", pretrained=True, num_classes=0,
+                            pretrained_cfg_overlay=dict(file=path), **kw).eval()
+    teacher = build_teacher(name, checkpoint=path)
+    assert teacher.summary_dim == 3 * 64 and "concatenated" in teacher.summary
+    for size in (64, 96):  # the 8x8 stored grid resampled as RADIO does (bilinear, square then crop)
+        x = images(size)
+        with torch.no_grad():
+            tokens = ref.forward_features(to_publisher_input(x, teacher))
+        out = teacher(x)
+        summary = tokens[:, :3].flatten(1)
+        print(f"C-RADIO nvidia_safetensors {size}px: cls {rel_diff(out['cls'], summary):.2e} "
+              f"patch {rel_diff(out['patch'], tokens[:, 4:]):.2e}")
+        assert rel_diff(out["cls"], summary) <= TOL and rel_diff(out["patch"], tokens[:, 4:]) <= TOL
+    one = build_teacher(name, checkpoint=path, summary_index=1)
+    torch.testing.assert_close(one(images(64))["cls"], teacher(images(64))["cls"][:, 64:128])
+    del sd["radio_model.summary_idxs"]
+    save_safetensors(sd, tmp_path / "no_idx.safetensors")
+    with pytest.raises(ValueError, match="summary_idxs"):
+        build_teacher(name, checkpoint=str(tmp_path / "no_idx.safetensors"))
