@@ -312,6 +312,7 @@ def _clip_load(spec, name, checkpoint, img_size):
 
 
 def _dinov3_load(spec, name, checkpoint, img_size):
+    import timm
     from timm.models.eva import checkpoint_filter_fn
 
     family = TEACHER_FAMILIES["dinov3"]
@@ -320,15 +321,15 @@ def _dinov3_load(spec, name, checkpoint, img_size):
     sd = read_teacher_file(checkpoint, hint=family.source)
     if layouts.is_hf_dinov3(sd):
         sd = layouts.hf_dinov3_to_timm(sd)
-        biased = any(k.endswith("attn.q_bias") for k in sd)
-    elif "storage_tokens" in sd:  # Meta's .pth: qkv.bias is there (masked to q and v) in every release
-        biased = any(k.endswith("attn.qkv.bias") and v.abs().sum() > 0 for k, v in sd.items())
-    else:
+    elif "storage_tokens" not in sd:  # Meta's .pth (timm's filter below maps it)
         raise CheckpointError(f"{checkpoint} is neither Meta's DINOv3 .pth (no `storage_tokens`) nor a "
                               f"transformers DINOv3ViTModel file (no `embeddings.cls_token`): {family.source}")
+    biased = any(k.endswith(("attn.q_bias", "attn.v_bias", "attn.qkv.bias")) and bool(v.any()) for k, v in sd.items())
+    # Meta's qkv.bias (k part masked) is in every release, all zero in the distilled ones: those load into
+    # timm's bias-free model without the keys; non-zero q/v biases need timm's `_qkvb` variant
+    if not biased:
+        sd = {k: v for k, v in sd.items() if not k.endswith(("qkv.bias", "qkv.bias_mask", "q_bias", "v_bias"))}
     arch = spec.arch + "_qkvb" if biased and not spec.arch.endswith("_qkvb") else spec.arch
-    import timm
-
     if not timm.is_model(arch):
         raise CheckpointError(f"{checkpoint}: {name} has q/v biases that timm's {spec.arch} cannot hold")
     model = _timm_model(TeacherSpec(**{**spec.__dict__, "arch": arch}))

@@ -100,12 +100,20 @@ def hf_dinov3():
     return model
 
 
-@pytest.mark.parametrize("layout", ["meta_pth", "hf_safetensors"])
+@pytest.mark.parametrize("layout", ["meta_pth", "hf_safetensors", "meta_pth_zero_qv_bias"])
 def test_dinov3_equals_transformers(tmp_path, tiny_row, hf_dinov3, layout):
     name = tiny_row("dinov3", "dinov3_tiny", "vit_small_patch16_dinov3", 16, 64,
                     embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
+    if layout == "meta_pth_zero_qv_bias":  # the distilled releases: all-zero q/v biases, timm's bias-free model
+        import copy
+
+        hf_dinov3 = copy.deepcopy(hf_dinov3)
+        with torch.no_grad():
+            for n, p in hf_dinov3.named_parameters():
+                if n.endswith(("q_proj.bias", "v_proj.bias")):
+                    p.zero_()
     sd = hf_dinov3.state_dict()
-    if layout == "meta_pth":
+    if layout.startswith("meta_pth"):
         path = tmp_path / "dinov3_tiny_pretrain.pth"
         torch.save(hf_dinov3_to_meta(sd), path)
     else:
