@@ -8,7 +8,6 @@ second on a grid the position embedding / RoPE was not built for. Offline, CPU, 
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -239,13 +238,14 @@ TINY_ROWS = {"dinov3": ("dinov3_tiny", ("vit_small_patch16_dinov3", 16, 64,
              "siglip2": ("siglip2_tiny", ("vit_base_patch16_siglip_224", 16, 64,
                                           dict(img_size=64, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)))}
 RUNNER = f"""
-import runpy, sys
+import sys
+sys.path[:0] = [{REPO!r}, {os.path.join(REPO, "tests")!r}]
+import fault_injection
 from models.teachers import TEACHER_FAMILIES
 for family, (name, row) in {TINY_ROWS!r}.items():
     TEACHER_FAMILIES[family].names[name] = row
-sys.argv = ["pretrain.main"] + sys.argv[1:]
-runpy.run_module("pretrain.main", run_name="__main__")
-"""
+sys.exit(fault_injection.main(sys.argv[1:]))
+"""  # the tiny rows exist in this process only; fault_injection kills it after a step
 
 
 @pytest.fixture
@@ -279,9 +279,9 @@ def test_dinov3_and_siglip2_train_log_each_and_resume_bitwise_after_kill9(tmp_pa
     ckpt = torch.load(os.path.join(ref_out, "checkpoint.pth"), weights_only=True)
     assert ckpt["target_norm"]["norms.siglip2_tiny/cls.fitted"]  # PHI-S per teacher
 
-    killed = subprocess.run([PYTHON, "-c", RUNNER, *argv(out)], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PROTEUS_KILL_AT_STEP": "4", "HF_HUB_OFFLINE": "1",
-                                 "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
+    killed = subprocess.run([PYTHON, "-c", RUNNER, "--kill-at-step", "4", "--", *argv(out)], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                                 "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
     assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
     assert pretrain_main.main(argv(out)) == 0
     got = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
