@@ -204,12 +204,19 @@ def check_teacher(t: dict, cfg: dict) -> None:
 
         if not timm.is_model(name[len("timm:"):]):
             raise ConfigError(f"--teacher {name}: timm has no model of that name (see timm.list_models())")
-    elif name not in models.TEACHERS:
-        raise ConfigError(f"unknown teacher {name!r}; expected one of {models.TEACHERS} or timm:<name>")
-    spec = models.teacher_spec(name)
+    spec = models.teacher_spec(name)  # a row of models.TEACHER_FAMILIES (ConfigError for an unknown name)
     if spec is not None and cfg["input_size"] % spec.patch_size:
         raise ConfigError(f"--input-size {cfg['input_size']} is not a multiple of teacher {name}'s patch size "
                           f"{spec.patch_size}")
+
+
+def check_teacher_widths(name: str, teacher):
+    """The heads take one target width per teacher: a summary wider than the patch tokens (C-RADIO's
+    concatenated summary tokens) cannot be distilled as it is."""
+    if teacher.summary_dim != teacher.embed_dim:
+        raise ConfigError(f"teacher {name}: its summary target is {teacher.summary_dim}-d ({teacher.summary}) and "
+                          f"its patch tokens {teacher.embed_dim}-d; the distillation heads take one width per teacher")
+    return teacher
 
 
 def lambdas_of(cfg) -> dict:

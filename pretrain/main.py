@@ -40,7 +40,8 @@ KNOBS = knob_table(
       ("bicubic", "bilinear", "nearest", "random")),
     K("crop_scale", [0.08, 1.0], "RandomResizedCrop area range LO HI (DeiT: 0.08 1; small images want more)"),
     "models",
-    K("teacher", "dinov2_vitb14", f"frozen teacher(s), comma-separated: {', '.join(models.TEACHERS)} or timm:<name>"),
+    K("teacher", "dinov2_vitb14", "frozen teacher(s), comma-separated: names of models.TEACHER_FAMILIES "
+      "(docs/teachers.md) or timm:<name>"),
     K("teacher_checkpoint", "", "teacher weights in the official format, comma-separated in --teacher's order "
       "(DINOv2: downloaded if empty)", resume=CHANGE),
     K("teacher_weight", "", "per-teacher loss weights, comma-separated (empty: 1 each)"),
@@ -149,7 +150,7 @@ def build_teachers(cfg, device: torch.device) -> tuple[dict, dict]:
             teacher.to(dtype)
         if cfg["compile"]:
             teacher.backbone.compile()
-        teachers[t["name"]] = teacher
+        teachers[t["name"]] = config.check_teacher_widths(t["name"], teacher)
         if not teacher.patch_targets:
             log.info("%s: token objective only (its patch tokens get no training signal)", t["name"])
     return teachers, {k: list(config.objectives_of(cfg, t.patch_targets)) for k, t in teachers.items()}
@@ -258,7 +259,7 @@ def train(cfg, info: DistInfo) -> int:
         resume.check_steps_per_epoch(ckpt, data.steps_per_epoch)
         teachers, objectives = build_teachers(cfg, info.device)
         cfg = config.freeze({**cfg, "resume_changes": history, "steps_per_epoch": data.steps_per_epoch,
-                             "objectives": objectives})
+                             "objectives": objectives, "teacher_summary": {k: t.summary for k, t in teachers.items()}})
         trainer = build_trainer(cfg, info, data, teachers, preempt)
         resume.restore(trainer, ckpt, ckpt_path, KNOBS, info, build_schedule)
         del ckpt

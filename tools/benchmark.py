@@ -36,7 +36,6 @@ from contextlib import contextmanager
 import torch
 
 import models
-from models.teachers import DINOV2_SIZES, SYNCLR
 from models.vit import STUDENTS
 from common import optim
 from common.config import ConfigArgumentParser
@@ -115,14 +114,8 @@ def validate(a) -> None:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    spec = models.teacher_spec(a.teacher)
-    if spec is not None and spec.patch_targets and spec.patch_size != a.patch_size:
-        raise ConfigError(f"teacher {a.teacher} has patch size {spec.patch_size}: use --patch-size "
-                          f"{spec.patch_size} (the patch losses match tokens one to one)")
     if a.teacher_checkpoint and not os.path.isfile(a.teacher_checkpoint):
         raise MissingFileError(f"--teacher-checkpoint {a.teacher_checkpoint!r} does not exist")
-    if a.teacher.startswith("clip_") and not a.teacher_checkpoint:
-        raise ConfigError(f"{a.teacher} needs --teacher-checkpoint (random CLIP weights are not built here)")
     resolve_device(a.device)
     if a.json:
         prepare_output(a.json)
@@ -160,16 +153,8 @@ class BenchTrainer(Trainer):
 
 
 def random_teacher(name: str, checkpoint: str, size: int, tmp: str) -> models.Teacher:
-    """The named teacher; DINOv2 / SynCLR without a checkpoint get random weights in the official format."""
-    if not checkpoint and name.startswith(("dinov2_", "synclr_")):
-        # the name -> architecture tables of models/teachers.py, so a new teacher needs no change here
-        arch, patch = ((DINOV2_SIZES[name[len("dinov2_vit")]], 14) if name.startswith("dinov2_") else SYNCLR[name])
-        vit = models.build_vit(arch, patch_size=patch, img_size=518 if name.startswith("dinov2_") else 224,
-                               num_register_tokens=4 if name.endswith("_reg") else 0,
-                               init_values=1.0 if name.startswith("dinov2_") else None)
-        checkpoint = os.path.join(tmp, "teacher.pth")
-        torch.save(vit.state_dict(), checkpoint)
-    return models.build_teacher(name, checkpoint or None, img_size=size)
+    """The named teacher; without a checkpoint, its family's random-weight builder (models.TEACHER_FAMILIES)."""
+    return models.build_teacher(name, checkpoint or None, img_size=size, random_weights=not checkpoint)
 
 
 def bench_specs(a) -> list:

@@ -1,0 +1,102 @@
+"""Publisher file layouts -> timm state dicts, for the teacher families that run on timm's implementations.
+
+Each function takes the flat state dict read from the publisher's file (by the safe readers in
+`models.teachers`) and returns the keys of the timm model named in the family row. Layouts that timm's own
+`checkpoint_filter_fn` already knows (Meta's DINOv3 `.pth`, Meta's PE `.pt`, open_clip, NVIDIA's RADIO
+`model.safetensors`, timm's own files) go through it; the Hugging Face transformers layouts are mapped here.
+"""
+import torch
+
+
+def is_hf_dinov3(sd: dict) -> bool:
+    return "embeddings.cls_token" in sd and any(k.startswith("model.layer.") or k.startswith("layer.") for k in sd)
+
+
+def hf_dinov3_to_timm(sd: dict) -> dict:
+    """transformers `DINOv3ViTModel` (facebook/dinov3-*-pretrain-lvd1689m model.safetensors) -> timm Eva."""
+    sd = {k[len("model."):] if k.startswith("model.layer.") else k: v for k, v in sd.items()}
+    out = {"cls_token": sd["embeddings.cls_token"], "reg_token": sd["embeddings.register_tokens"],
+           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
+           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layer."))
+    for i in range(depth):
+        p, q = f"layer.{i}.", f"blocks.{i}."
+        a = p + "attention."
+        out[q + "attn.qkv.weight"] = torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"],
+                                                sd[a + "v_proj.weight"]])
+        if a + "q_proj.bias" in sd:
+            out[q + "attn.q_bias"], out[q + "attn.v_bias"] = sd[a + "q_proj.bias"], sd[a + "v_proj.bias"]
+        out[q + "attn.proj.weight"], out[q + "attn.proj.bias"] = sd[a + "o_proj.weight"], sd[a + "o_proj.bias"]
+        out[q + "gamma_1"], out[q + "gamma_2"] = sd[p + "layer_scale1.lambda1"], sd[p + "layer_scale2.lambda1"]
+        for n in ("norm1", "norm2"):
+            out[f"{q}{n}.weight"], out[f"{q}{n}.bias"] = sd[f"{p}{n}.weight"], sd[f"{p}{n}.bias"]
+        names = ({"gate_proj": "fc1_g", "up_proj": "fc1_x", "down_proj": "fc2"} if p + "mlp.gate_proj.weight" in sd
+                 else {"up_proj": "fc1", "down_proj": "fc2"})
+        for src, dst in names.items():
+            for t in ("weight", "bias"):
+                if f"{p}mlp.{src}.{t}" in sd:
+                    out[f"{q}mlp.{dst}.{t}"] = sd[f"{p}mlp.{src}.{t}"]
+    return out
+
+
+def is_hf_siglip(sd: dict) -> bool:
+    return any(k.startswith("vision_model.embeddings.") for k in sd) or "embeddings.position_embedding.weight" in sd \
+        and "head.probe" in sd
+
+
+def hf_siglip_to_timm(sd: dict) -> dict:
+    """transformers `SiglipModel` / `SiglipVisionModel` (google/siglip2-*-patch16-224 model.safetensors) -> timm ViT.
+
+    Only the vision tower is kept (a full SiglipModel file also holds the text tower)."""
+    if any(k.startswith("vision_model.") for k in sd):
+        sd = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
+    out = {"patch_embed.proj.weight": sd["embeddings.patch_embedding.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embedding.bias"],
+           "pos_embed": sd["embeddings.position_embedding.weight"][None],
+           "norm.weight": sd["post_layernorm.weight"], "norm.bias": sd["post_layernorm.bias"]}
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+    for i in range(depth):
+        p, q = f"encoder.layers.{i}.", f"blocks.{i}."
+        a = p + "self_attn."
+        for t in ("weight", "bias"):
+            out[f"{q}attn.qkv.{t}"] = torch.cat([sd[f"{a}q_proj.{t}"], sd[f"{a}k_proj.{t}"], sd[f"{a}v_proj.{t}"]])
+            out[f"{q}attn.proj.{t}"] = sd[f"{a}out_proj.{t}"]
+            out[f"{q}norm1.{t}"], out[f"{q}norm2.{t}"] = sd[f"{p}layer_norm1.{t}"], sd[f"{p}layer_norm2.{t}"]
+            out[f"{q}mlp.fc1.{t}"], out[f"{q}mlp.fc2.{t}"] = sd[f"{p}mlp.fc1.{t}"], sd[f"{p}mlp.fc2.{t}"]
+    if "head.probe" in sd:  # the attention-pooling (MAP) head: the image embedding
+        d = sd["head.probe"].shape[-1]
+        w, b = sd["head.attention.in_proj_weight"], sd["head.attention.in_proj_bias"]
+        out.update({"attn_pool.latent": sd["head.probe"], "attn_pool.q.weight": w[:d], "attn_pool.q.bias": b[:d],
+                    "attn_pool.kv.weight": w[d:], "attn_pool.kv.bias": b[d:]})
+        for t in ("weight", "bias"):
+            out[f"attn_pool.proj.{t}"] = sd[f"head.attention.out_proj.{t}"]
+            out[f"attn_pool.norm.{t}"] = sd[f"head.layernorm.{t}"]
+            out[f"attn_pool.mlp.fc1.{t}"], out[f"attn_pool.mlp.fc2.{t}"] = sd[f"head.mlp.fc1.{t}"], sd[f"head.mlp.fc2.{t}"]
+    return out
+
+
+def is_hf_aimv2(sd: dict) -> bool:
+    return "embeddings.patch_embed.weight" in sd and "embeddings.rms_norm.weight" in sd \
+        or "vision_model.embeddings.rms_norm.weight" in sd
+
+
+def hf_aimv2_to_timm(sd: dict) -> dict:
+    """transformers `Aimv2VisionModel` (apple/aimv2-*-patch14-* model.safetensors) -> timm ViT (aimv2_*)."""
+    if any(k.startswith("vision_model.") for k in sd):
+        sd = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
+    out = {"patch_embed.proj.weight": sd["embeddings.patch_embed.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embed.bias"],
+           "patch_embed.norm.weight": sd["embeddings.rms_norm.weight"],
+           "pos_embed": sd["embeddings.position_embedding.weight"][None], "norm.weight": sd["rms_norm.weight"]}
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+    for i in range(depth):
+        p, q = f"encoder.layers.{i}.", f"blocks.{i}."
+        a = p + "attention."
+        out[q + "attn.qkv.weight"] = torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"],
+                                                sd[a + "v_proj.weight"]])
+        out[q + "attn.proj.weight"] = sd[a + "out_proj.weight"]
+        out[q + "norm1.weight"], out[q + "norm2.weight"] = sd[p + "rms_norm1.weight"], sd[p + "rms_norm2.weight"]
+        out[q + "mlp.fc1_g.weight"], out[q + "mlp.fc1_x.weight"] = sd[p + "ffn.gate_proj.weight"], sd[p + "ffn.up_proj.weight"]
+        out[q + "mlp.fc2.weight"] = sd[p + "ffn.down_proj.weight"]
+    return out  # an attention-pooling `head.*` (classification probes) is not part of the teacher
