@@ -92,6 +92,25 @@ def load_rgb(path: str, max_pixels=_CURRENT_LIMIT) -> Image.Image:
         return _to_rgb8(img)
 
 
+def open_image(path: str, max_pixels=_CURRENT_LIMIT) -> Image.Image:
+    """Read a file and open it without decoding (header only), with load_rgb's pixel limit: for transforms
+    that decode only what they need (`transform.decodes`: pretrain/pipeline.py FastDeiTTransform.decode)."""
+    import io
+
+    limit = _max_image_pixels if max_pixels is _CURRENT_LIMIT else max_pixels
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise Image.DecompressionBombError(f"{e} (raise the limit with --max-image-pixels if it is genuine)") from e
+    if limit is not None and img.width * img.height > limit:
+        raise Image.DecompressionBombError(f"{img.width}x{img.height} = {img.width * img.height} pixels (images "
+                                           f"above {limit} pixels are refused as possible decompression bombs; if "
+                                           f"it is genuine, raise the limit (--max-image-pixels)")
+    return img
+
+
 def _to_rgb8(img: Image.Image) -> Image.Image:
     """PIL's convert("RGB") clips 16-bit and float values to 0..255: 16-bit mid-grey comes out white, a float
     image in [0, 1] black. Scale them instead: 16-bit (and 32-bit int, as PNG decoders give) by 1/257,
@@ -113,8 +132,9 @@ class _SafeLoading:
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
+        lazy = getattr(self.transform, "decodes", False)  # decodes only the crop's scale (pretrain/pipeline.py)
         try:
-            img = load_rgb(path, self.max_pixels)
+            img = self.transform.decode(open_image(path, self.max_pixels)) if lazy else load_rgb(path, self.max_pixels)
         except BAD_IMAGE_ERRORS as e:
             if self.on_bad_image == "fail":
                 raise BadImageError(f"unreadable image {path}: {e} (use --on-bad-image skip to skip it)") from e

@@ -22,7 +22,7 @@ from common.config import ConfigArgumentParser
 from common.dist import DistInfo, resolve_device
 from common.errors import ConfigError, MissingFileError, UserError
 from common.precision import resolve_precision
-from . import accumulate, monitor, shards
+from . import accumulate, monitor, pipeline, shards
 from .losses import OBJECTIVES, select_objectives
 from .masking import validate_mask_config
 from .students import student_specs
@@ -392,6 +392,7 @@ def derive(cfg: dict, info: DistInfo) -> types.MappingProxyType:
     cfg["teacher_fingerprint"] = ",".join(file_fingerprint(t["checkpoint"]) if t["checkpoint"] else ""
                                           for t in teachers)
     cfg["data_path"] = [os.path.abspath(p) for p in cfg["data_path"]]
+    cfg["num_workers"] = pipeline.resolve_num_workers(cfg["num_workers"])
     cfg["precision_requested"] = cfg["precision"]
     cfg["precision"], cfg["precision_reason"] = resolve_precision(cfg["precision"], info.device)
     log.info("precision %s (%s)", cfg["precision"], cfg["precision_reason"])

@@ -11,7 +11,7 @@ import torch
 from common import data as cdata
 from common.dist import DistInfo
 from common.errors import DataError
-from . import shards
+from . import pipeline, shards
 from .engine import PREEMPT_SIGNALS
 
 log = logging.getLogger("pretrain")
@@ -28,8 +28,7 @@ class Data(NamedTuple):
 
 def build_data(cfg, info: DistInfo) -> Data:
     cdata.set_max_image_pixels(cfg["max_image_pixels"])
-    transform = cdata.build_train_transform(cfg["input_size"], cfg["aa"] or None, cfg["reprob"],
-                                            cfg["train_interpolation"], scale=cfg["crop_scale"])
+    transform = pipeline.train_transform(cfg, info.device)
     if shards.is_shard_spec(cfg["data_path"][0]) and not cfg["single_image"]:  # --single-image replaces the data
         return build_shard_data(cfg, info, transform)
     dataset = cdata.build_pretrain_dataset(cfg["data_path"], transform, cfg["on_bad_image"], cfg["class_fraction"],
@@ -46,7 +45,8 @@ def build_data(cfg, info: DistInfo) -> Data:
         dataset, batch_size=step_batch, sampler=sampler, num_workers=cfg["num_workers"],
         pin_memory=cfg["pin_mem"] and info.device.type == "cuda", drop_last=True,
         collate_fn=cdata.collate_skip_bad, worker_init_fn=worker_init, generator=generator,
-        persistent_workers=False)
+        persistent_workers=False, **pipeline.loader_kwargs(cfg["num_workers"]))
+    pipeline.attach(loader, transform)
     log.info("data: %d images, %d steps/epoch of %d x %d processes", len(dataset), steps_per_epoch,
              step_batch, info.world_size)
     return Data(loader, generator, steps_per_epoch, fixed_pca_batch(dataset, cfg))
@@ -63,7 +63,8 @@ def build_shard_data(cfg, info: DistInfo, transform) -> Data:
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg["num_workers"], pin_memory=cfg["pin_mem"] and
         info.device.type == "cuda", collate_fn=shards.collate_shard_batch, worker_init_fn=worker_init,
-        generator=generator, persistent_workers=False)
+        generator=generator, persistent_workers=False, **pipeline.loader_kwargs(cfg["num_workers"]))
+    pipeline.attach(loader, transform)
     log.info("data: %d samples in %d shards, %d steps/epoch of %d x %d processes", stream.num_samples,
              len(stream.urls), stream.steps_per_epoch, step_batch_of(cfg), info.world_size)
     return Data(loader, generator, stream.steps_per_epoch, shard_pca_batch(stream, cfg))

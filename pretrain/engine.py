@@ -27,6 +27,7 @@ from common.errors import DataError
 from common.log import MetricLogger
 from . import accumulate, monitor
 from . import state as ckpt_state
+from . import pipeline
 from .students import prefixed
 from .targets import prepare_targets
 from common.visualise import pca_figure
@@ -182,6 +183,10 @@ class Trainer:
         return norm, skipped
 
     # ---- the loop ---------------------------------------------------------------------------------------
+    def to_device(self, batch_images) -> torch.Tensor:
+        """The batch's images on the device, finished there when the loader sends uint8 (pretrain/pipeline.py)."""
+        return pipeline.to_device(self.loader, batch_images, self.dist_info.device)
+
     def batches(self):
         """An iterator over the loader whose workers start with the preemption signals held (see PreemptionFlag)."""
         with self.preempt.held() if self.preempt is not None else nullcontext():
@@ -224,7 +229,7 @@ class Trainer:
                 raise DataError(f"every image of a batch in epoch {epoch} was unreadable: the dataset at "
                                 f"{cfg['data_path']} looks broken (see the warnings above); the last checkpoint "
                                 f"is {self.last_good}")
-            images = batch[0].to(dev, non_blocking=True)  # (B, 3, H, W)
+            images = self.to_device(batch[0])  # (B, 3, H, W) float
             log_now = self._is_log_step()
             losses, extras, stop = self.train_step(images, n_bad, epoch, want_norm=log_now)
             sums += torch.tensor(losses)

@@ -9,6 +9,7 @@ its keys are named in --allow-resume-change. Exit codes: 0 done, 2 bad input (no
 """
 import models
 from .config import OBJECTIVE_WEIGHTS, Knob as K, float_or_auto, knob_table
+from .pipeline import WORKERS_AUTO
 
 FREE, CHANGE = "free", "changeable"  # resume policy; every other knob must match the checkpoint's
 # ==========================================================================================================
@@ -23,7 +24,10 @@ KNOBS = knob_table(
     K("input_size", 224, "training crop size (the teacher sees the same crop)", ge=1, aliases=("--image-size",)),
     K("batch_size", 0, "images per process per forward (0: --global-batch-size / processes, else 128)", ge=0),
     K("global_batch_size", 0, "if > 0: images per step; G / (batch x processes) micro-batches accumulate", ge=0),
-    K("num_workers", 10, "DataLoader worker processes per rank", ge=0, resume=FREE),
+    K("num_workers", WORKERS_AUTO, "DataLoader worker processes per rank; auto: the CPUs this process may use, "
+      "shared by the node's ranks, less one (pretrain/pipeline.py)", ge=0, resume=FREE),
+    K("data_pipeline", "fast", "fast: DeiT augmentation with less CPU work, same distribution (uint8 batches "
+      "finished on the GPU); timm: timm's reference transform (docs/data.md)", ("fast", "timm"), resume=CHANGE),
     K("pin_mem", True, "pinned host memory for faster host-to-GPU copies", resume=FREE),
     K("on_bad_image", "skip", "unreadable images: skip (warn + count) or fail", ("skip", "fail"), resume=CHANGE),
     K("max_image_pixels", 89_478_485, "larger images are bad images (decompression-bomb guard; PIL's limit)", ge=1,

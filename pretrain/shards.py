@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from common import data as cdata
 from common.errors import ConfigError, DataError, MissingFileError
@@ -155,7 +156,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     n_bad += 1
                 else:
                     images.append(view)
-            yield (torch.stack(images), torch.zeros(len(images), dtype=torch.long)), n_bad, (role, position + 1)
+            yield (default_collate(images), torch.zeros(len(images), dtype=torch.long)), n_bad, (role, position + 1)
 
     def _samples(self, shards: list[str], raw_start: int):
         """(raw position, sample dict) forever: the role's shards in order, cycling; the first raw_start skipped."""
