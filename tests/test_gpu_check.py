@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
 EXPECTED = ["inputs", "pretrain_bf16", "pretrain_fp16", "resume_signal", "resume_continue", "linear_eval",
             "fine_grained", "bench_vit_tiny_dinov2_vits14_eager", "bench_vit_tiny_dinov2_vits14_compile",
-            "bench_joint_vit_tiny+vit_small_dinov2_vits14"]
+            "bench_joint_vit_tiny+vit_small_dinov2_vits14", "data"]
 
 
 def test_without_a_gpu_the_script_exits_zero_at_once(tmp_path):
@@ -62,7 +62,7 @@ def test_dry_run_passes_every_check_and_writes_one_report(dry_run):
     assert all(c["error"] is None for c in checks if c["status"] == "ok")
     assert [c["error"] for c in checks if c["name"].endswith("_compile")] == \
         ["skipped: torch.compile is not timed in a dry run"]
-    assert report["summary"] == {"ok": 9, "failed": 0, "skipped": 1}
+    assert report["summary"] == {"ok": 10, "failed": 0, "skipped": 1}
 
 
 def test_dry_run_records_what_each_check_measured(dry_run):
@@ -75,6 +75,9 @@ def test_dry_run_records_what_each_check_measured(dry_run):
     assert 2 <= checks["resume_signal"]["metrics"]["stopped_at_step"] < steps
     assert 0 <= checks["linear_eval"]["metrics"]["top1"] <= 100
     assert 0 <= checks["fine_grained"]["metrics"]["test_score"] <= 100
+    data = checks["data"]["metrics"]  # the loader row: img/s per core, cores per GPU for the measured step
+    assert all(v > 0 for v in data["img_per_cpu_s"].values())
+    assert set(data["cores_per_gpu_for_measured_steps"]) == {"vit_tiny_dinov2_vits14"}
     bench = json.loads(out.read_text())["benchmarks"]
     assert len(bench) == 2
     joint = bench.pop()  # several students on one teacher pass, against their separate steps

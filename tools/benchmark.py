@@ -2,6 +2,7 @@
 
     python -m tools.benchmark --teacher dinov2_vits14 --student vit_tiny --batch-size 16 --input-size 112 \\
         --device cpu --steps 10 --ablations --json bench.json
+    python -m pretrain.benchmark --data IMAGE_DIR --json data.json   # the loader: tools/benchmark_data.py
 
 A step is the trainer's own step (pretrain.engine.Trainer): teacher forward (inference mode), one student
 forward + backward over [unmasked views, masked views], AdamW + EMA. Inputs are random tensors already on
@@ -29,6 +30,7 @@ autocast, on GPU its bf16 weights) to show where reduced precision costs or gain
 import argparse
 import os
 import resource
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -466,7 +468,12 @@ def hardware(device: torch.device) -> dict:
 
 @cli("tools.benchmark")
 def main(argv=None) -> int:
-    a = parse_args(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(x == "--data" or x.startswith("--data=") for x in args):  # the loader benchmark (#21)
+        from tools.benchmark_data import main as data_main
+
+        return data_main(args)
+    a = parse_args(args)
     validate(a)
     if a.threads:
         torch.set_num_threads(a.threads)

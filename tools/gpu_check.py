@@ -18,6 +18,9 @@ format are written to a temporary folder first. Then, each in its own process wi
                         eager and --compile: img/s, MFU against the GPU's bf16 data-sheet peak, peak memory
     bench_joint_*       ViT-Ti + S + B /14 <- DINOv2-L/14 at 224 px on one teacher pass, against the three
                         separate steps (alternating): the ratio, each student's time and peak memory
+    data                the loader (tools.benchmark --data on ImageNet-like test JPEGs, one core): images/s
+                        per core of timm's pipeline and ours (CPU-only and GPU-worker), GPU decode + augment
+                        images/s on the GPU, and the cores per GPU each needs to feed the bench_* step rates
 
 Every check records status (ok / failed / skipped), error, seconds and what it measured. A check that hangs
 is killed at its timeout; the whole run stays within --budget-s (later checks get what is left, or are
@@ -67,6 +70,7 @@ class Sizes:
     workers: int
     timeout_s: dict = field(default_factory=dict)
     joint: tuple = ()  # (students, teacher, student kwargs, input size, batch): one teacher pass, several students
+    data_images: int = 96  # the data row: test JPEGs the loader benchmark decodes and augments
 
 
 def gpu_sizes(bench_batch: int) -> Sizes:
@@ -84,7 +88,7 @@ def dry_sizes() -> Sizes:
                  (("vit_tiny", "dinov2_vits14", tiny, 28, 2),),  # one pair: the two GPU pairs differ in size only
                  bench_steps=1, bench_warmup=0, compile=False, workers=0,
                  timeout_s={"pretrain": 180, "eval": 180, "bench": 180, "bench_compile": 300},
-                 joint=("vit_tiny,vit_small", "dinov2_vits14", f"{tiny};{tiny}", 28, 2))
+                 joint=("vit_tiny,vit_small", "dinov2_vits14", f"{tiny};{tiny}", 28, 2), data_images=8)
 
 
 def parse_args(argv=None):
@@ -339,7 +343,32 @@ def bench_checks(work: str, sizes: Sizes, device: str) -> list:
                 name, argv, timeout, b, verify=bench_verifier(path))))
     if sizes.joint:
         checks.append(joint_check(work, sizes, device))
+    checks.append(data_check(work, sizes))
     return checks
+
+
+def data_check(work: str, sizes: Sizes):
+    """The loader row: img/s per CPU core (timm's / ours) and GPU decode img/s against the measured step rates."""
+    path = os.path.join(work, "bench_data.json")
+    argv = ["-m", "tools.benchmark_data", "--data", "make:" + os.path.join(work, "data_jpegs"), "--images",
+            str(sizes.data_images), "--rounds", "1", "--batch", "8", "--no-breakdown", "--json", path]
+    return ("data", lambda b: run_command("data", argv, sizes.timeout_s["bench"], b,
+                                          verify=data_verifier(path, work)))
+
+
+def data_verifier(path: str, work: str):
+    def verify(output: str) -> dict:
+        r = read_json(path)
+        rates = {k: r[f"{k}_img_per_cpu_s"] for k in ("timm", "cpu", "gpu_worker")}
+        expect(all(v > 0 for v in rates.values()), f"loader img/s per core {rates}")
+        steps = {}
+        for name in sorted(os.listdir(work)):
+            if name.startswith("bench_") and name.endswith("_eager.json"):
+                steps[name[6:-11]] = read_json(os.path.join(work, name)).get("img_per_s", 0)
+        cores = {pair: {k: round(step / v, 1) for k, v in rates.items()} for pair, step in steps.items() if step}
+        return {"img_per_cpu_s": rates, "gpu_decode_augment_img_per_s": r.get("gpu_decode_augment_img_per_s"),
+                "cores_per_gpu_for_measured_steps": cores, "cpu": r.get("cpu")}
+    return verify
 
 
 def joint_check(work: str, sizes: Sizes, device: str):
@@ -451,6 +480,12 @@ def main(argv=None) -> int:
             continue
         print(f"  {row['check']}: {row['img_per_s']:.1f} img/s, MFU {100 * row['mfu']:.1f} %, "
               f"peak {row['peak_mem_gib']:.1f} GiB ({row['precision']})")
+    data = next((c for c in report["checks"] if c["name"] == "data" and c["status"] == "ok"), None)
+    if data is not None:
+        m = data["metrics"]
+        print(f"  data: img/s per core timm {m['img_per_cpu_s']['timm']:.0f}, ours CPU-only "
+              f"{m['img_per_cpu_s']['cpu']:.0f}, GPU worker {m['img_per_cpu_s']['gpu_worker']:.0f}; GPU decode "
+              f"{m['gpu_decode_augment_img_per_s'] or 0:.0f} img/s; cores per GPU {m['cores_per_gpu_for_measured_steps']}")
     return 0 if s["failed"] == 0 else 1
 
 
