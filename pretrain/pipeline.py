@@ -326,7 +326,7 @@ class FastDeiTTransform:
     def _resize_chw(self, chw: torch.Tensor, top, left, h, w, mode: str) -> torch.Tensor:
         import torch.nn.functional as NF
 
-        crop = chw[None, :, top:top + h, left:left + w]
+        crop = chw[None, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)  # faster
         kw = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
         return NF.interpolate(crop, size=self.size, mode=mode if mode != "nearest" else "nearest-exact", **kw)[0]
 
@@ -433,7 +433,7 @@ class DeviceAugment:
         self._cache = {}
 
     def _consts(self, device):
-        key = str(device)
+        key = device
         if key not in self._cache:
             m = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
             s = 1.0 / (torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0)
