@@ -141,7 +141,10 @@ def sample_rand_augment(ra) -> list[tuple[int, tuple]]:
     """
     if ra is None:
         return []
-    idx = np.random.choice(len(ra.ops), ra.num_layers, replace=ra.choice_weights is None, p=ra.choice_weights)
+    if ra.choice_weights is None:  # what np.random.choice(ops, n, replace=True) draws, without its object array
+        idx = np.random.randint(0, len(ra.ops), size=ra.num_layers)
+    else:
+        idx = np.random.choice(len(ra.ops), ra.num_layers, replace=False, p=ra.choice_weights)
     out = []
     for i in idx:
         op = ra.ops[i]
@@ -246,11 +249,11 @@ def aug_row(flip: bool, ops: list[tuple[int, tuple]], n_layers: int) -> torch.Te
 
 def _decode_jpeg(data: bytes) -> torch.Tensor | None:
     """torchvision's libjpeg-turbo decode to (3, H, W) uint8; None where it cannot (PIL then decodes)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    try:  # deprecated in torchvision 0.29 for TorchCodec: without it, PIL decodes
+        from torchvision.io import ImageReadMode, decode_jpeg
 
-    try:
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError:
+    except (ImportError, AttributeError, RuntimeError):
         return None
 
 
@@ -650,12 +653,17 @@ class GpuDeiTPipeline:
         return [decode_jpeg(d, mode=ImageReadMode.RGB) for d in data]
 
     def __call__(self, batch: dict, device) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as F
+        import torch.nn.functional as NF
 
         out = []
         for img, (top, left, h, w, bilinear) in zip(self.decode(batch["data"], device), batch["crop"].tolist()):
-            mode = _interp("bilinear" if bilinear else self.t.interpolation if self.t.interpolation != "random"
-                           else "bicubic")
-            out.append(F.resized_crop(img, top, left, h, w, list(self.t.size), interpolation=mode, antialias=True))
-        images = torch.stack(out)  # (B, 3, H, W) uint8
+            mode = "bilinear" if bilinear else ("bicubic" if self.t.interpolation in ("random", "bicubic")
+                                                else self.t.interpolation)
+            crop = img[None, :, top:top + h, left:left + w]
+            if crop.device.type != "cpu":  # CUDA's antialiased kernels take float; round back to uint8 values
+                crop = crop.float()
+            kw = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
+            y = NF.interpolate(crop, size=self.t.size, mode=mode if mode != "nearest" else "nearest-exact", **kw)
+            out.append(y[0] if y.dtype == torch.uint8 else y[0].round_().clamp_(0, 255))
+        images = torch.stack(out)  # (B, 3, H, W) uint8 values
         return self.t.device_augment(images, batch["erase"], batch["aug"].to(images.device))
