@@ -2,7 +2,7 @@
 
     python -m tools.benchmark --teacher dinov2_vits14 --student vit_tiny --batch-size 16 --input-size 112 \\
         --device cpu --steps 10 --ablations --json bench.json
-    python -m pretrain.benchmark --data IMAGE_DIR --json data.json   # the loader: tools/benchmark_data.py
+    python -m tools.benchmark --data IMAGE_DIR --json data.json   # the data loader: tools/benchmark_data.py
 
 A step is the trainer's own step (pretrain.engine.Trainer): teacher forward (inference mode), one student
 forward + backward over [unmasked views, masked views], AdamW + EMA. Inputs are random tensors already on
@@ -338,23 +338,25 @@ def split_ms(times: dict) -> dict:
 
 def data_cpu_ms_per_batch(a, n_images: int = 16) -> float:
     """CPU ms to make one batch: JPEG decode of an ImageNet-sized photo-like image + the DeiT training
-    transform at --input-size (one core; what every separate run pays again)."""
+    transform at --input-size as pretrain.main runs it on a CPU (pretrain/pipeline.py; one core; what every
+    separate run pays again)."""
     import numpy as np
     from PIL import Image
 
-    from common.data import build_train_transform, load_rgb
+    from common.data import open_image
+    from pretrain.pipeline import FastDeiTTransform
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:375, 0:500]
     smooth = np.stack([(xx * 0.5 + yy * 0.2) % 256, (yy * 0.7) % 256, (xx * 0.3 + 80) % 256], -1)
     pixels = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
-    tf = build_train_transform(a.input_size, "rand-m9-mstd0.5-inc1", 0.25, "bicubic")
+    tf = FastDeiTTransform(a.input_size, "rand-m9-mstd0.5-inc1", 0.25, "bicubic", finish_on_device=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "photo.jpg")
         Image.fromarray(pixels).save(path, format="JPEG", quality=90)
         cpu0 = time.process_time()
         for _ in range(n_images):
-            tf(load_rgb(path))
+            tf(tf.decode(open_image(path)))
         return 1e3 * (time.process_time() - cpu0) / n_images * a.batch_size
 
 
