@@ -37,6 +37,9 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, rerun the same command (
 EXIT_NONFINITE = 3  # non-finite loss: a configuration problem, do not requeue blindly
 # "checkpoint, then exit 75": SLURM, `timeout`, container runtimes, Ctrl-C and a closed terminal
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+# Several processes: a rank that receives a signal while waiting for data waits this much longer for its batch, so
+# that the step's all-reduce can stop every rank at the same step with a checkpoint; then it stops without one.
+DATA_WAIT_GRACE_S = 5.0
 
 
 class StopTraining(Exception):
@@ -57,6 +60,7 @@ class PreemptionFlag:
     def __init__(self, signals=PREEMPT_SIGNALS):
         self.signum = 0
         self.signals = tuple(signals)
+        self.waiting, self.grace_s = False, 0.0  # the main thread is blocked waiting for a batch (see wait_for)
         self._previous = {}
         for s in signals:
             if signal.getsignal(s) is not signal.SIG_IGN:
@@ -64,6 +68,37 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame):
         self.signum = signum
+        if self.waiting:  # no step is running to notice the flag: the wait itself must end
+            self._end_wait()
+
+    def _end_wait(self) -> None:
+        if self.grace_s > 0:  # the batch may still come in time for the step that stops every rank together
+            signal.signal(signal.SIGALRM, self._give_up)
+            signal.setitimer(signal.ITIMER_REAL, self.grace_s)
+        else:
+            self._give_up()
+
+    def _give_up(self, *_):
+        if self.waiting:
+            self.waiting = False
+            raise DataWaitInterrupted(self.signum)
+
+    def wait_for(self, iterator, grace_s: float = 0.0):
+        """Yield from `iterator` (a DataLoader's); a signal received while waiting for the next item, or before
+        the wait began, raises DataWaitInterrupted (after `grace_s` seconds more if the batch has not come by
+        then): a batch that never comes (a stuck worker or file system) cannot keep the run from stopping."""
+        self.grace_s = grace_s
+        while True:
+            self.waiting = True
+            if self.signum:
+                self._end_wait()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.waiting = False
+            yield item
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -83,6 +118,19 @@ class PreemptionFlag:
             yield
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class DataWaitInterrupted(BaseException):
+    """A preemption signal arrived while the trainer waited for a batch (raised from the signal handler; a
+    BaseException, so that no `except Exception` of the data code on the way swallows it)."""
+
+
+def _kill_workers(iterator) -> None:
+    """SIGKILL the DataLoader workers of `iterator`: they ignore the preemption signals (so that the main process
+    can save), and one stuck in a read would otherwise keep the process from exiting."""
+    for w in getattr(iterator, "_workers", ()):
+        if w.is_alive():
+            w.kill()
 
 
 @dataclass
@@ -187,6 +235,17 @@ class Trainer:
         with self.preempt.held() if self.preempt is not None else nullcontext():
             return iter(self.loader)
 
+    def interruptible_batches(self):
+        """self.batches(), except that a preemption signal received while waiting for a batch stops the run at
+        once (stop_waiting), however long the batch would take."""
+        iterator = self.batches()
+        try:
+            yield from (self.preempt.wait_for(iterator, DATA_WAIT_GRACE_S if self.dist_info.distributed else 0.0)
+                        if self.preempt is not None else iterator)
+        except DataWaitInterrupted:
+            _kill_workers(iterator)
+            self.stop_waiting()
+
     def train(self) -> None:
         cfg = self.cfg
         for epoch in range(self.progress.epoch, cfg["epochs"]):
@@ -216,7 +275,7 @@ class Trainer:
         window = probe.Progress("step", total, start=self.progress.global_step)  # img/s and ETA since the last line
         window_sums, window_steps = torch.zeros(len(names), dtype=torch.float64), 0  # losses since the last line
         self.data_wait.take()
-        for item in self.data_wait.wrap(self.batches()):
+        for item in self.data_wait.wrap(self.interruptible_batches()):
             (batch, n_bad), position = item if len(item) == 2 and isinstance(item[1], tuple) else (item, None)
             if position is not None:
                 self.progress.data_state[position[0]] = position[1]
@@ -369,6 +428,16 @@ class Trainer:
         where = self.last_good if self.dist_info.is_main else "by rank 0"
         raise StopTraining(f"stopped by a signal after step {self.progress.global_step}; checkpoint written "
                            f"({where}). Run the same command to continue.", EXIT_PREEMPTED)
+
+    def stop_waiting(self) -> None:
+        """A signal while waiting for a batch: the state is that of the last finished step. One process saves it
+        (as after a step); with several, the others may be inside a step's collectives, so the run stops with
+        the last checkpoint as it is, and the steps since it are redone on resume."""
+        if not self.dist_info.distributed:
+            self.stop_preempted()
+        raise StopTraining(f"stopped by a signal while waiting for data after step {self.progress.global_step}; "
+                           f"the last checkpoint is {self.last_good if self.dist_info.is_main else 'rank 0s'}. "
+                           f"Run the same command to continue from it.", EXIT_PREEMPTED)
 
     def _is_log_step(self) -> bool:
         return (self.progress.global_step + 1) % self.cfg["log_every"] == 0
