@@ -18,7 +18,12 @@ def check_timm_student(name: str, kwargs: dict, input_size: int, grid: tuple[int
     non-empty grid (resampled onto `grid`, the distillation grid, when given)."""
     def forward(device):
         with torch.device(device):
-            student = models.build_student(name, img_size=input_size, **kwargs).eval()  # eval: BN on one sample
+            try:
+                student = models.build_student(name, img_size=input_size, **kwargs).eval()  # eval: BN, one sample
+            except (TypeError, ValueError) as e:  # an unknown keyword, or a value timm's constructor refuses
+                raise ValueError(f"--student-kwargs {kwargs} do not fit {name}: {e} (a timm student takes "
+                                 f"timm.create_model's own arguments; with several students give one ';' entry "
+                                 f"each)") from None
             x = torch.zeros(1, 3, input_size, input_size)
             feats, patch, hw = student.feature_map(x)
             if min(hw) < 1:
@@ -76,8 +81,10 @@ def _run_checked(forward, what: str, input_size: int) -> None:
         except NotImplementedError:  # an op without a meta kernel: the same check on a real (random) CPU copy
             forward("cpu")
     except ValueError as e:
+        if str(e).startswith("--student-kwargs"):
+            raise
         raise ValueError(f"{what} cannot be distilled at --input-size {input_size}: {e}") from None
     except Exception as e:  # noqa: BLE001 - whatever the model raises on this input is the model/size mismatch
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{what} fails on a (1, 3, {input_size}, {input_size}) input before training: "
-                         f"{type(e).__name__}: {first}") from None
+        raise ValueError(f"{what} fails at --input-size {input_size} (one forward of a (1, 3, {input_size}, "
+                         f"{input_size}) input, before training): {type(e).__name__}: {first}") from None

@@ -250,7 +250,7 @@ def test_a_second_demo_on_the_same_output_dir_stops_before_touching_it(tmp_path)
 @pytest.mark.parametrize("module,argv,needle", [
     ("demo.run", ["--time-budget", "inf"], "--time-budget must be a finite number"),
     ("demo.run", ["--time-budget", "nan"], "--time-budget must be a finite number"),
-    ("demo.run", ["--lr", "-inf"], "--lr must be a finite number"),
+    ("demo.run", ["--lr=-inf"], "--lr must be a finite number"),
     ("demo.run", ["--num-workers", "-1"], "--num-workers must be >= 0"),
     ("demo.run", ["--batch-size", "0"], "--batch-size must be >= 1"),
     ("demo.run", ["--epochs", "1", "--warmup-epochs", "3"], "--warmup-epochs 3 is more than --epochs 1"),
@@ -310,7 +310,7 @@ def test_a_disk_full_from_the_start_stops_at_the_first_save_and_says_nothing_was
     assert proc.returncode == EXIT_SAVE_FAILED, text[-3000:]
     assert "first checkpoint could not be written" in text and "nothing has been saved" in text
     assert "holds the weights" not in text and "Traceback" not in text
-    assert max(r["step"] for r in read_log(out) if "train/loss" in r) == 5  # stopped after epoch 0 of 3
+    assert max(r["step"] for r in read_log(out) if "train/loss" in r) == 6  # stopped after epoch 0 (6 steps) of 3
 
 
 def test_a_timm_vit_student_exports_to_onnx(tmp_path, tiny_data, teacher_ckpt):
@@ -352,7 +352,7 @@ def test_each_student_records_its_own_scaled_lr(tmp_path, tiny_data, teacher_ckp
     (dict(student="timm:resnet18", student_kwargs="features_only=1"), "--student timm:resnet18"),
     (dict(student="timm:resnet18", student_kwargs="in_chans=1"), "--student timm:resnet18"),
     (dict(student="timm:vit_tiny_patch16_224", input_size=14, teacher="dinov2_vits14"), "at --input-size 14"),
-    (dict(student="timm:swin_tiny_patch4_window7_224", input_size=224), "channels-last"),
+    (dict(student="timm:swin_tiny_patch4_window7_224", student_kwargs="", input_size=224), "channels-last"),
     (dict(teacher="timm:resnet18", teacher_checkpoint=""), "--teacher timm:resnet18"),
 ])
 def test_timm_models_that_cannot_run_at_the_size_are_refused_before_any_work(tmp_path, tiny_data, teacher_ckpt,
