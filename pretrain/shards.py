@@ -86,7 +86,7 @@ def shard_sizes(urls: list[str]) -> list[int]:
 def check_index(path: str, urls: list[str], sizes: list) -> None:
     """DataError unless the index counts are positive integers that fit the shard files (see shard_sizes)."""
     fix = (f"the shard index {path} does not describe these shards; delete it (the shards are then counted "
-           f"once) or rewrite the shards with pretrain.make_shards")
+           f"once) or rewrite the shards with tools.make_shards")
     for url, n in zip(urls, sizes):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise DataError(f"{fix}: it lists nsamples={n!r} for {os.path.basename(url)} (a positive integer is "
@@ -135,7 +135,7 @@ def check_readable(urls: list[str]) -> None:
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise DataError(f"{len(bad)} of {len(urls)} shards yield no sample: {'; '.join(bad[:3])}{more}; "
-                        f"rewrite them with python -m pretrain.make_shards or leave them out of --data-path")
+                        f"rewrite them with python -m tools.make_shards or leave them out of --data-path")
 
 
 def count_samples(url: str) -> int:
@@ -237,7 +237,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     position += 1
                 if n == 0:
                     raise EmptyShardsError(f"shard {url} yielded no sample (empty, truncated or not a tar file); "
-                                           f"rewrite it with python -m pretrain.make_shards or leave it out of "
+                                           f"rewrite it with python -m tools.make_shards or leave it out of "
                                            f"--data-path")
 
     def _view(self, sample: dict, role: int, position: int):

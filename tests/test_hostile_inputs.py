@@ -170,7 +170,7 @@ def test_imagefolder_with_loose_images_is_refused_by_training_and_make_shards(tm
     rc, _, err = run("pretrain.main", tiny_args(root, teacher_ckpt, str(tmp_path / "run")))
     one_message(rc, err, "mixes 3 loose images", "2 sub-folder(s)")
     assert not os.path.exists(tmp_path / "run")
-    from pretrain import make_shards  # noqa: PLC0415 (moves to tools/ with the tools helper)
+    from tools import make_shards  # noqa: PLC0415
 
     rc, _, err = run(make_shards.__name__, [root, str(tmp_path / "shards")])
     one_message(rc, err, "mixes 3 loose images")
@@ -325,7 +325,7 @@ def test_a_timm_vit_student_exports_to_onnx(tmp_path, tiny_data, teacher_ckpt):
     assert "Traceback" not in err
 
 
-EXPORT = "models.export"  # becomes tools.export with the tools helper's move
+EXPORT = "tools.export"
 
 
 def test_single_image_runs_the_same_output_checks_as_every_data_mode(tmp_path, tiny_data, teacher_ckpt):
