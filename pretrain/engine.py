@@ -134,11 +134,20 @@ class DataWaitInterrupted(BaseException):
 
 
 def _kill_workers(iterator) -> None:
-    """SIGKILL the DataLoader workers of `iterator`: they ignore the preemption signals (so that the main process
-    can save), and one stuck in a read would otherwise keep the process from exiting."""
-    for w in getattr(iterator, "_workers", ()):
-        if w.is_alive():
-            w.kill()
+    """SIGKILL the DataLoader workers of `iterator` that are still alive: they ignore the preemption signals (so
+    that the main process can save), and one stuck in a read would otherwise keep the process from exiting (torch's
+    shutdown only sends SIGTERM). Unregistered first, so that torch's SIGCHLD check does not report their end."""
+    alive = [w for w in getattr(iterator, "_workers", ()) if w.is_alive()]
+    if not alive:
+        return
+    if getattr(iterator, "_worker_pids_set", False):
+        try:
+            torch._C._remove_worker_pids(id(iterator))
+        except RuntimeError:
+            pass
+        iterator._worker_pids_set = False
+    for w in alive:
+        w.kill()
 
 
 @dataclass
@@ -250,14 +259,16 @@ class Trainer:
         main process makes the batch itself (drawing from the RNG a checkpoint saves): it finishes it, and the
         step after it stops the run."""
         iterator = self.batches()
-        if self.preempt is None or not getattr(self.loader, "num_workers", 0):
-            yield from iterator
-            return
         try:
+            if self.preempt is None or not getattr(self.loader, "num_workers", 0):
+                yield from iterator
+                return
             yield from self.preempt.wait_for(iterator, DATA_WAIT_GRACE_S if self.dist_info.distributed else 0.0)
         except DataWaitInterrupted:
             _kill_workers(iterator)
             self.stop_waiting()
+        finally:  # an epoch left early (a stop after a step): no worker, stuck or not, outlives it
+            _kill_workers(iterator)
 
     def train(self) -> None:
         cfg = self.cfg

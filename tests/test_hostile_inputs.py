@@ -131,18 +131,22 @@ def test_sigterm_while_the_trainer_waits_for_data_stops_within_seconds(tmp_path,
                                             single_image=os.path.join(tiny_data, "n00000000", "0.JPEG"),
                                             single_image_length=4000))
     try:
+        def steps() -> int:
+            return len([r for r in read_log(out) if "train/loss" in r]) if os.path.exists(os.path.join(out, "log.txt")) \
+                else 0
+
         deadline = time.time() + 180
-        while not (os.path.exists(os.path.join(out, "log.txt")) and len(read_log(out)) >= 3):
+        while not (steps() >= 3 and os.path.exists(os.path.join(out, "checkpoint.pth"))):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.2)
         workers = _children(proc.pid)
         assert workers
         for w in workers:
             os.kill(w, signal.SIGSTOP)
-        n, still = len(read_log(out)), 0
+        n, still = steps(), 0
         while still < 3:  # the prefetched batches are used up: no step for 3 s
             time.sleep(1)
-            still, n = (still + 1, n) if len(read_log(out)) == n else (0, len(read_log(out)))
+            still, n = (still + 1, n) if steps() == n else (0, steps())
         step = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["global_step"]
         os.killpg(proc.pid, signal.SIGTERM)
         rc, out_text, err, elapsed = finish(proc, timeout=10)
