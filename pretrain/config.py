@@ -204,7 +204,10 @@ def check_teacher(t: dict, cfg: dict) -> None:
 
         if not timm.is_model(name[len("timm:"):]):
             raise ConfigError(f"--teacher {name}: timm has no model of that name (see timm.list_models())")
-        preflight.check_timm_teacher(name, cfg["input_size"])  # a ViT that runs at this size (meta device)
+        try:
+            preflight.check_timm_teacher(name, cfg["input_size"])  # a ViT that runs at this size (meta device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     elif name not in models.TEACHERS:
         raise ConfigError(f"unknown teacher {name!r}; expected one of {models.TEACHERS} or timm:<name>")
     spec = models.teacher_spec(name)
