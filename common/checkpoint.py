@@ -11,9 +11,10 @@ Checkpoints hold plain types only (tensors, numbers, strings, lists, dicts) so t
 `torch.load(weights_only=True)`.
 
 Files the project did not write are never deleted:
-- every checkpoint we write is recorded by (inode, size, mtime_ns) in `.checkpoints.json` beside it (a
-  rename keeps all three); a save that would overwrite a file not recorded there first moves it aside
-  to `<name>.foreign-<time>`;
+- every checkpoint we write is recorded by its content (size + SHA-256 of its first and last MiB) in
+  `.checkpoints.json` beside it: a rename and a copy of the run dir (`cp -r`) keep it, so a copied run
+  rotates its own checkpoints like the original; a save that would overwrite a file not recorded there
+  first moves it aside to `<name>.foreign-<time>`. (Concurrent runs are kept apart by the run-dir lock.)
 - a checkpoint that cannot be read (corrupt, or another program's format) is moved aside to
   `<name>.unreadable-<time>` and reported, then the previous one is tried.
 Temporary files of an interrupted save (`<name>.<random>.tmp`) are removed by `remove_orphan_temps`.
@@ -86,7 +87,7 @@ def save_with_history(obj, output_dir: str, name: str = "checkpoint.pth", keep_l
     ours = _read_manifest(output_dir)
 
     def move(src: str, dst: str) -> None:  # a rotation only ever overwrites a file we wrote
-        if os.path.exists(dst) and _fingerprint(dst) not in ours:
+        if os.path.exists(dst) and not _ours(dst, ours):
             set_aside(dst, "foreign", "it was not written by this project's checkpointing")
         os.replace(src, dst)
 
@@ -95,7 +96,7 @@ def save_with_history(obj, output_dir: str, name: str = "checkpoint.pth", keep_l
             move(newer, older)
     move(staged, paths[0])
     _fsync_dir(output_dir)
-    _write_manifest(output_dir, [_fingerprint(p) for p in paths if os.path.exists(p)])
+    _write_manifest(output_dir, [quick_fingerprint(p) for p in paths if os.path.exists(p)])
     return paths[0]
 
 
@@ -103,15 +104,17 @@ MANIFEST = ".checkpoints.json"
 _TEMP_RE = re.compile(r".+\.pth\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_save's mkstemp names
 
 
-def _fingerprint(path: str) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_ino, st.st_size, st.st_mtime_ns
+def _ours(path: str, manifest: set) -> bool:
+    if quick_fingerprint(path) in manifest:
+        return True
+    st = os.stat(path)  # a manifest written before content fingerprints: (inode, size, mtime_ns)
+    return (st.st_ino, st.st_size, st.st_mtime_ns) in manifest
 
 
-def _read_manifest(output_dir: str) -> set[tuple[int, int, int]]:
+def _read_manifest(output_dir: str) -> set[tuple]:
     try:
         with open(os.path.join(output_dir, MANIFEST)) as f:
-            return {tuple(x) for x in json.load(f)["written"]}
+            return {tuple(x) if isinstance(x, list) else x for x in json.load(f)["written"]}
     except (OSError, ValueError, KeyError, TypeError):
         return set()
 
@@ -119,7 +122,7 @@ def _read_manifest(output_dir: str) -> set[tuple[int, int, int]]:
 def _write_manifest(output_dir: str, fingerprints: list) -> None:
     path = os.path.join(output_dir, MANIFEST)
     with open(path + ".part", "w") as f:
-        json.dump({"written": [list(fp) for fp in fingerprints]}, f)
+        json.dump({"written": list(fingerprints)}, f)
     os.replace(path + ".part", path)
 
 
@@ -186,9 +189,21 @@ def load_latest(output_dir: str, name: str = "checkpoint.pth", keep_last: int = 
 
 def file_fingerprint(path: str, chunk: int = 1 << 20) -> str:
     """SHA-256 of a file's content: a moved or copied file keeps it, any changed byte changes it. Keys the
-    feature caches by the checkpoint they came from, and tells a replaced teacher file on resume."""
+    feature caches by the checkpoint they came from."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def quick_fingerprint(path: str, chunk: int = 1 << 20) -> str:
+    """Size + SHA-256 of the first and last MiB: a file overwritten in place changes it, a copy does not
+    (cheap for multi-GB teacher weights; file_fingerprint reads the whole file)."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        f.seek(max(size - chunk, 0))
+        h.update(f.read(chunk))
+    return f"{size}:{h.hexdigest()[:16]}"

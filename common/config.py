@@ -19,6 +19,7 @@ import argparse
 import ast
 import difflib
 import json
+import math
 import os
 import sys
 
@@ -26,14 +27,24 @@ import yaml
 
 from common.errors import ConfigError, MissingFileError, UserError
 
-__all__ = ["ConfigArgumentParser", "read_config_file", "apply_config", "config_drift"]
+__all__ = ["ConfigArgumentParser", "read_config_file", "apply_config", "config_drift", "CheckedArgumentParser"]
 
 FILE_DEST, VALUES_DEST = "config_file", "config_values"
 YAML_SUFFIXES, PY_SUFFIXES = (".yaml", ".yml", ".json"), (".py",)  # JSON is YAML
 YAML_BOOL_HINT = "YAML reads yes/no/on/off/true/false as booleans: quote the value ('on') if you mean the word"
 
 
-class ConfigArgumentParser(argparse.ArgumentParser):
+class CheckedArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose float values must be finite (check_finite): the base of every entry point's
+    parser, with or without -c."""
+
+    def _get_value(self, action, arg_string):
+        value = super()._get_value(action, arg_string)
+        check_finite(value, flag_of(action) if action.option_strings else action.dest, arg_string)
+        return value
+
+
+class ConfigArgumentParser(CheckedArgumentParser):
     """argparse.ArgumentParser with `-c/--config FILE`, whose values become the defaults before parsing."""
 
     def __init__(self, *args, **kwargs):
@@ -108,6 +119,14 @@ def unknown_key_message(path: str, key: str, actions: dict) -> str:
             f"underscores): {', '.join(sorted(actions))}")
 
 
+def check_finite(value, flag: str, given) -> None:
+    """Every float value of every flag, from the command line or a config file: inf and nan are refused where
+    they are given, not deep in the run where they break a plan, a schedule or a loss."""
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{flag} must be a finite number, got {given}")
+
+
 # ---- values: through the flag's own type and choices ------------------------------------------------------
 def convert(action: argparse.Action, key: str, value, path: str):
     """`value` (from YAML or a Python literal) as the flag would have parsed it from the command line."""
@@ -163,6 +182,7 @@ def scalar(action: argparse.Action, value, where: str):
                           f"({e})") from e
     if action.choices is not None and out not in action.choices:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    check_finite(out, f"{where}: {flag_of(action)}", value)
     return out
 
 
@@ -206,8 +226,21 @@ def read_yaml(text: str, path: str) -> dict:
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
+        def compose_node(self, parent, index):
+            """Aliases are refused: nested anchors/aliases expand exponentially (a 1 kB file, gigabytes)."""
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise AliasRefused(f"config file {path!r} line {event.start_mark.line + 1}: YAML aliases (*"
+                                   f"{event.anchor}) are not allowed in configs; write the value out")
+            return super().compose_node(parent, index)
+
+    class AliasRefused(yaml.YAMLError):
+        pass
+
     try:
         data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass: no Python objects
+    except AliasRefused as e:
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from e
     if data is None:

@@ -190,7 +190,7 @@ def list_images(source: str) -> list[str]:
     else:
         base = os.path.dirname(os.path.abspath(source))
         try:
-            with open(source, encoding="utf-8") as f:
+            with open(source, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first path
                 lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
         except UnicodeDecodeError as e:
             raise DataError(f"{source} is not a text file of image paths (one per line): {e}; {PRETRAIN_LAYOUTS}") \
@@ -220,10 +220,26 @@ def pretrain_source_kind(path: str) -> str:
     if not os.path.isdir(path):
         raise MissingFileError(f"--data-path {path!r} does not exist; expected {PRETRAIN_LAYOUTS}")
     entries = list(os.scandir(path))
-    if any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in entries):
+    loose = sum(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in entries)
+    if loose:
+        classes = sorted(e.name for e in entries if e.is_dir() and _has_image(e.path))
+        if classes:  # either reading would silently drop the other part
+            shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+            raise DataError(f"--data-path {path!r} mixes {loose} loose images at its top with {len(classes)} "
+                            f"sub-folder(s) of images ({shown}): it is neither a flat folder nor an ImageFolder. "
+                            f"Move the loose images into a sub-folder of their own (ImageFolder) or the sub-folders' "
+                            f"images to the top (flat folder), or list every image in a text file")
         return "flat"
     check_image_folder(path, "--data-path")
     return "imagefolder"
+
+
+def describe_source(path: str, kind: str, dataset) -> str:
+    """What a --data-path was read as, for the log: '<path>: ImageFolder, 1281167 images in 1000 class folders'."""
+    if kind == "imagefolder":
+        return f"{path}: ImageFolder, {len(dataset.samples)} images in {len(dataset.classes)} class folders"
+    what = "list file" if kind == "list" else "flat folder (no class sub-folders)"
+    return f"{path}: {what}, {len(dataset.samples)} images"
 
 
 def collate_skip_bad(batch: list):
@@ -336,8 +352,10 @@ def build_pretrain_dataset(roots: list[str], transform, on_bad_image: str = "ski
         return SingleImageDataset(single_image, single_image_length, transform)
     parts = []
     for r in roots:
+        kind = pretrain_source_kind(r)
         ds = (SafeImageFolder(r, transform=transform, on_bad_image=on_bad_image)
-              if pretrain_source_kind(r) == "imagefolder" else ImageListDataset(r, transform, on_bad_image))
+              if kind == "imagefolder" else ImageListDataset(r, transform, on_bad_image))
+        log.info("data: %s", describe_source(r, kind, ds))
         parts.append(subsample_image_folder(ds, class_fraction, images_per_class, seed))
     return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
 

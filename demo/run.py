@@ -33,7 +33,9 @@ import subprocess
 import sys
 import time
 
+from common.config import CheckedArgumentParser
 from common.errors import ConfigError, MissingFileError, UserError, cli
+from common.runlock import RunDirLock
 from demo import assets
 
 TEACHER = "dinov2_vits14"
@@ -101,7 +103,7 @@ CALIBRATION_WARMUP_STEPS = 2  # the first steps pay for allocation and the first
 # Configuration
 # ==========================================================================================================
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("demo.run", description=__doc__.split("\n\n")[0],
+    p = CheckedArgumentParser("demo.run", description=__doc__.split("\n\n")[0],  # float values must be finite
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output-dir", default="output/demo", help="results, figures, and the runs' own folders")
     p.add_argument("--quick", action="store_true", help="the CI recipe: a few images and steps, no accuracy goal")
@@ -139,8 +141,34 @@ def resolve_recipe(args) -> dict:
                           f"timed), or pass --time-budget 0")
     if args.time_budget < 0:
         raise ConfigError(f"--time-budget must be >= 0 seconds (0 = off), got {args.time_budget}")
+    check_ranges({**recipe, **{k: getattr(args, k) for k in ("num_workers", "seed", "setup_seconds")}})
     student_archs(recipe)
     return recipe
+
+
+# The smallest value of every numeric setting (and of --crop-scale-min and --seed the largest), checked before any
+# work: a value the tools it runs would refuse (pretrain.main, fine_grained.main) must not stop the demo minutes in.
+MINIMUM = {"distil_per_class": 1, "probe_train_per_class": 1, "test_per_class": 1, "transfer_train_per_class": 1,
+           "transfer_test_per_class": 1, "student_depth": 1, "epochs": 1, "batch_size": 1, "warmup_epochs": 0,
+           "calibration_steps": 1, "log_every": 1, "num_workers": 0, "seed": 0, "setup_seconds": 0}
+MAXIMUM = {"crop_scale_min": 1.0, "seed": 2**31 - 1}
+
+
+def check_ranges(values: dict) -> None:
+    for key, low in MINIMUM.items():
+        if values[key] < low:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= {low}, got {values[key]}")
+    for key, high in MAXIMUM.items():
+        if values[key] > high:
+            raise ConfigError(f"--{key.replace('_', '-')} must be <= {high}, got {values[key]}")
+    for key in ("lr", "crop_scale_min"):
+        if not values[key] > 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be > 0, got {values[key]}")
+    if values["warmup_epochs"] > values["epochs"]:
+        raise ConfigError(f"--warmup-epochs {values['warmup_epochs']} is more than --epochs {values['epochs']}")
+    if values["distil_per_class"] * 10 < values["batch_size"]:
+        raise ConfigError(f"--distil-per-class {values['distil_per_class']} gives {values['distil_per_class'] * 10} "
+                          f"images, less than one --batch-size {values['batch_size']}")
 
 
 def student_kwargs(recipe: dict) -> dict:
@@ -676,6 +704,11 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     recipe = resolve_recipe(args)
     out = claim_output_dir(args.output_dir)  # refuses folders the demo did not make, before any work
+    with RunDirLock(out, "demo output dir"):  # a second demo on it stops here, before it replaces anything
+        return run_demo(args, recipe, out)
+
+
+def run_demo(args, recipe: dict, out: str) -> int:
     timer = Timer(args.setup_seconds)
 
     teacher_ckpt = timer.run("teacher", ensure_teacher, args.teacher_checkpoint)

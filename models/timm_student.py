@@ -12,6 +12,8 @@ Capabilities are attributes: `embed_dim`, `patch_dim`, `has_mask_token` (False),
 The wrapped model is `self.model`; its state dict (no classifier: num_classes=0) is what an export holds,
 so `timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...))` loads it.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -73,10 +75,20 @@ class TimmStudent(nn.Module):
             h, w = feats.shape[-2:]
             return feats, feats.flatten(2).transpose(1, 2), (h, w)
         patch = feats[:, self.num_prefix_tokens:]  # ViT-like: (B, prefix + h*w, D)
-        h = w = int(round(patch.shape[1] ** 0.5))
-        if h * w != patch.shape[1]:
-            raise ValueError(f"{self.timm_name}: {patch.shape[1]} patch tokens do not form a square grid")
-        return feats, patch, (h, w)
+        return feats, patch, self.token_grid(x, patch.shape[1])
+
+    def token_grid(self, x: torch.Tensor, n: int) -> tuple[int, int]:
+        """(h, w) of a ViT's n patch tokens, in integer arithmetic on sizes (so that tracing, e.g. an ONNX export,
+        follows it): the input size over the patch embedding's patch size, else the integer square root."""
+        ps = getattr(getattr(self.model, "patch_embed", None), "patch_size", None)
+        if ps is not None:
+            ph, pw = (ps, ps) if isinstance(ps, int) else tuple(ps)
+            h, w = x.shape[-2] // ph, x.shape[-1] // pw
+        else:
+            h = w = math.isqrt(int(n))
+        if not torch.jit.is_tracing() and h * w != n:
+            raise ValueError(f"{self.timm_name}: {n} patch tokens do not form a {h}x{w} grid")
+        return h, w
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None,
                          grid: tuple[int, int] | None = None) -> dict:

@@ -22,7 +22,7 @@ from common.config import ConfigArgumentParser
 from common.dist import DistInfo, resolve_device
 from common.errors import ConfigError, MissingFileError, UserError
 from common.precision import resolve_precision
-from . import accumulate, monitor, pipeline, shards
+from . import accumulate, monitor, pipeline, preflight, shards
 from .losses import OBJECTIVES, select_objectives
 from .masking import validate_mask_config
 from .students import student_specs
@@ -160,7 +160,7 @@ def validate_config(cfg: dict, table, world_size: int) -> None:
             raise ConfigError(f"--single-image {cfg['single_image']!r} is not a readable image: {e}") from e
     else:
         check_data_sources(cfg)
-        check_output_dir(cfg)
+    check_output_dir(cfg)  # every data mode
     for t in teachers:
         if t["checkpoint"] and not os.path.isfile(t["checkpoint"]):
             raise MissingFileError(f"--teacher-checkpoint {t['checkpoint']!r} (teacher {t['name']}) does not exist")
@@ -204,6 +204,10 @@ def check_teacher(t: dict, cfg: dict) -> None:
 
         if not timm.is_model(name[len("timm:"):]):
             raise ConfigError(f"--teacher {name}: timm has no model of that name (see timm.list_models())")
+        try:
+            preflight.check_timm_teacher(name, cfg["input_size"])  # a ViT that runs at this size (meta device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     spec = models.teacher_spec(name)  # a row of models.TEACHER_FAMILIES (ConfigError for an unknown name)
     if spec is not None and cfg["input_size"] % spec.patch_size:
         raise ConfigError(f"--input-size {cfg['input_size']} is not a multiple of teacher {name}'s patch size "
@@ -311,14 +315,12 @@ def check_student(cfg: dict) -> None:
 
 
 def check_timm_kwargs(name: str, kwargs: dict, input_size: int) -> None:
-    """A timm student's keyword arguments are timm's: build it on the meta device (no memory, no init) so that
-    a wrong one fails here, before the run starts, not as a TypeError after the teacher loaded."""
+    """A timm student's keyword arguments are timm's, and the model runs at this size: built on the meta device
+    (no memory, no init) and run once (pretrain/preflight.py), so that it fails here, not after the teacher loaded."""
     try:
-        with torch.device("meta"):
-            models.build_student(name, img_size=input_size, **kwargs)
-    except (TypeError, ValueError) as e:  # an unknown keyword, or a value timm's constructor refuses
-        raise ConfigError(f"--student-kwargs {kwargs} do not fit {name}: {e} (a timm student takes "
-                         f"timm.create_model's own arguments; with several students give one ';' entry each)") from e
+        preflight.check_timm_student(name, kwargs, input_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_student_kwargs(kwargs: dict, student: str) -> None:

@@ -56,7 +56,7 @@ def build_shard_data(cfg, info: DistInfo, transform) -> Data:
     """Tar shards streamed in whole batches (pretrain/shards.py): DeiT's repeated augmentation does not apply."""
     stream = shards.ShardStream(cfg["data_path"][0], transform, step_batch_of(cfg), world_size=info.world_size,
                                 rank=info.rank, seed=cfg["seed"], on_bad_image=cfg["on_bad_image"])
-    if stream.steps_per_epoch == 0:
+    if stream.steps_per_epoch <= 0:
         raise DataError(f"{stream.num_samples} samples in {len(stream.urls)} shards give less than one batch of "
                         f"{step_batch_of(cfg)} per process{batch_origin(cfg)}")
     generator = torch.Generator()

@@ -38,6 +38,10 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, rerun the same command (
 EXIT_NONFINITE = 3  # non-finite loss: a configuration problem, do not requeue blindly
 # "checkpoint, then exit 75": SLURM, `timeout`, container runtimes, Ctrl-C and a closed terminal
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+# Several processes: a rank that receives a signal while waiting for data waits this much longer for its batch, so
+# that the step's all-reduce can stop every rank at the same step with a checkpoint; then it stops without one.
+DATA_WAIT_GRACE_S = 5.0
+NO_CHECKPOINT = "none written yet"  # Trainer.last_good until a checkpoint exists (written or resumed from)
 
 
 class StopTraining(Exception):
@@ -58,6 +62,7 @@ class PreemptionFlag:
     def __init__(self, signals=PREEMPT_SIGNALS):
         self.signum = 0
         self.signals = tuple(signals)
+        self.waiting, self.grace_s = False, 0.0  # the main thread is blocked waiting for a batch (see wait_for)
         self._previous = {}
         for s in signals:
             if signal.getsignal(s) is not signal.SIG_IGN:
@@ -65,6 +70,37 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame):
         self.signum = signum
+        if self.waiting:  # no step is running to notice the flag: the wait itself must end
+            self._end_wait()
+
+    def _end_wait(self) -> None:
+        if self.grace_s > 0:  # the batch may still come in time for the step that stops every rank together
+            signal.signal(signal.SIGALRM, self._give_up)
+            signal.setitimer(signal.ITIMER_REAL, self.grace_s)
+        else:
+            self._give_up()
+
+    def _give_up(self, *_):
+        if self.waiting:
+            self.waiting = False
+            raise DataWaitInterrupted(self.signum)
+
+    def wait_for(self, iterator, grace_s: float = 0.0):
+        """Yield from `iterator` (a DataLoader's); a signal received while waiting for the next item, or before
+        the wait began, raises DataWaitInterrupted (after `grace_s` seconds more if the batch has not come by
+        then): a batch that never comes (a stuck worker or file system) cannot keep the run from stopping."""
+        self.grace_s = grace_s
+        while True:
+            self.waiting = True
+            if self.signum:
+                self._end_wait()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.waiting = False
+            yield item
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -84,6 +120,35 @@ class PreemptionFlag:
             yield
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _finite_flags(targets: dict) -> torch.Tensor:
+    """(teachers,) bool on the device, without a host sync: every target tensor of that teacher is finite."""
+    flags = [torch.stack([torch.isfinite(v).all() for v in t.values() if isinstance(v, torch.Tensor)]).all()
+             for t in targets.values()]
+    return torch.stack(flags)
+
+
+class DataWaitInterrupted(BaseException):
+    """A preemption signal arrived while the trainer waited for a batch (raised from the signal handler; a
+    BaseException, so that no `except Exception` of the data code on the way swallows it)."""
+
+
+def _kill_workers(iterator) -> None:
+    """SIGKILL the DataLoader workers of `iterator` that are still alive: they ignore the preemption signals (so
+    that the main process can save), and one stuck in a read would otherwise keep the process from exiting (torch's
+    shutdown only sends SIGTERM). Unregistered first, so that torch's SIGCHLD check does not report their end."""
+    alive = [w for w in getattr(iterator, "_workers", ()) if w.is_alive()]
+    if not alive:
+        return
+    if getattr(iterator, "_worker_pids_set", False):
+        try:
+            torch._C._remove_worker_pids(id(iterator))
+        except RuntimeError:
+            pass
+        iterator._worker_pids_set = False
+    for w in alive:
+        w.kill()
 
 
 @dataclass
@@ -106,12 +171,13 @@ class Trainer:
     metrics: MetricLogger
     progress: ckpt_state.Progress = field(default_factory=ckpt_state.Progress)
     pca_batch: torch.Tensor | None = None
-    last_good: str = "none written yet"
+    last_good: str = NO_CHECKPOINT
     preempt: PreemptionFlag | None = None
     grids: dict = field(default_factory=dict)
     normaliser: torch.nn.Module | None = None
     knn_monitor: object = None  # pretrain/monitor.py KnnMonitor (--monitor-knn, rank 0): built from cfg if None
     data_wait: monitor.DataWait = field(default_factory=monitor.DataWait)
+    _targets_finite: torch.Tensor | None = None  # per teacher: were this step's targets finite (bool, on device)
     _save_failures: int = 0  # consecutive failed checkpoint writes
     _save_error: str = ""
 
@@ -192,6 +258,23 @@ class Trainer:
         with self.preempt.held() if self.preempt is not None else nullcontext():
             return iter(self.loader)
 
+    def interruptible_batches(self):
+        """self.batches(), except that a preemption signal received while waiting for a batch from the loader's
+        workers stops the run at once (stop_waiting), however long the batch would take. Without workers the
+        main process makes the batch itself (drawing from the RNG a checkpoint saves): it finishes it, and the
+        step after it stops the run."""
+        iterator = self.batches()
+        try:
+            if self.preempt is None or not getattr(self.loader, "num_workers", 0):
+                yield from iterator
+                return
+            yield from self.preempt.wait_for(iterator, DATA_WAIT_GRACE_S if self.dist_info.distributed else 0.0)
+        except DataWaitInterrupted:
+            _kill_workers(iterator)
+            self.stop_waiting()
+        finally:  # an epoch left early (a stop after a step): no worker, stuck or not, outlives it
+            _kill_workers(iterator)
+
     def train(self) -> None:
         cfg = self.cfg
         for epoch in range(self.progress.epoch, cfg["epochs"]):
@@ -201,6 +284,9 @@ class Trainer:
             monitor.run_knn_monitor(self, epoch)
             if cfg["pca_every_epochs"] and ((epoch + 1) % cfg["pca_every_epochs"] == 0 or epoch + 1 == cfg["epochs"]):
                 self.log_pca()
+        if self.progress.global_step <= 0:  # a "finished" run must have trained: never export a random init
+            raise DataError(f"the run trained 0 steps ({self.steps_per_epoch} steps per epoch from the data at "
+                            f"{cfg['data_path']}): nothing to export. Check the data (and its shard index)")
 
     def train_one_epoch(self, epoch: int) -> None:
         cfg, dev = self.cfg, self.dist_info.device
@@ -221,7 +307,7 @@ class Trainer:
         window = probe.Progress("step", total, start=self.progress.global_step)  # img/s and ETA since the last line
         window_sums, window_steps = torch.zeros(len(names), dtype=torch.float64), 0  # losses since the last line
         self.data_wait.take()
-        for item in self.data_wait.wrap(self.batches()):
+        for item in self.data_wait.wrap(self.interruptible_batches()):
             (batch, n_bad), position = item if len(item) == 2 and isinstance(item[1], tuple) else (item, None)
             if position is not None:
                 self.progress.data_state[position[0]] = position[1]
@@ -282,6 +368,7 @@ class Trainer:
         losses = {}
         for mb in parts:
             targets = self.teacher_targets(mb.images)
+            self._targets_finite = _finite_flags(targets)  # on the device, read only if a loss is non-finite
             for run in self.students:
                 with accumulate.sync_gradients(run.model, mb):  # DDP: one all-reduce, on the last micro-batch
                     own = self.student_losses(run, mb.images, mb.masks, mb.rows, targets, micro=mb.index)
@@ -327,6 +414,14 @@ class Trainer:
                     f" for student {run.key}" if self.multi else "", run.bad_streak, self.cfg["max_bad_steps"])
 
     def _stop_nonfinite(self, run, step: int, stats: list[float], where: str):
+        bad = [k for k, ok in zip(self.teachers, self._targets_finite.tolist()) if not ok] \
+            if self._targets_finite is not None else []
+        if bad:  # the targets, not the student: a lower lr would not help
+            raise StopTraining(
+                f"teacher {', '.join(bad)} gave non-finite outputs (NaN/inf targets) at step {step} ({where}); the "
+                f"student was not updated with them. Check the teacher's weights (--teacher-checkpoint) and its "
+                f"dtype (--teacher-dtype fp32, --precision bf16/fp32: fp16 overflows). Last good checkpoint: "
+                f"{self.last_good}.", EXIT_NONFINITE)
         parts = " ".join(f"{k}={v}" for k, v in zip(run.distiller.loss_names, stats))
         who = f" of student {run.key}" if self.multi else ""
         raise StopTraining(
@@ -351,6 +446,11 @@ class Trainer:
         elif error:
             self._save_failures, self._save_error = self._save_failures + 1, error
             limit = self.cfg["max_save_failures"]
+            if self.last_good == NO_CHECKPOINT and not final:  # nothing to fall back on: training on risks it all
+                raise StopTraining(f"the run's first checkpoint could not be written ({error}); nothing has been "
+                                   f"saved, so the run stops here instead of training on without one. Free disk "
+                                   f"space (or fix the output dir) and rerun the same command (it starts from "
+                                   f"scratch).", ckpt_state.EXIT_SAVE_FAILED)
             if self._save_failures >= limit and not final:
                 raise StopTraining(f"{self._save_failures} checkpoint writes in a row failed (last: {error}). "
                                    f"Last good checkpoint: {self.last_good}. Free disk space (or fix the "
@@ -364,16 +464,27 @@ class Trainer:
         if every and self.progress.global_step % every == 0 and self.progress.step_in_epoch < self.steps_per_epoch:
             self.save_checkpoint()  # the epoch-end save covers the last step of an epoch
 
-    def stop_preempted(self) -> None:
+    def stop_preempted(self, waiting: bool = False) -> None:
+        how = "while waiting for data " if waiting else ""
         self.save_checkpoint(final=True)
         barrier()
         if self._save_error and self.dist_info.is_main:
-            raise StopTraining(f"stopped by a signal after step {self.progress.global_step}, but the checkpoint "
+            raise StopTraining(f"stopped by a signal {how}after step {self.progress.global_step}, but the checkpoint "
                                f"could not be written ({self._save_error}); the last good one is "
                                f"{self.last_good}. Run the same command to continue from it.", EXIT_PREEMPTED)
         where = self.last_good if self.dist_info.is_main else "by rank 0"
-        raise StopTraining(f"stopped by a signal after step {self.progress.global_step}; checkpoint written "
+        raise StopTraining(f"stopped by a signal {how}after step {self.progress.global_step}; checkpoint written "
                            f"({where}). Run the same command to continue.", EXIT_PREEMPTED)
+
+    def stop_waiting(self) -> None:
+        """A signal while waiting for a batch: the state is that of the last finished step. One process saves it
+        (as after a step); with several, the others may be inside a step's collectives, so the run stops with
+        the last checkpoint as it is, and the steps since it are redone on resume."""
+        if not self.dist_info.distributed:
+            self.stop_preempted(waiting=True)
+        raise StopTraining(f"stopped by a signal while waiting for data after step {self.progress.global_step}; "
+                           f"the last checkpoint is {self.last_good if self.dist_info.is_main else 'rank 0s'}. "
+                           f"Run the same command to continue from it.", EXIT_PREEMPTED)
 
     def _is_log_step(self) -> bool:
         return (self.progress.global_step + 1) % self.cfg["log_every"] == 0

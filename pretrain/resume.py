@@ -20,7 +20,7 @@ from common.rundir import claim_run_dir
 from common.runlock import RunDirLock
 from . import shards
 from . import state as ckpt_state
-from .engine import StopTraining
+from .engine import NO_CHECKPOINT, StopTraining
 from .config import default_of, expand, resume_changes
 from .students import student_specs
 
@@ -242,6 +242,9 @@ def student_view(cfg, spec, **extra) -> dict:
     if spec is not None:
         view.update(student=spec.arch, student_kwargs=spec.kwargs, drop_path=spec.drop_path, lr=spec.lr,
                     student_key=spec.key)
+        own = next((s for s in cfg.get("students") or [] if s.get("key") == spec.key), None)
+        if own is not None and "lr_scaled" in own:  # its own peak lr (--student-lr), not the run's
+            view["lr_scaled"] = own["lr_scaled"]
     return {**view, **extra, "tool": "pretrain"}
 
 
@@ -274,9 +277,11 @@ def export_students(trainer, cfg, info: DistInfo) -> None:
             if trainer.multi:
                 write_json(os.path.join(folder, "config.json"), student_view(cfg, r.spec))
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-            raise StopTraining(f"training finished but the backbone export of {r.key} failed: {e}. The checkpoint "
-                               f"({trainer.last_good}) holds the weights: free space and rerun the same command to "
-                               f"export.", ckpt_state.EXIT_SAVE_FAILED) from e
+            where = (f"The checkpoint ({trainer.last_good}) holds the weights: free space and rerun the same command "
+                     f"to export." if trainer.last_good != NO_CHECKPOINT else "No checkpoint was written either (see "
+                     "the errors above): the weights are lost. Free space and rerun.")
+            raise StopTraining(f"training finished but the backbone export of {r.key} failed: {e}. {where}",
+                               ckpt_state.EXIT_SAVE_FAILED) from e
         timm_name = r.spec.arch[len("timm:"):]
         how = (f"timm keys: timm.create_model('{timm_name}', num_classes=0, pretrained=True, pretrained_cfg_overlay="
                f"dict(file=...))" if models.is_timm_name(r.spec.arch) else "DINOv2 keys; models.load_backbone or timm "

@@ -63,19 +63,80 @@ def index_path(urls: list[str]) -> str:
 
 
 def shard_sizes(urls: list[str]) -> list[int]:
-    """Samples per shard, from the index file if it lists these shards, else by counting (logged)."""
+    """Samples per shard, from the index file if it lists these shards, else by counting (logged).
+
+    The index is checked against the shards it describes: every count a positive integer, no count above
+    what the file's size can hold (a tar member takes at least 512 bytes), and the first and last shard
+    counted exactly. A wrong index is refused with one message (delete it: the shards are then counted)."""
     path = index_path(urls)
     if os.path.isfile(path):
         try:
             with open(path) as f:
-                listed = {os.path.basename(s["url"]): int(s["nsamples"]) for s in json.load(f)["shardlist"]}
+                listed = {os.path.basename(s["url"]): s["nsamples"] for s in json.load(f)["shardlist"]}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"shard index {path} is not a wids index ({type(e).__name__}: {e}); fix or delete it "
                             f"(the shards are then counted), or rewrite them with tools.make_shards") from None
         if all(os.path.basename(u) in listed for u in urls):
-            return [listed[os.path.basename(u)] for u in urls]
+            sizes = [listed[os.path.basename(u)] for u in urls]
+            check_index(path, urls, sizes)
+            return sizes
     log.info("no shard index %s: counting the samples of %d shards once", path, len(urls))
     return [count_samples(u) for u in urls]
+
+
+def check_index(path: str, urls: list[str], sizes: list) -> None:
+    """DataError unless the index counts are positive integers that fit the shard files (see shard_sizes)."""
+    fix = (f"the shard index {path} does not describe these shards; delete it (the shards are then counted "
+           f"once) or rewrite the shards with tools.make_shards")
+    for url, n in zip(urls, sizes):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise DataError(f"{fix}: it lists nsamples={n!r} for {os.path.basename(url)} (a positive integer is "
+                            f"expected)")
+        room = os.path.getsize(url) // TAR_BLOCK
+        if n > room:
+            raise DataError(f"{fix}: it lists {n} samples for {os.path.basename(url)}, but that file "
+                            f"({os.path.getsize(url)} bytes) can hold at most {room}")
+    for i in dict.fromkeys((0, len(urls) - 1)):  # spot check: two shards counted exactly (headers only)
+        counted = count_samples(urls[i])
+        if counted != sizes[i]:
+            raise DataError(f"{fix}: it lists {sizes[i]} samples for {os.path.basename(urls[i])}, which holds "
+                            f"{counted}")
+
+
+TAR_BLOCK = 512  # every tar member takes a header block: a shard of S bytes holds fewer than S / 512 samples
+
+
+def check_readable(urls: list[str]) -> None:
+    """DataError naming every shard whose first member is not a readable file (one header read per shard).
+
+    A Git-LFS pointer left where a shard should be, an empty or a truncated file yields no sample: streamed,
+    its worker would find nothing to batch. Such a set is refused before any work, not skipped: the epoch
+    and the sample order would silently differ from what the index describes."""
+    import tarfile
+
+    bad = []
+    for url in urls:
+        why = ""
+        try:
+            with tarfile.open(url) as tf:
+                first = tf.next()
+                while first is not None and not first.isfile():
+                    first = tf.next()
+                if first is None:
+                    why = "it holds no file"
+                elif len(tf.extractfile(first).read(1)) < min(first.size, 1):
+                    why = "truncated"
+        except (tarfile.TarError, OSError, EOFError) as e:
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            with open(url, "rb") as f:
+                if f.read(64).startswith(b"version https://git-lfs"):
+                    why = "a Git-LFS pointer file, not the shard: run `git lfs pull`"
+            bad.append(f"{url} is not a readable tar file ({why})")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise DataError(f"{len(bad)} of {len(urls)} shards yield no sample: {'; '.join(bad[:3])}{more}; "
+                        f"rewrite them with python -m tools.make_shards or leave them out of --data-path")
 
 
 def count_samples(url: str) -> int:
@@ -103,6 +164,7 @@ def decode_image(data: bytes, max_pixels):
     return cdata._to_rgb8(img)
 
 
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Batches of augmented images from tar shards, in the deterministic order described above.
 
@@ -112,6 +174,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, spec: str, transform, batch_size: int, steps_per_epoch: int | None = None,
                  world_size: int = 1, rank: int = 0, seed: int = 0, on_bad_image: str = "skip"):
         self.urls = expand_shards(spec)
+        check_readable(self.urls)
         self.sizes = shard_sizes(self.urls)
         self.transform, self.batch_size = transform, batch_size
         self.world_size, self.rank, self.seed, self.on_bad_image = world_size, rank, seed, on_bad_image
@@ -159,16 +222,24 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield (default_collate(images), torch.zeros(len(images), dtype=torch.long)), n_bad, (role, position + 1)
 
     def _samples(self, shards: list[str], raw_start: int):
-        """(raw position, sample dict) forever: the role's shards in order, cycling; the first raw_start skipped."""
+        """(raw position, sample dict) forever: the role's shards in order, cycling; the first raw_start skipped.
+
+        A shard that yields no sample in a pass raises EmptyShardsError: a loop without progress never spins."""
         from webdataset.tariterators import tarfile_samples
 
         position = 0
         while True:
             for url in shards:
+                n = 0
                 for sample in tarfile_samples([{"url": url}], handler=_warn_and_continue):
+                    n += 1
                     if position >= raw_start:
                         yield position, sample
                     position += 1
+                if n == 0:
+                    raise EmptyShardsError(f"shard {url} yielded no sample (empty, truncated or not a tar file); "
+                                           f"rewrite it with python -m tools.make_shards or leave it out of "
+                                           f"--data-path")
 
     def _view(self, sample: dict, role: int, position: int):
         key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -184,6 +255,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             return None
         _seed_sample(self.seed, self.epoch, self.rank, role, position)
         return self.transform(img)
+
+
+class EmptyShardsError(DataError):
+    """Raised in a DataLoader worker; torch re-raises it in the trainer as EmptyShardsError(its own wrapper text
+    with the worker's traceback): the message is cut back to the original one line."""
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 def _seed_sample(seed: int, epoch: int, rank: int, role: int, position: int) -> None:

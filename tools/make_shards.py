@@ -23,12 +23,15 @@ from common.rundir import check_writable
 
 
 def source_samples(source: str) -> list[tuple[str, int]]:
-    kind = cdata.pretrain_source_kind(source)
+    kind = cdata.pretrain_source_kind(source)  # a folder mixing loose images and class folders is refused
     if kind == "imagefolder":
         from torchvision.datasets import ImageFolder
 
-        return list(ImageFolder(source).samples)
-    return [(p, 0) for p in cdata.list_images(source)]
+        ds = ImageFolder(source)
+    else:
+        ds = cdata.ImageListDataset(source)
+    print(f"read {cdata.describe_source(source, kind, ds)}")
+    return list(ds.samples)
 
 
 def check_output_dir(out_dir: str, source: str) -> None:
