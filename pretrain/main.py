@@ -149,7 +149,7 @@ def build_teachers(cfg, device: torch.device) -> tuple[dict, dict]:
     for t in config.teacher_list(cfg):
         teacher = models.build_teacher(t["name"], t["checkpoint"] or None, img_size=cfg["input_size"])
         teacher.to(device)
-        dtype = teacher_weight_dtype(cfg, device)
+        dtype = config.teacher_weight_dtype(cfg, device)
         if dtype != torch.float32:
             teacher.to(dtype)
         if cfg["compile"]:
@@ -158,18 +158,6 @@ def build_teachers(cfg, device: torch.device) -> tuple[dict, dict]:
         if not teacher.patch_targets:
             log.info("%s: token objective only (its patch tokens get no training signal)", t["name"])
     return teachers, {k: list(config.objectives_of(cfg, t.patch_targets)) for k, t in teachers.items()}
-
-
-def teacher_weight_dtype(cfg, device: torch.device) -> torch.dtype:
-    """auto: on GPU under bf16/fp16 a frozen teacher needs no fp32 master weights (bf16 halves its memory and
-    bandwidth; the targets move by about 1 % relative); fp32 keeps the original's fp32 weights under autocast."""
-    choice = cfg["teacher_dtype"]
-    if choice == "bf16":
-        return torch.bfloat16
-    if choice == "auto" and device.type == "cuda" and cfg["precision"] != "fp32":
-        # the autocast dtype itself: bf16 weights under fp16 autocast mix dtypes in the token concat
-        return torch.bfloat16 if cfg["precision"] == "bf16" else torch.float16
-    return torch.float32
 
 
 def distillation_grid(cfg, teachers: dict) -> tuple[int, int]:

@@ -352,7 +352,7 @@ def test_cpu_capability_decision_reads_the_flags(monkeypatch, tmp_path, caplog):
 
 def test_teacher_dtype_choices():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    dt = pretrain_main.teacher_weight_dtype
+    dt = config.teacher_weight_dtype
     assert dt({"teacher_dtype": "auto", "precision": "bf16"}, cpu) == torch.float32  # CPU: autocast casts
     assert dt({"teacher_dtype": "fp32", "precision": "bf16"}, cuda) == torch.float32  # the original
     assert dt({"teacher_dtype": "bf16", "precision": "fp32"}, cpu) == torch.bfloat16

@@ -48,8 +48,7 @@ from common.precision import CHOICES as PRECISIONS, cpu_native_bf16, resolve_pre
 from common.rundir import check_writable
 from pretrain.engine import Trainer
 from pretrain.losses import OBJECTIVES, ProteusDistiller, TargetSpec, select_objectives
-from pretrain.config import check_student, check_teacher
-from pretrain.main import teacher_weight_dtype
+from pretrain.config import check_student, check_teacher, teacher_weight_dtype
 from pretrain.students import StudentRun, build_student_module, init_seed, seeded, student_specs
 from pretrain.masking import MaskGenerator, validate_mask_config
 
