@@ -1,4 +1,4 @@
-"""The fine-grained datasets: one registry entry each = on-disk parsing + splits + metric (spec §3.1).
+"""The fine-grained datasets: one registry entry each = on-disk parsing + splits + metric.
 
 Nothing is downloaded. Each parser reads a local root in torchvision's layout (or the original code's
 format for caltech101 / sun397 / voc2007 / cub) and raises `DatasetLayoutError`, naming the expected

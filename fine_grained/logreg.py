@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# The fine-grained C sweep: wd in logspace(-6, 5, 45), C = 1 / wd (spec §3.2).
+# The fine-grained C sweep: wd in logspace(-6, 5, 45), C = 1 / wd.
 C_SWEEP = tuple(float(1.0 / wd) for wd in np.logspace(-6, 5, 45))
 
 

@@ -1,4 +1,4 @@
-"""Fine-grained transfer: logistic regression on frozen features (spec §3.2).
+"""Fine-grained transfer: logistic regression on frozen features.
 
     python -m fine_grained.main --dataset cub --data-root data/cub --pretrained output/proteus_small_dinov2
         # -> output/proteus_small_dinov2/eval/fine_grained/cub/results.json; the backbone flags

@@ -1,4 +1,4 @@
-"""The three fine-grained metrics (spec §3.2), as functions of (scores (N, K), targets) -> percent.
+"""The three fine-grained metrics, as functions of (scores (N, K), targets) -> percent.
 
 scores are decision values (higher = more likely); targets are class ids (N,) or, for VOC, a 0/1
 matrix (N, K).

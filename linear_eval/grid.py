@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from common.probe import head_input
 
-# DINOv2's 13 base learning rates (scaled by global batch / 256) and the grid axes (spec §2.2).
+# DINOv2's 13 base learning rates (scaled by global batch / 256) and the grid axes.
 DEFAULT_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 
 

@@ -1,4 +1,4 @@
-"""ImageNet linear probe (DINOv2 protocol, spec §2.2), kNN, and robustness sets. torchrun-ready, resumable.
+"""ImageNet linear probe (DINOv2 protocol), kNN, and robustness sets. torchrun-ready, resumable.
 
     torchrun --nproc_per_node=4 -m linear_eval.main --train-root IN/train --val-root IN/val \
         --pretrained output/proteus_small_dinov2      # -> output/proteus_small_dinov2/eval/linear/results.json

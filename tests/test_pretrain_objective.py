@@ -109,7 +109,7 @@ def test_clip_teacher_token_objective_only_and_no_unused_heads():
 def test_mask_generator_fixed_ratio_and_probability():
     gen = MaskGenerator(256, 0.5, [0.5], seed=0)
     masks, rows = gen(128)
-    assert rows.numel() == 64 and masks.sum(1)[rows].eq(128).all()  # 64 masked samples x 128 tokens (spec)
+    assert rows.numel() == 64 and masks.sum(1)[rows].eq(128).all()  # 64 masked samples x 128 tokens
     assert masks.sum() == 64 * 128 and not masks[~torch.isin(torch.arange(128), rows)].any()
 
 
