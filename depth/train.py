@@ -1,5 +1,6 @@
-"""Train a depth config (mmseg): `python -m depth.train CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
-[--cfg-options k=v ...]`; user errors exit 2 with one message."""
+"""Train a depth config (mmseg): `python -m depth.train CONFIG|FAMILY [--backbone RUN [--student KEY]
+[--ema]] [--work-dir DIR] [--resume [CKPT]] [--amp] [--scale-lr] [--dry-run] [--cfg-options k=v ...]`;
+user errors exit 2 with one message."""
 import sys
 
 from common.errors import cli

@@ -1,5 +1,6 @@
-"""Train a segmentation config (mmseg): `python -m segmentation.train CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
-[--cfg-options k=v ...]`; user errors exit 2 with one message."""
+"""Train a segmentation config (mmseg): `python -m segmentation.train CONFIG|FAMILY [--backbone RUN [--student KEY]
+[--ema]] [--work-dir DIR] [--resume [CKPT]] [--amp] [--scale-lr] [--dry-run] [--cfg-options k=v ...]`;
+user errors exit 2 with one message."""
 import sys
 
 from common.errors import cli
