@@ -12,6 +12,16 @@ def is_hf_dinov3(sd: dict) -> bool:
     return "embeddings.cls_token" in sd and any(k.startswith("model.layer.") or k.startswith("layer.") for k in sd)
 
 
+def _depth(sd: dict, prefix: str) -> int:
+    """Number of blocks of a transformers state dict whose block keys start `<prefix><i>.`."""
+    return 1 + max(int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix))
+
+
+def _fused_qkv(sd: dict, a: str) -> torch.Tensor:
+    """transformers' separate q/k/v projections as timm's one fused (3D, D) qkv weight."""
+    return torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]])
+
+
 def hf_dinov3_to_timm(sd: dict) -> dict:
     """transformers `DINOv3ViTModel` (facebook/dinov3-*-pretrain-lvd1689m model.safetensors) -> timm Eva."""
     sd = {k[len("model."):] if k.startswith("model.layer.") else k: v for k, v in sd.items()}
@@ -19,12 +29,10 @@ def hf_dinov3_to_timm(sd: dict) -> dict:
            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
            "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layer."))
-    for i in range(depth):
+    for i in range(_depth(sd, "layer.")):
         p, q = f"layer.{i}.", f"blocks.{i}."
         a = p + "attention."
-        out[q + "attn.qkv.weight"] = torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"],
-                                                sd[a + "v_proj.weight"]])
+        out[q + "attn.qkv.weight"] = _fused_qkv(sd, a)
         if a + "q_proj.bias" in sd:
             out[q + "attn.q_bias"], out[q + "attn.v_bias"] = sd[a + "q_proj.bias"], sd[a + "v_proj.bias"]
         out[q + "attn.proj.weight"], out[q + "attn.proj.bias"] = sd[a + "o_proj.weight"], sd[a + "o_proj.bias"]
@@ -55,8 +63,7 @@ def hf_siglip_to_timm(sd: dict) -> dict:
            "patch_embed.proj.bias": sd["embeddings.patch_embedding.bias"],
            "pos_embed": sd["embeddings.position_embedding.weight"][None],
            "norm.weight": sd["post_layernorm.weight"], "norm.bias": sd["post_layernorm.bias"]}
-    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
-    for i in range(depth):
+    for i in range(_depth(sd, "encoder.layers.")):
         p, q = f"encoder.layers.{i}.", f"blocks.{i}."
         a = p + "self_attn."
         for t in ("weight", "bias"):
@@ -89,12 +96,10 @@ def hf_aimv2_to_timm(sd: dict) -> dict:
            "patch_embed.proj.bias": sd["embeddings.patch_embed.bias"],
            "patch_embed.norm.weight": sd["embeddings.rms_norm.weight"],
            "pos_embed": sd["embeddings.position_embedding.weight"][None], "norm.weight": sd["rms_norm.weight"]}
-    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
-    for i in range(depth):
+    for i in range(_depth(sd, "encoder.layers.")):
         p, q = f"encoder.layers.{i}.", f"blocks.{i}."
         a = p + "attention."
-        out[q + "attn.qkv.weight"] = torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"],
-                                                sd[a + "v_proj.weight"]])
+        out[q + "attn.qkv.weight"] = _fused_qkv(sd, a)
         out[q + "attn.proj.weight"] = sd[a + "out_proj.weight"]
         out[q + "norm1.weight"], out[q + "norm2.weight"] = sd[p + "rms_norm1.weight"], sd[p + "rms_norm2.weight"]
         out[q + "mlp.fc1_g.weight"], out[q + "mlp.fc1_x.weight"] = sd[p + "ffn.gate_proj.weight"], sd[p + "ffn.up_proj.weight"]
