@@ -249,22 +249,22 @@ def _reference_batch(images: list[bytes], seeds) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _fast_cpu_batch(images, seeds) -> torch.Tensor:
-    t = P.FastDeiTTransform(SIZE, finish_on_device=False)
-    out = []
-    for s in seeds:
-        _seed(s)
-        out.append(t(t.decode(Image.open(io.BytesIO(images[s % len(images)])))))
-    return torch.stack(out)
-
-
-def _fast_device_batch(images, seeds) -> torch.Tensor:
-    t = P.FastDeiTTransform(SIZE, finish_on_device=True)
+def _fast_samples(t, images, seeds) -> list:
+    """What the worker hands over for each seeded draw (one image per seed)."""
     samples = []
     for s in seeds:
         _seed(s)
         samples.append(t(t.decode(Image.open(io.BytesIO(images[s % len(images)])))))
-    batch = default_collate(samples)
+    return samples
+
+
+def _fast_cpu_batch(images, seeds) -> torch.Tensor:
+    return torch.stack(_fast_samples(P.FastDeiTTransform(SIZE, finish_on_device=False), images, seeds))
+
+
+def _fast_device_batch(images, seeds) -> torch.Tensor:
+    t = P.FastDeiTTransform(SIZE, finish_on_device=True)
+    batch = default_collate(_fast_samples(t, images, seeds))
     assert batch[0].dtype == torch.uint8 and batch[0].shape[1] == 3
     return P.batch_prepare_fn(t)(batch, torch.device("cpu"))
 
