@@ -33,5 +33,9 @@ def cli(prog: str):
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
                 return EXIT_INTERRUPTED
+            finally:
+                from common.rundir import release_run_dirs  # the run-dir locks this entry point took
+
+                release_run_dirs()
         return guarded
     return wrap

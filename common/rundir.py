@@ -8,7 +8,10 @@ Every entry point claims its output dir before writing anything and marks it in 
 `claim_run_dir` refuses (ConfigError, nothing written) a dir that belongs to another tool (its
 config.json names another "tool"), and a dir of no known tool that already holds a file this tool would
 overwrite (`files`). It also refuses a path that is not a directory or cannot be written, before any heavy
-work starts. `check_writable` is that write check, for every tool that writes a file or folder.
+work starts. `check_writable` is that write check, for every tool that writes a file or folder. With
+`lock=True` the job's main process also takes the run-dir lock (common/runlock.py) and holds it until the
+entry point returns (common.errors.cli releases it), so a second run on the same dir stops at once instead of
+mixing its files into the first's.
 """
 import contextlib
 import os
@@ -16,11 +19,13 @@ import tempfile
 
 from common.errors import ConfigError
 from common.log import read_json, write_json
+from common.runlock import RunDirLock
 
 CONFIG = "config.json"
 TOOL_KEY = "tool"
 # What a tool writes into its run dir and so would overwrite (pretrain, mmseg pass their own lists).
 DEFAULT_FILES = (CONFIG, "results.json", "checkpoint.pth", "log.txt")
+_HELD = {}  # path -> RunDirLock held by claim_run_dir(lock=True) until the entry point returns
 
 
 def run_dir_owner(path: str) -> str | None:
@@ -30,11 +35,13 @@ def run_dir_owner(path: str) -> str | None:
     return owner if isinstance(owner, str) else None
 
 
-def claim_run_dir(path: str, tool: str, files=DEFAULT_FILES) -> str:
+def claim_run_dir(path: str, tool: str, files=DEFAULT_FILES, lock: bool = False) -> str:
     """Create or reuse `path` as `tool`'s run dir and return its absolute path; ConfigError if it is not ours.
 
     `files`: names `tool` writes at the top of the dir; a dir of unknown origin holding any of them is
-    refused rather than overwritten. Call on every rank (it only reads, creates the dir, and probes it).
+    refused rather than overwritten. Call on every rank (it only reads, creates the dir, and probes it);
+    `lock`: the main process (torchrun's RANK 0, or no torchrun) holds the run-dir lock until the entry point
+    returns.
     """
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.exists(path) and not os.path.isdir(path):
@@ -50,7 +57,15 @@ def claim_run_dir(path: str, tool: str, files=DEFAULT_FILES) -> str:
             raise ConfigError(f"output dir {path} already holds {', '.join(clashes)}, not written by {tool}; "
                               f"{tool} will not overwrite them; pass a new or empty --output-dir")
     check_writable(path, f"cannot write to output dir {path}", "pass a writable --output-dir")
+    if lock and path not in _HELD and os.environ.get("RANK", "0") == "0":
+        _HELD[path] = RunDirLock(path).acquire()
     return path
+
+
+def release_run_dirs() -> None:
+    """Release the run-dir locks claim_run_dir(lock=True) took (the cli boundary calls it on the way out)."""
+    while _HELD:
+        _HELD.popitem()[1].release()
 
 
 def write_config(path: str, tool: str, config: dict) -> None:

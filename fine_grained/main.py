@@ -194,7 +194,7 @@ def run(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve_eval_device(args.device)
     setup_logging(None)  # console only until every check passed: a refused run leaves its dir as it was
-    output_dir = claim_run_dir(args.output_dir, TOOL)
+    output_dir = claim_run_dir(args.output_dir, TOOL, lock=True)
     spec, parsed, splits, transform = build_splits(args)
 
     setup_logging(output_dir, name=TOOL)

@@ -309,7 +309,7 @@ def run(argv=None) -> dict:
     args = parse_args(argv)
     info = init_distributed(args.device)
     setup_logging(None, info.rank)  # console only until every check passed: a refused run leaves its dir as it was
-    args.output_dir = claim_run_dir(args.output_dir, TOOL)
+    args.output_dir = claim_run_dir(args.output_dir, TOOL, lock=True)
     classes, train_view, loaders = build_data(args)
     meta = linear_plan(args, info, classes, train_view) if args.mode == "linear" else None
     resume = resume_state(args.output_dir, meta) if meta else (None, None)

@@ -50,10 +50,15 @@ def save_tiny(path, seed=0, **extra):
 
 
 def snapshot(root) -> dict:
-    """{relative path: (sha256, mtime_ns)} of every file under root."""
+    """{relative path: (sha256, mtime_ns)} of every file under root but the run-dir lock (a refused job takes
+    and drops it: bookkeeping, not a result)."""
+    from common.runlock import LOCK_NAME
+
     out = {}
     for dirpath, _, files in os.walk(root):
         for f in files:
+            if f == LOCK_NAME:
+                continue
             p = os.path.join(dirpath, f)
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, root)] = (hashlib.sha256(fh.read()).hexdigest(), os.stat(p).st_mtime_ns)
@@ -288,6 +293,23 @@ def test_fine_grained_refuses_other_tools_dirs(data, tmp_path, capsys):
     assert_user_error(fg_main.main, fg_argv(data["fg"], blocker / "sub", tmp_path), capsys, "fine_grained.main",
                       "cannot write", untouched=tmp_path / "le")
 
+
+
+def test_an_evaluation_on_a_run_dir_in_use_stops_at_once_and_releases_its_lock(data, tmp_path, capsys):
+    """Every tool that writes a run dir takes the run-dir lock: a second job on a held dir stops before any work,
+    naming the holder; a finished one leaves the dir free for the next."""
+    from common.runlock import RunDirLock
+
+    held = tmp_path / "held"
+    with RunDirLock(str(held)):  # another live job holds it
+        assert_user_error(le_main.main, le_argv(data, held), capsys, "linear_eval.main", "in use by", "PID")
+        assert_user_error(fg_main.main, fg_argv(data["fg"], held, tmp_path), capsys, "fine_grained.main",
+                          "in use by")
+    assert not (held / "results.json").exists()
+    out = tmp_path / "free"
+    assert fg_main.main(fg_argv(data["fg"], out, tmp_path)) == 0
+    with RunDirLock(str(out)):  # the finished evaluation released it: another job can take it
+        pass
 
 # ---------------------------------------------------------------------------------------------------
 # timm architectures (--arch timm:<name>)

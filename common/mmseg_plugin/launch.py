@@ -317,7 +317,7 @@ def check_file(path, what: str, fix: str) -> None:
 
 def claim_work_dir(cfg: Config, task: str, args, mode: str, extra: dict | None = None) -> None:
     """Refuse another tool's work dir; mark ours (config.json: tool, config, argv, backbone) on the main process."""
-    cfg.work_dir = claim_run_dir(cfg.work_dir, task, files=WORK_DIR_FILES)
+    cfg.work_dir = claim_run_dir(cfg.work_dir, task, files=WORK_DIR_FILES, lock=True)
     marker = osp.join(cfg.work_dir, "config.json")
     if is_main_process() and (mode == "train" or not osp.exists(marker)):
         write_config(cfg.work_dir, task, {"mode": mode, "config": osp.abspath(args.config),
