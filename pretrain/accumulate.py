@@ -2,7 +2,7 @@
 
     --global-batch-size G --batch-size B   on N processes: G / (B * N) micro-batches per optimizer step
 
-What "the same update" means here (tested on CPU in fp32: tests/test_accumulate.py):
+What "the same update" means here (tested on CPU in fp32: tests/pretrain/test_accumulate.py):
 - Data and augmentation: the loader yields the whole step batch of a process (G / N images), exactly as a
   run with --batch-size G/N would; the step splits it into micro-batches of B on the device. The images,
   their augmentation (worker seeds follow the loader's batches) and the sampler position are therefore

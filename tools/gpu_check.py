@@ -27,7 +27,7 @@ is killed at its timeout; the whole run stays within --budget-s (later checks ge
 skipped). On a machine without a CUDA GPU the command prints a message and exits 0 at once. Exit code:
 0 when every check that ran passed, 1 otherwise (the JSON says which).
 --dry-run: the same checks with tiny models, images and step counts (seconds on a CPU; torch.compile
-checks are skipped there because compiling takes minutes on a CPU). tests/test_gpu_check.py runs it.
+checks are skipped there because compiling takes minutes on a CPU). tests/tools/test_gpu_check.py runs it.
 """
 import argparse
 import json
