@@ -20,6 +20,14 @@ EXIT_USER_ERROR = 2  # argparse's own code for a bad command line: one code for 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 
 
+def one_line(message: str) -> str:
+    """A user error raised in a DataLoader worker reaches the trainer re-raised by torch with its wrapper text
+    ("Caught X in DataLoader worker N. Original Traceback ...") around the original message: keep that one."""
+    if message.startswith("Caught ") and "Original Traceback" in message:
+        return message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
 def cli(prog: str):
     """Decorate an entry point's `main(argv=None) -> int` with the user-error boundary."""
     def wrap(main):
@@ -28,7 +36,7 @@ def cli(prog: str):
             try:
                 return main(*args, **kwargs)
             except UserError as e:
-                print(f"{prog}: error: {e}", file=sys.stderr)
+                print(f"{prog}: error: {one_line(str(e))}", file=sys.stderr)
                 return EXIT_USER_ERROR
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)

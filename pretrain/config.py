@@ -17,7 +17,7 @@ import torch
 import models
 from common import data as cdata
 from common import optim
-from common.checkpoint import file_fingerprint
+from common.checkpoint import quick_fingerprint
 from common.config import ConfigArgumentParser
 from common.dist import DistInfo, resolve_device
 from common.errors import ConfigError, MissingFileError, UserError
@@ -290,9 +290,11 @@ def float_or_auto(text: str):
 
 
 def min_lr_of(cfg, global_batch: int) -> float:
-    """--min-lr as given, or its batch-scaled default (pretrain/accumulate.py default_min_lr)."""
+    """--min-lr as given, or its batch-scaled default (pretrain/accumulate.py default_min_lr), never above the
+    lowest student's peak lr: a default must not refuse a small --lr."""
     if cfg["min_lr"] == "auto":
-        return accumulate.default_min_lr(global_batch, cfg["lr_reference_batch"])
+        peaks = [optim.scaled_lr(s.lr, global_batch, cfg["lr_reference_batch"]) for s in student_specs(cfg)]
+        return min([accumulate.default_min_lr(global_batch, cfg["lr_reference_batch"]), *peaks])
     return cfg["min_lr"]
 
 
@@ -391,7 +393,8 @@ def derive(cfg: dict, info: DistInfo) -> types.MappingProxyType:
     # absolute: config.json must name the files it used
     cfg["teacher_checkpoint"] = ",".join(os.path.abspath(t["checkpoint"]) if t["checkpoint"] else "" for t in teachers)
     cfg["single_image"] = os.path.abspath(cfg["single_image"]) if cfg["single_image"] else ""
-    cfg["teacher_fingerprint"] = ",".join(file_fingerprint(t["checkpoint"]) if t["checkpoint"] else ""
+    # size + head/tail hash: every rank computes it at start, and teacher files are GBs (a replaced file changes it)
+    cfg["teacher_fingerprint"] = ",".join(quick_fingerprint(t["checkpoint"]) if t["checkpoint"] else ""
                                           for t in teachers)
     cfg["data_path"] = [os.path.abspath(p) for p in cfg["data_path"]]
     cfg["num_workers"] = pipeline.resolve_num_workers(cfg["num_workers"])

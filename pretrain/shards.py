@@ -210,36 +210,43 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _batches(self, shards: list[str], role: int, n_batches: int, raw_start: int):
         samples = self._samples(shards, raw_start)
+        good_pass = 0  # the pass over `shards` that last gave a usable image (pass 0 may start mid-way)
         for _ in range(n_batches):
             images, n_bad = [], 0
             while len(images) < self.batch_size:
-                position, sample = next(samples)
+                position, sample, pass_no = next(samples)
                 view = self._view(sample, role, position)
-                if view is None:
-                    n_bad += 1
-                else:
+                if view is not None:
+                    good_pass = pass_no
                     images.append(view)
+                    continue
+                n_bad += 1
+                if pass_no - good_pass >= 2:  # a whole pass without one usable image: no progress is possible
+                    raise EmptyShardsError(f"shards {', '.join(shards)} gave no readable image in a whole pass "
+                                           f"(no {'/'.join(IMAGE_KEYS)} member, undecodable, or over "
+                                           f"--max-image-pixels); rewrite them with python -m tools.make_shards")
             yield (default_collate(images), torch.zeros(len(images), dtype=torch.long)), n_bad, (role, position + 1)
 
     def _samples(self, shards: list[str], raw_start: int):
-        """(raw position, sample dict) forever: the role's shards in order, cycling; the first raw_start skipped.
+        """(raw position, sample dict, pass) forever: the role's shards in order, cycling; the first raw_start skipped.
 
         A shard that yields no sample in a pass raises EmptyShardsError: a loop without progress never spins."""
         from webdataset.tariterators import tarfile_samples
 
-        position = 0
+        position, pass_no = 0, 0
         while True:
             for url in shards:
                 n = 0
                 for sample in tarfile_samples([{"url": url}], handler=_warn_and_continue):
                     n += 1
                     if position >= raw_start:
-                        yield position, sample
+                        yield position, sample, pass_no
                     position += 1
                 if n == 0:
                     raise EmptyShardsError(f"shard {url} yielded no sample (empty, truncated or not a tar file); "
                                            f"rewrite it with python -m tools.make_shards or leave it out of "
                                            f"--data-path")
+            pass_no += 1
 
     def _view(self, sample: dict, role: int, position: int):
         key = next((k for k in IMAGE_KEYS if k in sample), None)

@@ -128,6 +128,26 @@ def test_shard_that_yields_nothing_ends_the_run_with_one_message(tmp_path, teach
 
 
 @pytest.mark.slow
+def test_a_shard_whose_every_sample_is_unreadable_ends_the_run_with_one_message(tmp_path, teacher_ckpt):
+    """A variant of the loop without progress: the shard is a valid tar, but no sample in it decodes (skipped one
+    by one under --on-bad-image skip); a whole pass without a usable image stops the run instead of spinning."""
+    spec = write_shard_set(tmp_path / "shards", [8, 8])
+    bad = str(tmp_path / "shards" / "shards-000001.tar")
+    with tarfile.open(bad, "w") as tar:
+        for i in range(100, 108):
+            for name, payload in ((f"{i:09d}.jpg", b"not a jpeg " * 40), (f"{i:09d}.cls", b"0")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    for policy, needle in (("skip", "no readable image"), ("fail", "unreadable sample")):
+        # fail: the worker's error reaches the trainer wrapped in torch's traceback text; one line remains
+        argv = tiny_args(spec, teacher_ckpt, str(tmp_path / policy), num_workers=2, epochs=1, on_bad_image=policy)
+        rc, _, err, elapsed = finish(start("pretrain.main", argv), timeout=60)  # on its own, 2 workers, 2 cores
+        one_message(rc, err, "shards-000001.tar", needle)
+        assert not os.path.exists(tmp_path / policy / "student_backbone.pth")
+
+
+@pytest.mark.slow
 def test_a_shard_emptied_under_a_running_worker_stops_it_with_the_shard_named(tmp_path):
     """The worker-side guard (the file changed after the start-up check): a pass that yields nothing raises."""
     from pretrain import shards
