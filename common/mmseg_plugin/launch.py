@@ -57,8 +57,9 @@ SIZE_LETTER = {"vit_tiny": "t", "vit_small": "s", "vit_base": "b", "vit_large": 
 RECIPE = re.compile(r"_(\d+)xb(\d+)-")  # "4xb8" in a config name: 4 processes x 8 images
 BACKBONE_KEYS = ("weights", "arch", "patch_size", "overrides", "ema", "student")  # what identifies a backbone
 
-# What the entry points write at the top of a work dir (mmengine's own files go in timestamped subdirs)
-WORK_DIR_FILES = ("config.json",)
+# What the entry points write at the top of a work dir (mmengine's logs go in timestamped subdirs; its
+# checkpoints and `last_checkpoint` at the top: an unmarked dir holding them is another run's, never resumed)
+WORK_DIR_FILES = ("config.json", "last_checkpoint")
 CONFIG_SUFFIXES = (".py", ".yml", ".yaml", ".json")  # what mmengine's Config.fromfile reads
 
 
