@@ -106,6 +106,8 @@ def check_against_run(args, run: RunBackbone) -> None:
     if args.patch_size is not None and args.patch_size != run.patch_size and not models.is_timm_name(run.arch):
         raise ConfigError(f"--patch-size {args.patch_size} contradicts {where}, which trained patch {run.patch_size}; "
                           f"drop --patch-size")
-    if args.model_kwargs is not None and args.model_kwargs != run.kwargs:
+    # img_size is the build size (as --image-size), not a size override: evaluating at another size is allowed
+    sizes = {k: v for k, v in (args.model_kwargs or {}).items() if k != "img_size"}
+    if args.model_kwargs is not None and sizes != {k: v for k, v in (run.kwargs or {}).items() if k != "img_size"}:
         raise ConfigError(f"--model-kwargs {args.model_kwargs} contradicts {where}, which trained "
                           f"{run.kwargs or 'no size overrides'}; drop --model-kwargs")

@@ -265,7 +265,8 @@ def test_two_process_gloo_torchrun(ade_root, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "segmentation.train", cfg_path, "--work-dir", work]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]  # a rank's own message
+    assert proc.returncode == 0, "\n".join(errors) + proc.stdout[-3000:] + proc.stderr[-3000:]
     log = open(glob.glob(os.path.join(work, "*", "*.log"))[0]).read()
     assert "Distributed training: True" in log and "GPU number: 2" in log  # mmengine: world size
     with common.mmseg_plugin.mmengine_checkpoint_globals():  # mmengine's types, for this load only
