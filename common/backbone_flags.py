@@ -63,7 +63,7 @@ def resolve_backbone(args, task: str, subdir: str | None = None) -> RunBackbone 
                                    f"an official DINOv2 file, or 'none' for the random-init baseline")
         run = resolve_run(source, student=args.student, ema=args.ema)
     if run is not None and run.arch is not None:
-        check_against_run(args, run)
+        check_against_run(run, args.arch, args.patch_size, args.model_kwargs)
         args.arch = args.arch or run.arch
         args.patch_size = _first(args.patch_size, run.patch_size)
         args.model_kwargs = args.model_kwargs if args.model_kwargs is not None else (run.kwargs or None)
@@ -97,17 +97,18 @@ def _first(flag, fallback):
     return flag if flag is not None else fallback
 
 
-def check_against_run(args, run: RunBackbone) -> None:
-    """An explicit flag that says something else than the run is an error naming both values."""
+def check_against_run(run: RunBackbone, arch, patch_size, kwargs) -> None:
+    """An explicit flag (None: not given) that says something else than the run is an error naming both values.
+    The evaluations and tools.export call it."""
     where = run.describe()
-    if args.arch is not None and args.arch != run.arch:
-        raise ConfigError(f"--arch {args.arch} contradicts {where}, which trained {run.arch}; drop --arch (the "
+    if arch is not None and arch != run.arch:
+        raise ConfigError(f"--arch {arch} contradicts {where}, which trained {run.arch}; drop --arch (the "
                           f"run's is used) or pass another run")
-    if args.patch_size is not None and args.patch_size != run.patch_size and not models.is_timm_name(run.arch):
-        raise ConfigError(f"--patch-size {args.patch_size} contradicts {where}, which trained patch {run.patch_size}; "
+    if patch_size is not None and patch_size != run.patch_size and not models.is_timm_name(run.arch):
+        raise ConfigError(f"--patch-size {patch_size} contradicts {where}, which trained patch {run.patch_size}; "
                           f"drop --patch-size")
     # img_size is the build size (as --image-size), not a size override: evaluating at another size is allowed
-    sizes = {k: v for k, v in (args.model_kwargs or {}).items() if k != "img_size"}
-    if args.model_kwargs is not None and sizes != {k: v for k, v in (run.kwargs or {}).items() if k != "img_size"}:
-        raise ConfigError(f"--model-kwargs {args.model_kwargs} contradicts {where}, which trained "
+    sizes = {k: v for k, v in (kwargs or {}).items() if k != "img_size"}
+    if kwargs is not None and sizes != {k: v for k, v in (run.kwargs or {}).items() if k != "img_size"}:
+        raise ConfigError(f"--model-kwargs {kwargs} contradicts {where}, which trained "
                           f"{run.kwargs or 'no size overrides'}; drop --model-kwargs")

@@ -110,10 +110,7 @@ def is_masked_objective(name: str) -> bool:
     """Whether objective `name` is a mean over the masked tokens (else over the samples)."""
     from . import losses
 
-    registry = losses.OBJECTIVES
-    if isinstance(registry, dict):  # the objective registry (name -> entry with `masked`)
-        return bool(getattr(registry[name], "masked", name == "patch"))
-    return name == "patch"
+    return losses.OBJECTIVES[name].masked
 
 
 def shares(distiller, mb: MicroBatch) -> dict:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from common.backbone_flags import check_against_run
 from common.errors import CheckpointError, ConfigError, DataError, MissingFileError, cli
 from common import rundir
 from common.log import read_json
@@ -141,19 +142,6 @@ def read_source(path: str, ema: bool = False, arch: str | None = None, patch_siz
     step = ckpt.get("global_step") if holds_students else None
     return Source(run.weights, arch, int(patch_size or run.patch_size or 14), int(img_size or run.img_size or 224),
                   kwargs, sd, ema, config, step, run_dir=run.run_dir, key=run.key)
-
-
-def check_against_run(run: RunBackbone, arch, patch_size, kwargs) -> None:
-    """The export's flags against the run: equal, or absent (the run's are used)."""
-    where = run.describe()
-    if arch is not None and arch != run.arch:
-        raise ConfigError(f"--arch {arch} contradicts {where}, which trained {run.arch}; drop --arch")
-    if patch_size is not None and patch_size != run.patch_size and not is_timm_name(run.arch):
-        raise ConfigError(f"--patch-size {patch_size} contradicts {where}, which trained patch {run.patch_size}; "
-                          f"drop --patch-size")
-    if kwargs is not None and kwargs != run.kwargs:
-        raise ConfigError(f"--model-kwargs {kwargs} contradicts {where}, which trained "
-                          f"{run.kwargs or 'no size overrides'}; drop --model-kwargs")
 
 
 def parse_kwargs(text) -> dict:
