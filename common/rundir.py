@@ -78,13 +78,18 @@ def check_writable(folder: str, what: str, fix: str, keep: bool = True) -> None:
     output fails now, not after the heavy work: ConfigError "<what> (<reason>); <fix>" if that fails.
 
     keep=False removes again the folders it created: a check that leaves nothing behind."""
-    created, parent = [], os.path.abspath(folder)
+    missing, parent, created = [], os.path.abspath(folder), []
     while not os.path.lexists(parent):
-        created.append(parent)
+        missing.append(parent)
         parent = os.path.dirname(parent)
     try:
-        for path in reversed(created):
-            os.mkdir(path)
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+                created.append(path)
+            except FileExistsError:  # another rank of the same job made it first
+                if not os.path.isdir(path):
+                    raise
         fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
         os.close(fd)
         os.remove(probe)
@@ -92,6 +97,6 @@ def check_writable(folder: str, what: str, fix: str, keep: bool = True) -> None:
         raise ConfigError(f"{what} ({e.strerror or e}); {fix}") from None
     finally:
         if not keep:
-            for path in created:
+            for path in reversed(created):
                 with contextlib.suppress(OSError):
                     os.rmdir(path)

@@ -314,3 +314,25 @@ def test_claim_run_dir_marks_and_recognises_owners(tmp_path):
     assert run_dir_owner(str(unmarked)) is None
     with pytest.raises(ConfigError, match="already holds checkpoint.pth"):  # ... and still not overwritten
         claim_run_dir(str(unmarked), "linear_eval")
+
+
+def test_check_writable_tolerates_another_rank_creating_the_dir_first(tmp_path, monkeypatch):
+    """Two ranks of one job probe the same new output dir: the one that loses the mkdir race goes on."""
+    import os as _os
+
+    from common.rundir import check_writable
+
+    target = tmp_path / "a" / "work"
+    real_mkdir = _os.mkdir
+
+    def racing_mkdir(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)  # the other rank wins the race ...
+        raise FileExistsError(17, "File exists", path)  # ... so this one finds it there
+
+    monkeypatch.setattr(_os, "mkdir", racing_mkdir)
+    check_writable(str(target), "cannot write", "fix")
+    assert target.is_dir()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(Exception, match="cannot write"):  # a file in the way is still refused
+        check_writable(str(blocker / "sub"), "cannot write", "fix")
