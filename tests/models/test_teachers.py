@@ -250,31 +250,39 @@ def hf_dinov3_to_meta(sd: dict) -> dict:
         p, q = f"layer.{i}.", f"blocks.{i}."
         a = p + "attention."
         out[q + "attn.qkv.weight"] = torch.cat([sd[a + f"{n}_proj.weight"] for n in "qkv"])
-        out[q + "attn.qkv.bias"] = torch.cat([sd[a + "q_proj.bias"], torch.zeros_like(sd[a + "q_proj.bias"]),
-                                              sd[a + "v_proj.bias"]])
-        out[q + "attn.qkv.bias_mask"] = torch.ones_like(out[q + "attn.qkv.bias"])
+        if a + "q_proj.bias" in sd:  # the 7B has no qkv bias at all
+            out[q + "attn.qkv.bias"] = torch.cat([sd[a + "q_proj.bias"], torch.zeros_like(sd[a + "q_proj.bias"]),
+                                                  sd[a + "v_proj.bias"]])
+            out[q + "attn.qkv.bias_mask"] = torch.ones_like(out[q + "attn.qkv.bias"])
         out[q + "attn.proj.weight"], out[q + "attn.proj.bias"] = sd[a + "o_proj.weight"], sd[a + "o_proj.bias"]
         out[q + "ls1.gamma"], out[q + "ls2.gamma"] = sd[p + "layer_scale1.lambda1"], sd[p + "layer_scale2.lambda1"]
         for n in ("norm1", "norm2"):
             out[f"{q}{n}.weight"], out[f"{q}{n}.bias"] = sd[f"{p}{n}.weight"], sd[f"{p}{n}.bias"]
-        for src, dst in (("up_proj", "fc1"), ("down_proj", "fc2")):
+        gated = p + "mlp.gate_proj.weight" in sd  # H+ and 7B: SwiGLU, Meta's w1 (gate), w2 (up), w3 (down)
+        names = (("gate_proj", "w1"), ("up_proj", "w2"), ("down_proj", "w3")) if gated else \
+            (("up_proj", "fc1"), ("down_proj", "fc2"))
+        for src, dst in names:
             out[f"{q}mlp.{dst}.weight"], out[f"{q}mlp.{dst}.bias"] = sd[f"{p}mlp.{src}.weight"], sd[f"{p}mlp.{src}.bias"]
     return out
 
 
-@pytest.fixture(scope="module")
-def hf_dinov3():
+def make_hf_dinov3(**kw):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=128, num_register_tokens=4, patch_size=16,
-                                       layerscale_value=0.5)
+                                       num_register_tokens=4, patch_size=16, layerscale_value=0.5,
+                                       **{"intermediate_size": 128, **kw})
     model = transformers.DINOv3ViTModel(cfg).eval()
     with torch.no_grad():  # non-trivial biases and LayerNorm affine parameters
         for n, p in model.named_parameters():
             if n.endswith("bias") or "norm" in n:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+@pytest.fixture(scope="module")
+def hf_dinov3():
+    return make_hf_dinov3()
 
 
 @pytest.mark.parametrize("layout", ["meta_pth", "hf_safetensors", "meta_pth_zero_qv_bias"])
@@ -306,6 +314,30 @@ def test_dinov3_equals_transformers(tmp_path, tiny_row, hf_dinov3, layout):
         assert rel_diff(out["patch"], ref[:, 5:]) <= TOL, size  # CLS + 4 registers excluded
         print(f"DINOv3 {layout} {size}px: cls {rel_diff(out['cls'], ref[:, 0]):.2e} "
               f"patch {rel_diff(out['patch'], ref[:, 5:]):.2e}")
+
+
+@pytest.mark.parametrize("layout", ["meta_pth", "hf_safetensors"])
+@pytest.mark.parametrize("arch", ["vit_huge_plus_patch16_dinov3", "vit_7b_patch16_dinov3"])
+def test_dinov3_swiglu_sizes_equal_transformers(tmp_path, tiny_row, arch, layout):
+    """H+/16 and 7B/16 differ from S..L by their SwiGLU MLP (Meta's w1/w2/w3, transformers' gated MLP)."""
+    # as the publishers' configs: SiLU gate, hidden 64 x mlp_ratio 3 (aligned as timm does); the 7B without q/v bias
+    seven_b = dict(query_bias=False, value_bias=False) if "7b" in arch else {}
+    ref = make_hf_dinov3(use_gated_mlp=True, hidden_act="silu", intermediate_size=192, **seven_b)
+    name = tiny_row("dinov3", "dinov3_tiny_swiglu", arch, 16, 64, embed_dim=64, depth=2, num_heads=4, mlp_ratio=3.0)
+    sd = ref.state_dict()
+    if layout == "meta_pth":
+        path = tmp_path / "dinov3_tiny_swiglu_pretrain.pth"
+        torch.save(hf_dinov3_to_meta(sd), path)
+    else:
+        path = save_safetensors(sd, tmp_path / "model.safetensors")
+    teacher = build_teacher(name, checkpoint=str(path))
+    for size in (64, 112):
+        x = images(size)
+        want = ref(pixel_values=to_publisher_input(x, teacher)).last_hidden_state
+        out = teacher(x)
+        print(f"DINOv3 {arch} {layout} {size}px: cls {rel_diff(out['cls'], want[:, 0]):.2e} "
+              f"patch {rel_diff(out['patch'], want[:, 5:]):.2e}")
+        assert rel_diff(out["cls"], want[:, 0]) <= TOL and rel_diff(out["patch"], want[:, 5:]) <= TOL, size
 
 
 # ---- SigLIP2: transformers SiglipVisionModel (the fixed-resolution SigLIP2 checkpoints use it) -----------
