@@ -179,3 +179,16 @@ def test_timm_student_pixel_masking_and_grid():
     masked = models.timm_student.pixel_mask(x, masks, (4, 4))
     assert masked[0, :, :14, :14].abs().sum() == 0 and torch.equal(masked[0, :, 14:, :], x[0, :, 14:, :])
     assert torch.equal(masked[1], x[1])
+
+
+@pytest.mark.slow
+def test_patch16_student_from_patch14_teacher_trains_on_its_own_grid(tmp_path, tiny_data, teacher_ckpt):
+    """The reverse of /14 students from /16 teachers: at 112 px DINOv2 /14 gives 8x8, resampled onto 7x7."""
+    out = str(tmp_path / "p16")
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out, input_size=112, patch_size=16, epochs=1,
+                                        pca_every_epochs=0)) == 0
+    rows = [r for r in read_log(out) if "train/loss" in r]
+    assert rows and all(math.isfinite(r["train/loss"]) for r in rows)
+    student = torch.load(os.path.join(out, "student_backbone.pth"), weights_only=True)
+    assert student["patch_embed.proj.weight"].shape[-2:] == (16, 16)
+    assert student["pos_embed"].shape[1] == 1 + 7 * 7  # the student's own 7x7 grid, not the teacher's 8x8
