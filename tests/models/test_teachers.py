@@ -480,7 +480,7 @@ def test_input_size_rule_before_any_weights_load(tmp_path, tiny_data):
     assert res.returncode == 2 and "patch size 16" in res.stderr and "nonexistent" not in res.stderr, res.stderr
 
 
-# ---- PE-core: Meta's PE-Core-*.pt layout (perception_models); no independent implementation is installable --
+# ---- PE-core: Meta's PE-Core-*.pt layout; the reference is our own plain-torch forward of Meta's code ------
 def timm_pe_to_meta(sd: dict) -> dict:
     """timm's PE keys -> Meta's release layout (the inverse of timm's _convert_pe), under `visual.`."""
     out = {}
@@ -508,30 +508,48 @@ def timm_pe_to_meta(sd: dict) -> dict:
     return out
 
 
-def test_pe_core_meta_layout_round_trips_and_summary_is_the_pooled_embedding(tmp_path, tiny_row):
+PE_VARIANTS = {  # timm architecture, patch, tiny kwargs; the test's random weights come from this timm model
+    "cls": ("vit_pe_core_base_patch16_224", 16, {}),  # T/S/B/L: class token, RoPE grid from (1, 1)
+    "no_cls": ("vit_pe_core_gigantic_patch14_448", 14, {}),  # G14: no class token, RoPE grid from (0, 0)
+    "layerscale": ("vit_pe_core_base_patch16_224", 16, {"init_values": 0.5}),  # ls_1/ls_2.gamma (PE-lang style)
+}
+
+
+@pytest.mark.parametrize("variant", list(PE_VARIANTS))
+def test_pe_core_meta_layout_equals_reference_forward(tmp_path, tiny_row, variant):
+    """Our teacher (timm's PE, loaded from Meta's PE-Core-*.pt layout) against tests/models/pe_reference.py, a
+    plain-torch forward of Meta's perception_models code computed from the same Meta-layout state dict."""
     import timm
 
-    name = tiny_row("pe_core", "pe_core_tiny", "vit_pe_core_base_patch16_224", 16, 64,
-                    img_size=64, embed_dim=64, depth=2, num_heads=4)
+    from tests.models.pe_reference import pe_core_forward
+
+    arch, patch, extra = PE_VARIANTS[variant]
+    native = 4 * patch
+    kw = dict(img_size=native, embed_dim=64, depth=2, num_heads=4, **extra)
+    name = tiny_row("pe_core", "pe_core_tiny", arch, patch, 64, **kw)
     torch.manual_seed(0)
-    ref = timm.create_model("vit_pe_core_base_patch16_224", pretrained=False, num_classes=0, img_size=64,
-                            embed_dim=64, depth=2, num_heads=4, dynamic_img_size=True).eval()
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if n.endswith("bias") or "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    torch.save(timm_pe_to_meta(ref.state_dict()), tmp_path / "PE-Core-tiny.pt")
+    gen = timm.create_model(arch, pretrained=False, num_classes=0, **kw)  # only a source of random weights
+    with torch.no_grad():  # non-trivial biases, norms, layer scales, class and position embeddings; q/k large
+        for n, p in gen.named_parameters():  # enough that attention is far from uniform (RoPE, positions matter)
+            if n.endswith(("qkv.weight", "q.weight", "kv.weight")):
+                p.normal_(0, 0.3)
+            else:
+                p.add_(torch.randn_like(p) * (0.1 if n.endswith("bias") or "norm" in n or "gamma" in n else 0.02))
+    meta = timm_pe_to_meta(gen.state_dict())
+    assert ("visual.class_embedding" in meta) == (variant != "no_cls")
+    assert any(".ls_1.gamma" in k for k in meta) == (variant == "layerscale")
+    torch.save(meta, tmp_path / "PE-Core-tiny.pt")
     teacher = build_teacher(name, checkpoint=str(tmp_path / "PE-Core-tiny.pt"))
-    for size in (64, 96):
+    assert "attention-pooling" in teacher.summary
+    for size in (native, native + 2 * patch):  # the stored 4x4 grid, and 6x6: position table + RoPE resampled
         x = images(size)
-        with torch.no_grad():
-            tokens = ref.forward_features(to_publisher_input(x, teacher))
-            pooled = ref.forward_head(tokens, pre_logits=True)
+        pooled, tokens = pe_core_forward(meta, to_publisher_input(x, teacher), num_heads=4)
         out = teacher(x)
-        print(f"PE-core meta_pt {size}px: cls {rel_diff(out['cls'], pooled):.2e} "
-              f"patch {rel_diff(out['patch'], tokens[:, 1:]):.2e}")
-        assert rel_diff(out["cls"], pooled) <= TOL and rel_diff(out["patch"], tokens[:, 1:]) <= TOL
-        assert rel_diff(out["cls"], tokens[:, 0]) > 0.1  # the pooled embedding, not PE's class token
+        assert out["patch"].shape == tokens.shape == (2, (size // patch) ** 2, 64)
+        print(f"PE-core meta_pt {variant} {size}px: cls {rel_diff(out['cls'], pooled):.2e} "
+              f"patch {rel_diff(out['patch'], tokens):.2e}")
+        assert rel_diff(out["cls"], pooled) <= TOL and rel_diff(out["patch"], tokens) <= TOL, size
+        assert rel_diff(out["cls"], tokens.mean(1)) > 0.1  # the pooled embedding, not the patch mean
 
 
 # ---- C-RADIO: NVIDIA's model.safetensors layout; RADIO's own code needs trust_remote_code, so the reference is
