@@ -316,6 +316,29 @@ def _meta_pe_positions(model: nn.Module) -> nn.Module:
     return model
 
 
+def _row_img_size(spec: TeacherSpec) -> int:
+    """The input size a family row builds its architecture for (a tiny row's img_size, else timm's default)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(spec.arch)
+    return spec.arch_kwargs.get("img_size") or (cfg.input_size[-1] if cfg else 224)
+
+
+def _stored_img_size(sd: dict, patch: int) -> int | None:
+    """The input size a publisher's file was made for: its square position table (a class-token row allowed)
+    times the patch size; None when the file has no table (the family's default then)."""
+    import math
+
+    for key in ("pos_embed", "visual.trunk.pos_embed", "visual.positional_embedding", "positional_embedding",
+                "embeddings.position_embedding.weight", "vision_model.embeddings.position_embedding.weight"):
+        if key in sd:
+            rows = sd[key].shape[-2]
+            for n in (rows, rows - 1):
+                if n > 0 and math.isqrt(n) ** 2 == n:
+                    return math.isqrt(n) * patch
+    return None
+
+
 def _timm_teacher(spec, name, model, **kw):
     if spec.family == "siglip2":
         model = _bicubic_pos_embed(model)
@@ -387,7 +410,13 @@ def _hf_or_timm_load(convert_check, convert, filter_module):
         if not checkpoint:
             raise _needs_file(name, family.source)
         sd = read_teacher_file(checkpoint, hint=family.source)
-        model = _timm_model(spec)
+        # the model holds the file's own position table (AIMv2 / SigLIP2 / PE ship one file per resolution)
+        # and resamples it per input; a table resampled at load as well would be resampled twice
+        img_size = _stored_img_size(sd, spec.patch_size)
+        if img_size is not None and img_size != _row_img_size(spec):
+            log.info("teacher %s: %s holds a %dx%d position grid: built for %d px", name, checkpoint,
+                     img_size // spec.patch_size, img_size // spec.patch_size, img_size)
+        model = _timm_model(spec, img_size)
         if convert_check(sd):
             sd = convert(sd)
         else:
