@@ -7,6 +7,8 @@ Each function takes the flat state dict read from the publisher's file (by the s
 """
 import torch
 
+from .errors import CheckpointError
+
 
 def is_hf_dinov3(sd: dict) -> bool:
     return "embeddings.cls_token" in sd and any(k.startswith("model.layer.") or k.startswith("layer.") for k in sd)
@@ -92,6 +94,10 @@ def hf_aimv2_to_timm(sd: dict) -> dict:
     """transformers `Aimv2VisionModel` (apple/aimv2-*-patch14-* model.safetensors) -> timm ViT (aimv2_*)."""
     if any(k.startswith("vision_model.") for k in sd):
         sd = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
+    if "embeddings.position_embedding.weight" not in sd:
+        raise CheckpointError("a native-resolution AIMv2 file (apple/aimv2-*-native: 2-D sin-cos positions, no "
+                              "stored position table) has no timm implementation to run it on; use a "
+                              "fixed-resolution apple/aimv2-*-patch14-{224,336,448} file")
     out = {"patch_embed.proj.weight": sd["embeddings.patch_embed.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embed.bias"],
            "patch_embed.norm.weight": sd["embeddings.rms_norm.weight"],

@@ -259,19 +259,25 @@ def _timm_model(spec: TeacherSpec, img_size: int | None = None, **kw):
     return timm.create_model(spec.arch, pretrained=False, **kw)
 
 
+def _resize_grid(pos: torch.Tensor, old: tuple, new: tuple, mode: str) -> torch.Tensor:
+    """(1, gh*gw, C) position rows on the stored grid -> (1, h*w, C) on `new`; align_corners=False, no antialias."""
+    import torch.nn.functional as F
+
+    if tuple(new) == tuple(old):
+        return pos
+    c = pos.shape[-1]
+    grid = pos.reshape(1, old[0], old[1], c).permute(0, 3, 1, 2)
+    return F.interpolate(grid, size=tuple(new), mode=mode, align_corners=False).permute(0, 2, 3, 1).reshape(1, -1, c)
+
+
 def _bicubic_pos_embed(model: nn.Module) -> nn.Module:
     """Resample a prefix-free ViT's position embedding as transformers' SigLIP does at a new grid (bicubic,
     align_corners=False, no antialias; timm's default antialiases, which differs at a new grid)."""
     import types
 
-    import torch.nn.functional as F
-
     def _pos_embed(self, x):  # x (B, H, W, C) with dynamic_img_size
         b, h, w, c = x.shape
-        pos, (gh, gw) = self.pos_embed, self.patch_embed.grid_size
-        if (h, w) != (gh, gw):
-            pos = F.interpolate(pos.reshape(1, gh, gw, c).permute(0, 3, 1, 2), size=(h, w), mode="bicubic",
-                                align_corners=False).permute(0, 2, 3, 1).reshape(1, h * w, c)
+        pos = _resize_grid(self.pos_embed, self.patch_embed.grid_size, (h, w), "bicubic")
         return self.pos_drop(x.reshape(b, h * w, c) + pos)
 
     assert model.num_prefix_tokens == 0 and model.dynamic_img_size
@@ -279,9 +285,65 @@ def _bicubic_pos_embed(model: nn.Module) -> nn.Module:
     return model
 
 
+def _meta_pe_positions(model: nn.Module) -> nn.Module:
+    """timm's PE (Eva) with Meta's positions (perception_models `pe.py` / `rope.py`) on every grid.
+
+    - RoPE: Meta rotates by the integer patch indices (+1 with a class token) on any grid; timm's PE rescales
+      them onto its pretraining grid (`ref_feat_shape`, EVA's scheme), which differs at every other grid
+      (a tiny test model: at every size). timm's factory drops a `ref_feat_shape=None` kwarg, so it is unset
+      on the built module; its rotation layout (x then y, interleaved pairs) is Meta's.
+    - The absolute table: Meta resamples the stored grid rows bilinearly (align_corners=False, no antialias;
+      timm: bicubic with antialias), the class token's row as is.
+    """
+    import types
+
+    def _pos_embed(self, x):  # x (B, H, W, C) with dynamic_img_size; returns (tokens, rope), as Eva's
+        b, h, w, c = x.shape
+        n_pre = self.num_prefix_tokens
+        pos = self.pos_embed
+        pos = torch.cat([pos[:, :n_pre], _resize_grid(pos[:, n_pre:], self.patch_embed.grid_size, (h, w),
+                                                      "bilinear")], 1)
+        x = x.reshape(b, h * w, c)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(b, -1, -1), x], 1)
+        return self.pos_drop(x + pos), self.rope.get_embed(shape=(h, w))
+
+    assert model.dynamic_img_size and model.reg_token is None and not model.no_embed_class
+    assert model.patch_drop is None and model.rope is not None and not model.rope_mixed
+    assert model.rope.grid_type == "index" and not model.rope.rotate_half
+    model.rope.ref_feat_shape = None
+    model._pos_embed = types.MethodType(_pos_embed, model)
+    return model
+
+
+def _row_img_size(spec: TeacherSpec) -> int:
+    """The input size a family row builds its architecture for (a tiny row's img_size, else timm's default)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(spec.arch)
+    return spec.arch_kwargs.get("img_size") or (cfg.input_size[-1] if cfg else 224)
+
+
+def _stored_img_size(sd: dict, patch: int) -> int | None:
+    """The input size a publisher's file was made for: its square position table (a class-token row allowed)
+    times the patch size; None when the file has no table (the family's default then)."""
+    import math
+
+    for key in ("pos_embed", "visual.trunk.pos_embed", "visual.positional_embedding", "positional_embedding",
+                "embeddings.position_embedding.weight", "vision_model.embeddings.position_embedding.weight"):
+        if key in sd:
+            rows = sd[key].shape[-2]
+            for n in (rows, rows - 1):
+                if n > 0 and math.isqrt(n) ** 2 == n:
+                    return math.isqrt(n) * patch
+    return None
+
+
 def _timm_teacher(spec, name, model, **kw):
     if spec.family == "siglip2":
         model = _bicubic_pos_embed(model)
+    elif spec.family == "pe_core":
+        model = _meta_pe_positions(model)
     family = TEACHER_FAMILIES[spec.family]
     pool = {"dinov3": "cls", "siglip2": "head", "pe_core": "head", "aimv2": "head", "clip": "cls"}[spec.family]
     return _teacher(family, spec, _TimmTokens(model, pool), name, **kw)
@@ -348,7 +410,13 @@ def _hf_or_timm_load(convert_check, convert, filter_module):
         if not checkpoint:
             raise _needs_file(name, family.source)
         sd = read_teacher_file(checkpoint, hint=family.source)
-        model = _timm_model(spec)
+        # the model holds the file's own position table (AIMv2 / SigLIP2 / PE ship one file per resolution)
+        # and resamples it per input; a table resampled at load as well would be resampled twice
+        img_size = _stored_img_size(sd, spec.patch_size)
+        if img_size is not None and img_size != _row_img_size(spec):
+            log.info("teacher %s: %s holds a %dx%d position grid: built for %d px", name, checkpoint,
+                     img_size // spec.patch_size, img_size // spec.patch_size, img_size)
+        model = _timm_model(spec, img_size)
         if convert_check(sd):
             sd = convert(sd)
         else:

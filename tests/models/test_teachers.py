@@ -8,7 +8,7 @@ from models import build_teacher, build_vit, load_backbone
 from models.teachers import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 import json
 import subprocess
-from models.errors import ConfigError
+from models.errors import CheckpointError, ConfigError
 from models.teachers import TEACHER_FAMILIES
 from tests.pretrain.helpers import run_module, tiny_args, tiny_data  # noqa: F401
 
@@ -381,25 +381,77 @@ def test_siglip2_equals_transformers(tmp_path, tiny_row, hf_siglip, layout):
 
 
 # ---- AIMv2: transformers Aimv2VisionModel ------------------------------------------------------------------
-def test_aimv2_equals_transformers(tmp_path, tiny_row):
+def hf_aimv2(image_size, seed=0, **kw):
+    """A tiny transformers AIMv2 vision tower with a fixed image_size (its own position table, as Apple's files)."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = transformers.Aimv2VisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=128, image_size=56, patch_size=14, use_head=False)
-    ref_model = transformers.Aimv2VisionModel(cfg).eval()
-    with torch.no_grad():
-        for n, p in ref_model.named_parameters():
+                                         intermediate_size=128, image_size=image_size, patch_size=14,
+                                         use_head=False, **kw)
+    model = transformers.Aimv2VisionModel(cfg).eval()
+    with torch.no_grad():  # non-trivial norms; q/k and positions large enough that attention is not uniform
+        for n, p in model.named_parameters():
             if "norm" in n:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif n.endswith(("q_proj.weight", "k_proj.weight")):
+                p.normal_(0, 0.3)
+            elif "position_embedding" in n:
+                p.normal_(0, 0.5)
+    return model
+
+
+def aimv2_targets(ref_model, x, teacher):
+    tokens = ref_model(pixel_values=to_publisher_input(x, teacher)).last_hidden_state
+    return tokens.mean(1), tokens  # the summary: the mean of the final-norm patch tokens (timm's `avg` head)
+
+
+def test_aimv2_equals_transformers_at_two_native_sizes_and_a_new_grid(tmp_path, tiny_row):
+    kw = dict(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
+    rows = {56: tiny_row("aimv2", "aimv2_tiny", "aimv2_large_patch14_224", 14, 64, img_size=56, **kw),
+            84: tiny_row("aimv2", "aimv2_tiny_84", "aimv2_large_patch14_336", 14, 64, img_size=84, **kw)}
+    refs, teachers = {}, {}
+    # (a) Apple publishes one file per resolution, each with its own fixed table: 4x4 (56 px) and 6x6 (84 px)
+    for size, name in rows.items():
+        refs[size] = hf_aimv2(size, seed=size)
+        path = save_safetensors(refs[size].state_dict(), tmp_path / f"aimv2_{size}.safetensors")
+        teachers[size] = build_teacher(name, checkpoint=path)
+        x = images(size)
+        cls, patch = aimv2_targets(refs[size], x, teachers[size])
+        out = teachers[size](x)
+        print(f"AIMv2 hf_safetensors native {size}px: cls {rel_diff(out['cls'], cls):.2e} "
+              f"patch {rel_diff(out['patch'], patch):.2e}")
+        assert out["patch"].shape == (2, (size // 14) ** 2, 64)
+        assert rel_diff(out["cls"], cls) <= TOL and rel_diff(out["patch"], patch) <= TOL, size
+    # the 84 px file through the 56 px row: the model takes the file's 6x6 table (no resampling at load)
+    other = build_teacher(rows[56], checkpoint=str(tmp_path / "aimv2_84.safetensors"))
+    torch.testing.assert_close(other(images(84))["patch"], teachers[84](images(84))["patch"], rtol=0, atol=0)
+    # (b) a new grid: the 56 px file's teacher at 84 px (6x6) against transformers built at 84 px holding the
+    # stored 4x4 table resampled exactly as our teacher resamples it (timm's resample_abs_pos_embed defaults:
+    # bicubic with antialias; Apple's code defines no resampling, its fixed-table model only runs at its size).
+    # This checks everything at a new grid except the resampling formula itself, which is the same call.
+    from timm.layers import resample_abs_pos_embed
+
+    stored = refs[56].state_dict()
+    table = stored["embeddings.position_embedding.weight"]
+    new_grid = hf_aimv2(84)
+    resampled = resample_abs_pos_embed(table[None], new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=0)[0]
+    new_grid.load_state_dict({**stored, "embeddings.position_embedding.weight": resampled})
+    x = images(84)
+    cls, patch = aimv2_targets(new_grid, x, teachers[56])
+    out = teachers[56](x)
+    print(f"AIMv2 hf_safetensors 56px file at 84px: cls {rel_diff(out['cls'], cls):.2e} "
+          f"patch {rel_diff(out['patch'], patch):.2e}")
+    assert rel_diff(out["cls"], cls) <= TOL and rel_diff(out["patch"], patch) <= TOL
+
+
+def test_aimv2_native_resolution_file_is_refused_with_one_line(tmp_path, tiny_row):
+    # transformers' `is_native` AIMv2 (apple/aimv2-large-patch14-native: 2-D sin-cos positions at any size, no
+    # stored table) has no timm implementation to run it on
     name = tiny_row("aimv2", "aimv2_tiny", "aimv2_large_patch14_224", 14, 64,
                     img_size=56, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
-    path = save_safetensors(ref_model.state_dict(), tmp_path / "model.safetensors")
-    teacher = build_teacher(name, checkpoint=path)
-    x = images(56)
-    ref = ref_model(pixel_values=to_publisher_input(x, teacher)).last_hidden_state
-    out = teacher(x)
-    print(f"AIMv2 56px: cls {rel_diff(out['cls'], ref.mean(1)):.2e} patch {rel_diff(out['patch'], ref):.2e}")
-    assert rel_diff(out["cls"], ref.mean(1)) <= TOL and rel_diff(out["patch"], ref) <= TOL
+    path = save_safetensors(hf_aimv2(56, is_native=True).state_dict(), tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="native-resolution AIMv2"):
+        build_teacher(name, checkpoint=path)
 
 
 # ---- timm:<SigLIP-family model>: the summary is the pooled embedding, not the patch mean -------------------
@@ -512,7 +564,7 @@ def test_input_size_rule_before_any_weights_load(tmp_path, tiny_data):
     assert res.returncode == 2 and "patch size 16" in res.stderr and "nonexistent" not in res.stderr, res.stderr
 
 
-# ---- PE-core: Meta's PE-Core-*.pt layout (perception_models); no independent implementation is installable --
+# ---- PE-core: Meta's PE-Core-*.pt layout; the reference is our own plain-torch forward of Meta's code ------
 def timm_pe_to_meta(sd: dict) -> dict:
     """timm's PE keys -> Meta's release layout (the inverse of timm's _convert_pe), under `visual.`."""
     out = {}
@@ -540,30 +592,48 @@ def timm_pe_to_meta(sd: dict) -> dict:
     return out
 
 
-def test_pe_core_meta_layout_round_trips_and_summary_is_the_pooled_embedding(tmp_path, tiny_row):
+PE_VARIANTS = {  # timm architecture, patch, tiny kwargs; the test's random weights come from this timm model
+    "cls": ("vit_pe_core_base_patch16_224", 16, {}),  # T/S/B/L: class token, RoPE grid from (1, 1)
+    "no_cls": ("vit_pe_core_gigantic_patch14_448", 14, {}),  # G14: no class token, RoPE grid from (0, 0)
+    "layerscale": ("vit_pe_core_base_patch16_224", 16, {"init_values": 0.5}),  # ls_1/ls_2.gamma (PE-lang style)
+}
+
+
+@pytest.mark.parametrize("variant", list(PE_VARIANTS))
+def test_pe_core_meta_layout_equals_reference_forward(tmp_path, tiny_row, variant):
+    """Our teacher (timm's PE, loaded from Meta's PE-Core-*.pt layout) against tests/models/pe_reference.py, a
+    plain-torch forward of Meta's perception_models code computed from the same Meta-layout state dict."""
     import timm
 
-    name = tiny_row("pe_core", "pe_core_tiny", "vit_pe_core_base_patch16_224", 16, 64,
-                    img_size=64, embed_dim=64, depth=2, num_heads=4)
+    from tests.models.pe_reference import pe_core_forward
+
+    arch, patch, extra = PE_VARIANTS[variant]
+    native = 4 * patch
+    kw = dict(img_size=native, embed_dim=64, depth=2, num_heads=4, **extra)
+    name = tiny_row("pe_core", "pe_core_tiny", arch, patch, 64, **kw)
     torch.manual_seed(0)
-    ref = timm.create_model("vit_pe_core_base_patch16_224", pretrained=False, num_classes=0, img_size=64,
-                            embed_dim=64, depth=2, num_heads=4, dynamic_img_size=True).eval()
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if n.endswith("bias") or "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    torch.save(timm_pe_to_meta(ref.state_dict()), tmp_path / "PE-Core-tiny.pt")
+    gen = timm.create_model(arch, pretrained=False, num_classes=0, **kw)  # only a source of random weights
+    with torch.no_grad():  # non-trivial biases, norms, layer scales, class and position embeddings; q/k large
+        for n, p in gen.named_parameters():  # enough that attention is far from uniform (RoPE, positions matter)
+            if n.endswith(("qkv.weight", "q.weight", "kv.weight")):
+                p.normal_(0, 0.3)
+            else:
+                p.add_(torch.randn_like(p) * (0.1 if n.endswith("bias") or "norm" in n or "gamma" in n else 0.02))
+    meta = timm_pe_to_meta(gen.state_dict())
+    assert ("visual.class_embedding" in meta) == (variant != "no_cls")
+    assert any(".ls_1.gamma" in k for k in meta) == (variant == "layerscale")
+    torch.save(meta, tmp_path / "PE-Core-tiny.pt")
     teacher = build_teacher(name, checkpoint=str(tmp_path / "PE-Core-tiny.pt"))
-    for size in (64, 96):
+    assert "attention-pooling" in teacher.summary
+    for size in (native, native + 2 * patch):  # the stored 4x4 grid, and 6x6: position table + RoPE resampled
         x = images(size)
-        with torch.no_grad():
-            tokens = ref.forward_features(to_publisher_input(x, teacher))
-            pooled = ref.forward_head(tokens, pre_logits=True)
+        pooled, tokens = pe_core_forward(meta, to_publisher_input(x, teacher), num_heads=4)
         out = teacher(x)
-        print(f"PE-core meta_pt {size}px: cls {rel_diff(out['cls'], pooled):.2e} "
-              f"patch {rel_diff(out['patch'], tokens[:, 1:]):.2e}")
-        assert rel_diff(out["cls"], pooled) <= TOL and rel_diff(out["patch"], tokens[:, 1:]) <= TOL
-        assert rel_diff(out["cls"], tokens[:, 0]) > 0.1  # the pooled embedding, not PE's class token
+        assert out["patch"].shape == tokens.shape == (2, (size // patch) ** 2, 64)
+        print(f"PE-core meta_pt {variant} {size}px: cls {rel_diff(out['cls'], pooled):.2e} "
+              f"patch {rel_diff(out['patch'], tokens):.2e}")
+        assert rel_diff(out["cls"], pooled) <= TOL and rel_diff(out["patch"], tokens) <= TOL, size
+        assert rel_diff(out["cls"], tokens.mean(1)) > 0.1  # the pooled embedding, not the patch mean
 
 
 # ---- C-RADIO: NVIDIA's model.safetensors layout; RADIO's own code needs trust_remote_code, so the reference is
