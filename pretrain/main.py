@@ -245,6 +245,7 @@ def train(cfg, info: DistInfo) -> int:
         ckpt, ckpt_path = resume.find_checkpoint(cfg, info)
         if ckpt is None:
             resume.prepare_fresh_start(cfg, info)
+        cfg = resume.keep_recorded_workers(cfg, ckpt)
         history = resume.check_config(cfg, KNOBS, ckpt, ckpt_path)
         ckpt_state.seed_everything(cfg["seed"] + info.rank)
         data = build_data(cfg, info)  # before the teachers: the order of their RNG use

@@ -21,7 +21,7 @@ from common.runlock import RunDirLock
 from . import shards
 from . import state as ckpt_state
 from .engine import NO_CHECKPOINT, StopTraining
-from .config import default_of, expand, resume_changes
+from .config import default_of, expand, freeze, resume_changes
 from .students import student_specs
 
 log = logging.getLogger("pretrain")
@@ -80,6 +80,19 @@ def prepare_fresh_start(cfg, info: DistInfo) -> None:
         set_aside(log_txt, "previous", "starting from scratch: its steps would repeat in the new log")
 
 
+def keep_recorded_workers(cfg, ckpt: dict | None):
+    """Tar shards: the loader's worker count defines the sample order. With --num-workers auto a resume takes the
+    count the checkpoint's run resolved (the node may have other CPUs now, e.g. another SLURM allocation); an
+    explicit count is compared as given (check_config refuses another one). Returns the configuration to use."""
+    recorded = ((ckpt or {}).get("config") or {}).get("num_workers")
+    if (cfg.get("num_workers_requested") != "auto" or not isinstance(recorded, int) or isinstance(recorded, bool)
+            or recorded == cfg["num_workers"] or not any(shards.is_shard_spec(p) for p in cfg["data_path"])):
+        return cfg
+    log.info("--num-workers auto: resuming with the checkpoint's %d DataLoader workers per rank (auto gives %d on "
+             "this node): with tar shards the worker count defines the sample order", recorded, cfg["num_workers"])
+    return freeze({**cfg, "num_workers": recorded})
+
+
 def check_config(cfg, table, ckpt: dict | None, path: str | None) -> list:
     """Refuse to resume with a configuration that differs from the checkpoint's, except for the keys named in
     --allow-resume-change. Returns the run's history of allowed changes (`resume_changes`)."""
@@ -97,6 +110,9 @@ def check_config(cfg, table, ckpt: dict | None, path: str | None) -> list:
                             & {k.name for k in expand(table) if k.resume == "changeable"})
         hint = (f" If the change is intended, pass --allow-resume-change {','.join(changeable)}." if changeable
                 else "")
+        if "num_workers" in refused:
+            hint += (f" With tar shards the worker count defines the sample order: pass --num-workers "
+                     f"{refused['num_workers'][0]} or auto (which resumes with the checkpoint's count).")
         raise ConfigError(f"{cfg['output_dir']} holds a run with a different configuration ({path}, step "
                           f"{ckpt.get('global_step')}):\n{lines}\nRerun with the checkpoint's values or use a new "
                           f"--output-dir.{hint}")
