@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from common.backbone_flags import check_against_run
+from common.config import CheckedArgumentParser
 from common.errors import CheckpointError, ConfigError, DataError, MissingFileError, cli
 from common import rundir
 from common.log import read_json
@@ -534,7 +535,7 @@ def export_dinov2(model: nn.Module, src: Source, output: str, overwrite: bool) -
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
+    p = CheckedArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a pretrain.main run dir, its checkpoint.pth (any step), or "
                                       "student_backbone[_ema].pth")

@@ -543,3 +543,13 @@ def test_readme_section_shows_exactly_the_tested_snippets():
     blocks = readme_blocks()
     assert blocks is not None, "README.md has no 'Use your distilled model' section"
     assert blocks == SNIPPETS
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_non_finite_tolerance_is_one_line_exit_2(tmp_path, capsys, value):
+    out = tmp_path / "model.onnx"
+    rc, _, err = run_export(capsys, str(tmp_path / "weights.pth"), "--to", "onnx", "--output", out,
+                            f"--tolerance={value}")
+    assert rc == 2 and err.strip().splitlines() == [f"tools.export: error: --tolerance must be a finite number, "
+                                                    f"got {value}"], err
+    assert not out.exists()
