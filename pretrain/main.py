@@ -228,14 +228,11 @@ def main(argv=None) -> int:
     cfg = parse_config(argv)
     config.validate_config(cfg, KNOBS, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     info = init_distributed(cfg["device"], cfg["dist_timeout_min"])
-    lock = None
     try:
-        lock = resume.claim_output_dir(cfg, info)
+        resume.claim_output_dir(cfg, info)  # its lock is released by the cli boundary
         setup_logging(cfg["output_dir"], info.rank, name="pretrain")
         return train(config.derive(cfg, info), info)
     finally:
-        if lock is not None:
-            lock.release()
         cleanup()
 
 

@@ -17,7 +17,6 @@ from common.dist import DistInfo, broadcast_object
 from common.errors import ConfigError, UserError
 from common.log import write_json
 from common.rundir import claim_run_dir
-from common.runlock import RunDirLock
 from . import shards
 from . import state as ckpt_state
 from .engine import NO_CHECKPOINT, StopTraining
@@ -34,23 +33,22 @@ BATCH_KNOBS = ("batch_size", "global_batch_size")
 PATH_KEYS = ("data_path", "teacher_checkpoint", "single_image")
 
 
-def claim_output_dir(cfg, info: DistInfo) -> RunDirLock | None:
-    """Rank 0 locks the output dir, checks that no other tool owns it and removes temp files of killed saves.
+def claim_output_dir(cfg, info: DistInfo) -> None:
+    """Rank 0 checks that no other tool owns the output dir, locks it (common.rundir: held until the entry
+    point returns) and removes temp files of killed saves.
 
     Every rank learns the outcome, so a refused run stops on all ranks with the same message.
     """
-    lock, error = None, ""
+    error = ""
     if info.is_main:
         try:
-            claim_run_dir(cfg["output_dir"], "pretrain", files=RUN_FILES)
-            lock = RunDirLock(cfg["output_dir"]).acquire()
+            claim_run_dir(cfg["output_dir"], "pretrain", files=RUN_FILES, lock=True)
             remove_orphan_temps(cfg["output_dir"])
         except UserError as e:
             error = str(e)
     error = broadcast_object(error)
     if error:
         raise UserError(error)
-    return lock
 
 
 def find_checkpoint(cfg, info: DistInfo):
