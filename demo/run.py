@@ -35,7 +35,7 @@ import time
 
 from common.config import CheckedArgumentParser
 from common.errors import ConfigError, MissingFileError, UserError, cli
-from common.runlock import RunDirLock
+from common.rundir import claim_run_dir
 from demo import assets
 
 TEACHER = "dinov2_vits14"
@@ -704,8 +704,10 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     recipe = resolve_recipe(args)
     out = claim_output_dir(args.output_dir)  # refuses folders the demo did not make, before any work
-    with RunDirLock(out, "demo output dir"):  # a second demo on it stops here, before it replaces anything
-        return run_demo(args, recipe, out)
+    # the run-dir lock, held until the cli boundary returns: a second demo on it stops here, before it replaces
+    # anything (the checks above are the demo's own: its folders are marked by MARKER, not by a config.json)
+    claim_run_dir(out, "demo", files=(), lock=True)
+    return run_demo(args, recipe, out)
 
 
 def run_demo(args, recipe: dict, out: str) -> int:

@@ -220,6 +220,9 @@ def run(argv=None) -> dict:
                "val_scores": dict(zip((f"{c:.4g}" for c in C_SWEEP), result.val_scores)),
                "arch": args.arch, "pretrained": args.pretrained, "multiple": args.multiple, "ema": args.ema,
                "student": args.student_key, "run_dir": args.run_dir,
+               # the backbone by content (its weights' hash): tools.export credits the results to those weights
+               "backbone": probe.backbone_identity(args.pretrained, args.arch, args.patch_size, args.model_kwargs,
+                                                   args.ema, img_size=args.image_size, student=args.student),
                "num_classes": len(parsed.classes), "image_size": args.image_size,
                "precision": precision, "precision_reason": reason,
                "sizes": {k: len(v[1]) for k, v in sets.items()},

@@ -331,8 +331,13 @@ def run(argv=None) -> dict:
         results = run_knn(args, info, backbone, classes, train_view, loaders, amp)
     else:
         results = run_linear(args, info, backbone, classes, train_view, loaders, amp, metric_logger, meta, resume)
+    # the backbone by content (its weights' hash): tools.export credits the results to the weights they came from
+    identity = meta["backbone"] if meta else probe.backbone_identity(
+        args.pretrained, args.arch, args.patch_size, args.model_kwargs, args.ema, img_size=args.image_size,
+        student=args.student)
     results.update(arch=args.arch, pretrained=args.pretrained, image_size=args.image_size, precision=precision,
-                   precision_reason=reason, ema=args.ema, student=args.student_key, run_dir=args.run_dir)
+                   precision_reason=reason, ema=args.ema, student=args.student_key, run_dir=args.run_dir,
+                   backbone=identity)
     log_results(metric_logger, results, meta["max_iter"] if meta else 0)
     metric_logger.close()
     if info.is_main:

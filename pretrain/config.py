@@ -397,6 +397,9 @@ def derive(cfg: dict, info: DistInfo) -> types.MappingProxyType:
     cfg["teacher_fingerprint"] = ",".join(quick_fingerprint(t["checkpoint"]) if t["checkpoint"] else ""
                                           for t in teachers)
     cfg["data_path"] = [os.path.abspath(p) for p in cfg["data_path"]]
+    # as asked and as resolved here: a shard run resumed on a node with other CPUs keeps its count (pretrain/resume.py)
+    auto = isinstance(cfg["num_workers"], str) and cfg["num_workers"].strip() == "auto"
+    cfg["num_workers_requested"] = "auto" if auto else int(cfg["num_workers"])
     cfg["num_workers"] = pipeline.resolve_num_workers(cfg["num_workers"])
     cfg["precision_requested"] = cfg["precision"]
     cfg["precision"], cfg["precision_reason"] = resolve_precision(cfg["precision"], info.device)

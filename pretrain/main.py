@@ -228,14 +228,11 @@ def main(argv=None) -> int:
     cfg = parse_config(argv)
     config.validate_config(cfg, KNOBS, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     info = init_distributed(cfg["device"], cfg["dist_timeout_min"])
-    lock = None
     try:
-        lock = resume.claim_output_dir(cfg, info)
+        resume.claim_output_dir(cfg, info)  # its lock is released by the cli boundary
         setup_logging(cfg["output_dir"], info.rank, name="pretrain")
         return train(config.derive(cfg, info), info)
     finally:
-        if lock is not None:
-            lock.release()
         cleanup()
 
 
@@ -245,6 +242,7 @@ def train(cfg, info: DistInfo) -> int:
         ckpt, ckpt_path = resume.find_checkpoint(cfg, info)
         if ckpt is None:
             resume.prepare_fresh_start(cfg, info)
+        cfg = resume.keep_recorded_workers(cfg, ckpt)
         history = resume.check_config(cfg, KNOBS, ckpt, ckpt_path)
         ckpt_state.seed_everything(cfg["seed"] + info.rank)
         data = build_data(cfg, info)  # before the teachers: the order of their RNG use

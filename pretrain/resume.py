@@ -17,11 +17,10 @@ from common.dist import DistInfo, broadcast_object
 from common.errors import ConfigError, UserError
 from common.log import write_json
 from common.rundir import claim_run_dir
-from common.runlock import RunDirLock
 from . import shards
 from . import state as ckpt_state
 from .engine import NO_CHECKPOINT, StopTraining
-from .config import default_of, expand, resume_changes
+from .config import default_of, expand, freeze, resume_changes
 from .students import student_specs
 
 log = logging.getLogger("pretrain")
@@ -34,23 +33,22 @@ BATCH_KNOBS = ("batch_size", "global_batch_size")
 PATH_KEYS = ("data_path", "teacher_checkpoint", "single_image")
 
 
-def claim_output_dir(cfg, info: DistInfo) -> RunDirLock | None:
-    """Rank 0 locks the output dir, checks that no other tool owns it and removes temp files of killed saves.
+def claim_output_dir(cfg, info: DistInfo) -> None:
+    """Rank 0 checks that no other tool owns the output dir, locks it (common.rundir: held until the entry
+    point returns) and removes temp files of killed saves.
 
     Every rank learns the outcome, so a refused run stops on all ranks with the same message.
     """
-    lock, error = None, ""
+    error = ""
     if info.is_main:
         try:
-            claim_run_dir(cfg["output_dir"], "pretrain", files=RUN_FILES)
-            lock = RunDirLock(cfg["output_dir"]).acquire()
+            claim_run_dir(cfg["output_dir"], "pretrain", files=RUN_FILES, lock=True)
             remove_orphan_temps(cfg["output_dir"])
         except UserError as e:
             error = str(e)
     error = broadcast_object(error)
     if error:
         raise UserError(error)
-    return lock
 
 
 def find_checkpoint(cfg, info: DistInfo):
@@ -80,6 +78,19 @@ def prepare_fresh_start(cfg, info: DistInfo) -> None:
         set_aside(log_txt, "previous", "starting from scratch: its steps would repeat in the new log")
 
 
+def keep_recorded_workers(cfg, ckpt: dict | None):
+    """Tar shards: the loader's worker count defines the sample order. With --num-workers auto a resume takes the
+    count the checkpoint's run resolved (the node may have other CPUs now, e.g. another SLURM allocation); an
+    explicit count is compared as given (check_config refuses another one). Returns the configuration to use."""
+    recorded = ((ckpt or {}).get("config") or {}).get("num_workers")
+    if (cfg.get("num_workers_requested") != "auto" or not isinstance(recorded, int) or isinstance(recorded, bool)
+            or recorded == cfg["num_workers"] or not any(shards.is_shard_spec(p) for p in cfg["data_path"])):
+        return cfg
+    log.info("--num-workers auto: resuming with the checkpoint's %d DataLoader workers per rank (auto gives %d on "
+             "this node): with tar shards the worker count defines the sample order", recorded, cfg["num_workers"])
+    return freeze({**cfg, "num_workers": recorded})
+
+
 def check_config(cfg, table, ckpt: dict | None, path: str | None) -> list:
     """Refuse to resume with a configuration that differs from the checkpoint's, except for the keys named in
     --allow-resume-change. Returns the run's history of allowed changes (`resume_changes`)."""
@@ -97,6 +108,9 @@ def check_config(cfg, table, ckpt: dict | None, path: str | None) -> list:
                             & {k.name for k in expand(table) if k.resume == "changeable"})
         hint = (f" If the change is intended, pass --allow-resume-change {','.join(changeable)}." if changeable
                 else "")
+        if "num_workers" in refused:
+            hint += (f" With tar shards the worker count defines the sample order: pass --num-workers "
+                     f"{refused['num_workers'][0]} or auto (which resumes with the checkpoint's count).")
         raise ConfigError(f"{cfg['output_dir']} holds a run with a different configuration ({path}, step "
                           f"{ckpt.get('global_step')}):\n{lines}\nRerun with the checkpoint's values or use a new "
                           f"--output-dir.{hint}")

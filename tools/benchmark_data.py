@@ -37,6 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.config import CheckedArgumentParser
+from common.errors import cli
+
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, SXM data sheet
 # The paper's DINOv2 pairs (student <- teacher): (width, depth, MLP hidden, SwiGLU) per ViT.
 VITS = {"vit_tiny": (192, 12, 768, False), "vit_small": (384, 12, 1536, False), "vit_base": (768, 12, 3072, False),
@@ -339,7 +342,7 @@ def cpu_name() -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("tools.benchmark --data", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = CheckedArgumentParser("tools.benchmark --data", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="folder of JPEGs (flat or ImageFolder), or make:DIR to write "
                                                  "ImageNet-like test JPEGs into DIR first")
     p.add_argument("--json", default="", help="write the results here")
@@ -361,6 +364,7 @@ def find_images(folder: str, n: int) -> list[str]:
     return paths[:n]
 
 
+@cli("tools.benchmark --data")
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     torch.set_num_threads(1)

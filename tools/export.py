@@ -30,6 +30,7 @@ Exit codes: 0 done; 2 a user error (one message, no traceback); 3 a failed self-
 """
 import argparse
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -42,6 +43,8 @@ import torch
 import torch.nn as nn
 
 from common.backbone_flags import check_against_run
+from common.checkpoint import file_fingerprint
+from common.config import CheckedArgumentParser
 from common.errors import CheckpointError, ConfigError, DataError, MissingFileError, cli
 from common import rundir
 from common.log import read_json
@@ -97,6 +100,8 @@ class Source:
     global_step: int | None = None  # None for the flat backbone files, written when the run finished
     run_dir: str | None = None  # the pretraining run the weights belong to (its eval/ results go on the card)
     key: str | None = None  # the student's key in a several-student run
+    student: str | None = None  # the student selected inside a several-student checkpoint.pth
+    holds_students: bool = False  # a checkpoint.pth (student / student_ema): --ema and the student select in it
 
     @property
     def is_timm(self) -> bool:
@@ -141,7 +146,8 @@ def read_source(path: str, ema: bool = False, arch: str | None = None, patch_siz
     holds_students = isinstance(ckpt.get("student"), dict) or isinstance(ckpt.get("students"), dict)
     step = ckpt.get("global_step") if holds_students else None
     return Source(run.weights, arch, int(patch_size or run.patch_size or 14), int(img_size or run.img_size or 224),
-                  kwargs, sd, ema, config, step, run_dir=run.run_dir, key=run.key)
+                  kwargs, sd, ema, config, step, run_dir=run.run_dir, key=run.key, student=run.student,
+                  holds_students=holds_students)
 
 
 def parse_kwargs(text) -> dict:
@@ -345,7 +351,7 @@ def model_card(src: Source, architecture: str, title: str) -> str:
              "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
              'features = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))  # pre-logits',
              "```", ""]
-    return "\n".join(lines + results_section(src.run_dir or os.path.dirname(src.path), src.key))
+    return "\n".join(lines + results_section(src))
 
 
 def _card_value(value) -> str:
@@ -365,28 +371,46 @@ def steps_line(src: Source) -> str:
             else "unknown (a backbone file without its run's config.json)")
 
 
-def results_section(run_dir: str, key: str | None = None) -> list[str]:
-    """Every results.json / test_metrics.json in the run dir or below (the evaluations write into RUN/eval/),
-    as a table; with several students (`key`), only those of this student."""
-    patterns = [os.path.join(run_dir, *["*"] * depth, name) for depth in range(7)
+def results_section(src: Source) -> list[str]:
+    """The results.json / test_metrics.json in the run dir (else the weights' folder) or below (the evaluations
+    write into RUN/eval/) that were computed from these weights (`credits`), as a table."""
+    root = src.run_dir or os.path.dirname(src.path)
+    patterns = [os.path.join(root, *["*"] * depth, name) for depth in range(7)
                 for name in ("results.json", "test_metrics.json")]
     found = sorted(path for pattern in patterns for path in glob.glob(pattern))
-    if key is not None:
-        mine = os.path.join(run_dir, "eval", key) + os.sep
-        found = [p for p in found if p.startswith(mine) or p.startswith(os.path.join(run_dir, key) + os.sep)]
-    rows = [row for path in found for row in result_rows(path, run_dir)]
+    fingerprint = functools.cache(lambda: file_fingerprint(src.path))  # hashed once, and only when needed
+    rows = [row for path in found for row in result_rows(path, root, src, fingerprint)]
     if not rows:
-        return ["## Evaluation", "", "No results.json was found in the run directory.", ""]
+        return ["## Evaluation", "", "No evaluation results of these weights were found beside them.", ""]
     return ["## Evaluation", "", "| results | metric | value |", "|---|---|---|", *rows, ""]
 
 
-def result_rows(path: str, run_dir: str) -> list[str]:
+def credits(results: dict, path: str, src: Source, fingerprint) -> bool:
+    """Whether the results at `path` were computed from the exported weights. The evaluations record their
+    backbone: its weights' content hash ("backbone": linear_eval, fine_grained, a dense test_metrics.json),
+    else (older results) the weights file, which must be unchanged since; in a checkpoint.pth also the student
+    and the EMA choice. Results that record no backbone, or another one, belong to other weights."""
+    backbone = results.get("backbone") if isinstance(results.get("backbone"), dict) else {}
+    if src.holds_students and bool(backbone.get("ema", results.get("ema"))) != src.ema:
+        return False
+    if isinstance(backbone.get("weights"), str):
+        if src.holds_students and (backbone.get("student") or None) != (src.student or None):
+            return False
+        return backbone["weights"] == fingerprint()
+    weights = results.get("pretrained")
+    if not isinstance(weights, str) or weights in ("", "none"):
+        return False
+    return (os.path.realpath(weights) == os.path.realpath(src.path) and (results.get("student") or None) == src.key
+            and os.path.getmtime(path) >= os.path.getmtime(src.path))
+
+
+def result_rows(path: str, root: str, src: Source, fingerprint) -> list[str]:
     results = read_json(path)
-    if not isinstance(results, dict):
-        return []  # a half-written or foreign file: leave it out of the card
+    if not isinstance(results, dict) or not credits(results, path, src, fingerprint):
+        return []  # another model's results, or a half-written or foreign file: not on this card
     if isinstance(results.get("metrics"), dict):  # a dense test_metrics.json
         results = results["metrics"]
-    where = os.path.relpath(os.path.dirname(path), run_dir)
+    where = os.path.relpath(os.path.dirname(path), root)
     where += f" ({results['dataset']})" if "dataset" in results else ""
     return [f"| {where} | {key} | {value:.4g} |" for key, value in results.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.endswith("_seconds")]
@@ -534,7 +558,7 @@ def export_dinov2(model: nn.Module, src: Source, output: str, overwrite: bool) -
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
+    p = CheckedArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a pretrain.main run dir, its checkpoint.pth (any step), or "
                                       "student_backbone[_ema].pth")

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.config import CheckedArgumentParser
 from common.errors import ConfigError, cli
 from common.log import write_json
 
@@ -92,7 +93,7 @@ def dry_sizes() -> Sizes:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("tools.gpu_check", description=__doc__.split("\n\n")[0],
+    p = CheckedArgumentParser("tools.gpu_check", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="output/gpu_check.json", help="the JSON report (its folder is created)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu only with --dry-run")

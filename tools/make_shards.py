@@ -9,7 +9,6 @@ so that every shard mixes classes. Also writes `shards.json`, the shard index (w
 {"shardlist": [{"url", "nsamples"}]}) that pretrain.main reads for the epoch length, and prints the
 --data-path pattern to use. Shards are written to a temporary name and renamed when complete.
 """
-import argparse
 import io
 import json
 import os
@@ -18,6 +17,7 @@ import sys
 import tarfile
 
 from common import data as cdata
+from common.config import CheckedArgumentParser
 from common.errors import ConfigError, cli
 from common.rundir import check_writable
 
@@ -77,7 +77,7 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 @cli("tools.make_shards")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser("tools.make_shards", description=__doc__.split("\n\n")[0])
+    p = CheckedArgumentParser("tools.make_shards", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="ImageFolder root, flat image folder or text file of image paths")
     p.add_argument("output_dir")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")

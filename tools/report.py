@@ -26,6 +26,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from common.config import CheckedArgumentParser
 from common.errors import ConfigError, MissingFileError, cli
 from common.log import read_json, write_text
 from common.rundir import run_dir_owner
@@ -616,7 +617,7 @@ def _under(path: str, root: str) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser("tools.report", description=__doc__.split("\n\n")[0])
+    p = CheckedArgumentParser("tools.report", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs, searched recursively")
     p.add_argument("--output", default=None, help="folder for report.md and the PNGs (default: RUN_DIR[0]/report)")
     args = p.parse_args(argv)

@@ -204,6 +204,27 @@ def test_links_and_files_in_the_way_are_refused(tmp_path):
     assert (target / "data.bin").exists()
 
 
+def test_the_demo_holds_its_output_dir_with_the_common_run_dir_lock(tmp_path, monkeypatch):
+    """common.rundir's lock, like every tool's: held while the demo runs (a second one is refused, see
+    tests/demo/test_run_hostile_inputs.py), released by the cli boundary when it returns."""
+    from common import rundir
+    from common.runlock import RunDirLock, RunDirBusy
+
+    out = str(tmp_path / "demo")
+    seen = {}
+
+    def run_demo(args, recipe, folder):
+        seen["held"] = folder in rundir._HELD
+        with pytest.raises(RunDirBusy, match=f"PID {os.getpid()}"):
+            RunDirLock(folder).acquire()
+        return 0
+
+    monkeypatch.setattr(run, "run_demo", run_demo)
+    assert run.main(["--output-dir", out, "--quick"]) == 0
+    assert seen == {"held": True} and out not in rundir._HELD
+    RunDirLock(out).acquire().release()  # free again
+
+
 def test_own_folders_are_replaced_and_marked(tmp_path):
     out = run.claim_output_dir(str(tmp_path / "new"))  # absent: created and marked
     assert os.path.isfile(os.path.join(out, run.MARKER))

@@ -122,6 +122,19 @@ def test_knn_mode(data, tmp_path):
     assert set(res) >= {"k10", "k20"} and res["k10"]["top1"] >= 95.0
 
 
+def test_results_record_the_backbone_by_its_weights_hash(data, tmp_path):
+    """What tools.export's model card matches results to: the evaluated weights' content hash, EMA and student."""
+    from common.checkpoint import file_fingerprint
+    from models import build_vit
+
+    weights = str(tmp_path / "tiny.pth")
+    torch.save(build_vit("vit_tiny", patch_size=14, img_size=28, **json.loads(TINY)).state_dict(), weights)
+    le_main.run(argv(data, tmp_path / "k", "--mode", "knn", "--pretrained", weights))
+    with open(tmp_path / "k" / "results.json") as f:
+        backbone = json.load(f)["backbone"]
+    assert backbone["weights"] == file_fingerprint(weights) and backbone["ema"] is False
+
+
 def test_missing_train_root_names_the_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="ImageFolder layout"):
         le_main.run(["--train-root", str(tmp_path / "x"), "--val-root", str(tmp_path / "y"),

@@ -17,6 +17,28 @@ from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, tiny_a
 from tests.pretrain.helpers_hostile_inputs import run  # noqa: F401
 
 
+# ---- one run per output dir ------------------------------------------------------------------------------
+def test_pretrain_holds_its_output_dir_with_the_common_run_dir_lock(tmp_path, tiny_data, teacher_ckpt, monkeypatch):
+    """common.rundir's lock, like every tool's: held while training (a second run is refused, see
+    tests/pretrain/test_main.py), released by the cli boundary when the run returns."""
+    from common import rundir
+    from common.runlock import RunDirBusy, RunDirLock
+
+    out = str(tmp_path / "run")
+    seen = {}
+
+    def train(cfg, info):
+        seen["held"] = cfg["output_dir"] in rundir._HELD
+        with pytest.raises(RunDirBusy, match=f"PID {os.getpid()}"):
+            RunDirLock(cfg["output_dir"]).acquire()
+        return 0
+
+    monkeypatch.setattr(pretrain_main, "train", train)
+    assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, out)) == 0
+    assert seen == {"held": True} and out not in rundir._HELD
+    RunDirLock(out).acquire().release()  # free again
+
+
 # ---- resume refuses a changed configuration --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stopped_dir(tmp_path_factory, tiny_data, teacher_ckpt):

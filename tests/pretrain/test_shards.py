@@ -51,6 +51,40 @@ def test_shards_kill9_then_resume_is_exact_with_workers(tmp_path, shard_dir, tea
 
 
 @pytest.mark.slow
+def test_shard_run_resumed_with_more_cpus_keeps_the_recorded_worker_count(tmp_path, shard_dir, teacher_ckpt,
+                                                                          monkeypatch, capsys):
+    """--num-workers auto (the default): preempted with 3 CPUs (2 workers), resumed with 5 (auto: 4). The resume
+    takes the checkpoint's 2 and ends bitwise where an uninterrupted 3-CPU run does; an explicit 4 is refused."""
+    from tests import fault_injection
+    from pretrain.engine import EXIT_PREEMPTED
+
+    spec = os.path.join(shard_dir, SPEC)
+    cpus = lambda n: monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)  # noqa: E731
+    ref_out, out = str(tmp_path / "ref"), str(tmp_path / "stopped")
+    cpus(3)
+    assert pretrain_main.main(tiny_args(spec, teacher_ckpt, ref_out, num_workers="auto", pca_every_epochs=0)) == 0
+    argv = tiny_args(spec, teacher_ckpt, out, num_workers="auto", pca_every_epochs=0)
+    with fault_injection.injected(signal_at=8):
+        assert pretrain_main.main(argv) == EXIT_PREEMPTED
+    assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["config"]["num_workers"] == 2
+    cpus(5)
+    capsys.readouterr()
+    explicit = tiny_args(spec, teacher_ckpt, out, num_workers=4, pca_every_epochs=0)
+    assert pretrain_main.main(explicit) == 2
+    err = capsys.readouterr().err
+    assert "num_workers: checkpoint 2, now 4" in err and "--num-workers 2 or auto" in err, err
+    assert "Traceback" not in err
+    assert pretrain_main.main(argv) == 0
+    assert "resuming with the checkpoint's 2 DataLoader workers per rank (auto gives 4" in text_log(out)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["num_workers"] == 2
+    ref = torch.load(os.path.join(ref_out, "student_backbone.pth"), weights_only=True)
+    got = torch.load(os.path.join(out, "student_backbone.pth"), weights_only=True)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert all(train_losses(out)[s] == train_losses(ref_out)[s] for s in range(9, 13))
+
+
+@pytest.mark.slow
 def test_broken_sample_in_a_shard_is_skipped_and_counted(tmp_path, shard_dir, teacher_ckpt):
     bad_dir = tmp_path / "bad"
     shutil.copytree(shard_dir, bad_dir)

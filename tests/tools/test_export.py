@@ -65,8 +65,16 @@ def vit_run(tmp_path_factory) -> str:
     run = write_run(tmp_path_factory.mktemp("vit") / "run", "vit_tiny", "depth=2,embed_dim=64,num_heads=2", **TINY)
     os.makedirs(os.path.join(run, "eval", "linear"))
     with open(os.path.join(run, "eval", "linear", "results.json"), "w") as f:
-        json.dump({"top1": 61.25, "top5": 83.5, "arch": "vit_tiny", "feature_seconds": 3.0}, f)
+        json.dump(linear_results(os.path.join(run, "checkpoint.pth"), top1=61.25, top5=83.5), f)
     return run
+
+
+def linear_results(weights: str, **scores) -> dict:
+    """A results.json as linear_eval writes it for `weights` (the online student of a one-student file)."""
+    from common import probe
+
+    return {**scores, "arch": "vit_tiny", "feature_seconds": 3.0, "pretrained": weights, "ema": False,
+            "student": None, "backbone": probe.backbone_identity(weights, "vit_tiny", 14, TINY, img_size=SIZE)}
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +153,33 @@ def test_model_card_lists_teacher_recipe_steps_and_results(vit_run, tmp_path, ca
     assert "| eval/linear | top1 | 61.25 |" in card and "top5" in card
     assert "feature_seconds" not in card and "/home/someone" not in card  # no timings, no local paths
     assert "`train`" in card  # the data path, by its last component
+
+
+def test_card_of_a_bare_weights_file_lists_only_its_own_results(tmp_path, capsys):
+    """A weights file outside any run: the results in its folder computed from other weights (hashed, or
+    named by path) are not this model's and stay off its card."""
+    folder = tmp_path / "models"
+    os.makedirs(folder / "eval")
+    paths = {}
+    for name, seed in (("mine", 0), ("other", 1)):
+        torch.manual_seed(seed)
+        paths[name] = str(folder / f"{name}.pth")
+        torch.save(models.build_student("vit_tiny", 14, SIZE, **TINY).state_dict(), paths[name])
+    scores = {"mine": 70.5, "other": 12.25, "other_by_path": 33.75}
+    for name, top1 in scores.items():
+        os.makedirs(folder / "eval" / name)
+        record = linear_results(paths[name.split("_")[0]], top1=top1)
+        if name == "other_by_path":  # written before results recorded the weights' hash
+            del record["backbone"]
+        with open(folder / "eval" / name / "results.json", "w") as f:
+            json.dump(record, f)
+    out = folder / "export"
+    rc, _, err = run_export(capsys, paths["mine"], "--to", "timm", "--output", out, "--arch", "vit_tiny",
+                            "--model-kwargs", "depth=2,embed_dim=64,num_heads=2", "--img-size", SIZE)
+    assert rc == 0, err
+    card = (out / "README.md").read_text()
+    assert "| eval/mine | top1 | 70.5 |" in card
+    assert "12.25" not in card and "33.75" not in card and "eval/other" not in card
 
 
 def test_timm_folder_from_a_flat_backbone_with_registers(tmp_path, capsys):
@@ -543,3 +578,13 @@ def test_readme_section_shows_exactly_the_tested_snippets():
     blocks = readme_blocks()
     assert blocks is not None, "README.md has no 'Use your distilled model' section"
     assert blocks == SNIPPETS
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_non_finite_tolerance_is_one_line_exit_2(tmp_path, capsys, value):
+    out = tmp_path / "model.onnx"
+    rc, _, err = run_export(capsys, str(tmp_path / "weights.pth"), "--to", "onnx", "--output", out,
+                            f"--tolerance={value}")
+    assert rc == 2 and err.strip().splitlines() == [f"tools.export: error: --tolerance must be a finite number, "
+                                                    f"got {value}"], err
+    assert not out.exists()

@@ -115,3 +115,12 @@ def test_wrong_output_fails_the_check_and_a_spent_budget_skips_it():
     rec = gpu_check.run_command("late", ["-c", "print(1)"], timeout=30, budget=gpu_check.Budget(2))
     assert rec["status"] == "skipped" and rec["error"].startswith("skipped:") and rec["seconds"] == 0.0
 
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_non_finite_budget_is_one_line_exit_2(tmp_path, capsys, value):
+    out = tmp_path / "report.json"
+    assert gpu_check.main(["--device", "cpu", "--dry-run", "--budget-s", value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"tools.gpu_check: error: --budget-s must be a finite number, got {value}"]
+    assert not out.exists()
