@@ -133,7 +133,6 @@ from .students import StudentRun, build_student_module, init_seed, seeded, stude
 from .targets import TargetNormaliser, fit_teacher_norm
 
 log = logging.getLogger("pretrain")
-EXIT_BAD_CONFIG = 2
 
 
 def parse_config(argv=None) -> dict:

@@ -6,6 +6,8 @@ every knob validated before any work."""
 import json
 import os
 import pytest
+
+from common.errors import EXIT_USER_ERROR
 from pretrain import main as pretrain_main
 from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
                                     train_losses)
@@ -134,7 +136,7 @@ def test_bad_configuration_is_named(overrides, needle, tmp_path, tiny_data, monk
     if overrides.get("data_path") == "EMPTY":
         overrides["data_path"] = str(tmp_path)
     argv = tiny_args(tiny_data, "unused.pth", str(tmp_path / "out"), **overrides)
-    assert pretrain_main.main(argv) == pretrain_main.EXIT_BAD_CONFIG
+    assert pretrain_main.main(argv) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert needle in err, err
     assert not os.path.exists(tmp_path / "out")  # nothing heavy started
