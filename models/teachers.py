@@ -362,32 +362,61 @@ def _hf_or_timm_load(convert_check, convert, filter_module):
 
 def _radio_teacher(spec, name, model, summary_idxs, summary_index=None):
     family = TEACHER_FAMILIES["c_radio"]
-    idxs = tuple(summary_idxs) if summary_index is None else (tuple(summary_idxs)[summary_index],)
+    idxs = tuple(summary_idxs)
+    if summary_index is not None:
+        if not 0 <= summary_index < len(idxs):
+            raise ConfigError(f"teacher {name}: summary index {summary_index} out of range; its file has "
+                              f"{len(idxs)} summary tokens (summary_idxs {list(idxs)}): 0..{len(idxs) - 1} or all")
+        idxs = (idxs[summary_index],)
     words = (f"summary token {idxs[0]}" if len(idxs) == 1
              else f"summary tokens {list(idxs)} concatenated ({len(idxs)} x {spec.embed_dim})")
     return _teacher(family, spec, _TimmTokens(model, "tokens", idxs), name, summary=words,
                     summary_dim=len(idxs) * spec.embed_dim)
 
 
+def _radio_file_matches(sd: dict, model: nn.Module, path: str) -> list[int]:
+    """The file's summary_idxs, after checking its prefix tokens and stored grid against the row's model.
+
+    The row fixes both (timm: one class token + `reg_tokens`, which hold RADIO's other summary tokens and its
+    registers; `pos_embed_grid_size`); the file's `cls_token.token` (cls + registers, D) and `pos_embed`
+    (1, G*G, D) must agree, and every summary index must name a prefix token."""
+    source = TEACHER_FAMILIES["c_radio"].source
+    g = "radio_model.model.patch_generator."
+    n_prefix, (gh, gw) = sd[g + "cls_token.token"].shape[0], model.embeds.pos_embed.shape[1:3]
+    if n_prefix != model.num_prefix_tokens or sd[g + "pos_embed"].shape[1] != gh * gw:
+        raise CheckpointError(f"{path}: {n_prefix} summary/register tokens and {sd[g + 'pos_embed'].shape[1]} "
+                              f"stored positions, but teacher row expects {model.num_prefix_tokens} and {gh}x{gw}: "
+                              f"is it the file of another C-RADIO model? {source}")
+    idxs = sd.get("radio_model.summary_idxs")
+    if idxs is None or not all(0 <= int(i) < n_prefix for i in idxs.tolist()):
+        raise CheckpointError(f"{path} has no valid `summary_idxs` (got {None if idxs is None else idxs.tolist()}): "
+                              f"which of its {n_prefix} prefix tokens are summaries is unknown; {source}")
+    return [int(i) for i in idxs.tolist()]
+
+
 def _radio_load(spec, name, checkpoint, img_size, summary_index=None):
+    from dataclasses import replace
+
     from timm.models.naflexvit import checkpoint_filter_fn
 
     family = TEACHER_FAMILIES["c_radio"]
     if not checkpoint:
         raise _needs_file(name, family.source)
     sd = read_teacher_file(checkpoint, hint=family.source)
-    if "radio_model.model.patch_generator.embedder.weight" not in sd:
-        raise CheckpointError(f"{checkpoint} is not NVIDIA's C-RADIO model.safetensors (no "
-                              f"`radio_model.model.patch_generator.*`): {family.source}")
     model = _timm_model(spec)
-    n_cls = model.num_prefix_tokens - model.num_reg_tokens
-    idxs = sd.get("radio_model.summary_idxs")
-    if idxs is None:
-        raise CheckpointError(f"{checkpoint} has no `radio_model.summary_idxs`: which of its {n_cls} summary "
-                              f"tokens are summaries is unknown; {family.source}")
+    if layouts.is_hf_radio(sd):  # transformers' RadioModel file -> NVIDIA's layout, read by timm's converter
+        sd = layouts.hf_radio_to_nvidia(sd, layer_scale=any(k.endswith(".ls1.gamma") for k in model.state_dict()))
+    elif "radio_model.model.patch_generator.embedder.weight" not in sd:
+        raise CheckpointError(f"{checkpoint} is neither NVIDIA's C-RADIO model.safetensors (no "
+                              f"`radio_model.model.patch_generator.*`) nor a transformers RadioModel file (no "
+                              f"`embeddings.cls_register_token`): {family.source}")
+    idxs = _radio_file_matches(sd, model, checkpoint)
     new = checkpoint_filter_fn(dict(sd), model)  # NaFlexVit keeps RADIO's stored grid, resampled per input
     load_state_dict_checked(model, new, what=f"teacher {name}")
-    return _radio_teacher(spec, name, model, [int(i) for i in idxs.tolist()], summary_index)
+    # RADIO normalises with its input conditioner's buffers (pixels in [0, 1]): the file's, not the row's
+    cond = {k: sd.get(f"radio_model.input_conditioner.norm_{k}") for k in ("mean", "std")}
+    spec = replace(spec, **{k: tuple(v.flatten().tolist()) for k, v in cond.items() if v is not None})
+    return _radio_teacher(spec, name, model, idxs, summary_index)
 
 
 # the generic row: any timm model, `timm:<name>`
