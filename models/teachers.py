@@ -1,7 +1,8 @@
 """Frozen teachers behind one interface, defined by one registry: `TEACHER_FAMILIES`, one row per family.
 
-`build_teacher(name, checkpoint)` returns a `Teacher`: eval mode, no grads, `embed_dim`, `patch_size`,
-`summary` (what its `cls` target is, in words) and `forward(x) -> dict(cls=(B, Dt), patch=(B, N, Dt))`,
+`build_teacher(name, checkpoint)` returns a `Teacher`: eval mode, no grads, `embed_dim`, `summary_dim`,
+`patch_size`, `summary` (what its `cls` target is, in words) and
+`forward(x) -> dict(cls=(B, summary_dim), patch=(B, N, embed_dim))`,
 where `x` is the ImageNet-normalised batch the student sees. A teacher trained with another
 normalisation (CLIP, SigLIP2, PE, AIMv2, C-RADIO) converts the batch itself.
 
@@ -19,8 +20,9 @@ Nothing parses a teacher name: a name is looked up in the rows, or is `timm:<any
 - SigLIP2 / PE-core: the attention-pooling (MAP) head's output, before any projection into the text space;
   patch tokens after the final norm (PE's class token excluded).
 - AIMv2: the mean of the final-norm patch tokens (the model's own `avg` head); the patch tokens.
-- C-RADIO v3/v4: the summary tokens (one per RADIO teacher, `summary_idxs` of NVIDIA's file) concatenated,
-  or the one `summary_index` names; the spatial features (registers excluded).
+- C-RADIO v3/v4: the summary tokens (one per RADIO teacher, the file's `summary_idxs`) concatenated, or the
+  one `summary_index` names; the spatial features (registers excluded). NVIDIA's trust_remote_code file or
+  transformers' RadioModel file; normalised with the file's input conditioner.
 - timm:<name>: timm's `forward_features` (after its final norm). Summary: the model's attention-pooling
   head if it has one, else its class token, else its own `global_pool` over the tokens; the choice is
   `Teacher.summary`, logged once when the teacher is built.
@@ -198,6 +200,7 @@ class TeacherFamily:
     std: tuple = IMAGENET_STD
     patch_targets: bool = True
     arch_kwargs: dict = field(default_factory=dict)  # for every name of the family (as its publisher ran it)
+    summary_tokens: bool = False  # several summary tokens (C-RADIO): `summary_index` may pick one of them
 
     def spec(self, key: str, name: str) -> TeacherSpec:
         arch, patch, dim, *kw = self.names[name]
@@ -287,10 +290,11 @@ def _timm_teacher(spec, name, model, **kw):
     return _teacher(family, spec, _TimmTokens(model, pool), name, **kw)
 
 
-def _timm_random(spec, name, img_size):
+def _timm_random(spec, name, img_size, summary_index=None):
     if spec.family == "c_radio":
         model = _timm_model(spec)
-        return _radio_teacher(spec, name, model, tuple(range(model.num_prefix_tokens - model.num_reg_tokens)))
+        return _radio_teacher(spec, name, model, tuple(range(model.num_prefix_tokens - model.num_reg_tokens)),
+                              summary_index)
     return _timm_teacher(spec, name, _timm_model(spec))
 
 
@@ -547,7 +551,8 @@ TEACHER_FAMILIES: dict[str, TeacherFamily] = {
         "RADIO's summary tokens (`summary_idxs` of the file) concatenated, or the one `summary_index` names",
         "the spatial features (tokens after the summary tokens and registers)",
         f"{HF}nvidia/C-RADIOv3-<B|L|H|g> or nvidia/C-RADIOv4-<SO400M|H> model.safetensors",
-        "NVIDIA Open Model License", _radio_load, _timm_random, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+        "NVIDIA Open Model License", _radio_load, _timm_random, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+        summary_tokens=True),
     "timm": TeacherFamily(
         "any timm model (timm:<name>)", {},
         "its attention-pooling head if it has one, else its class token, else its own global pool (logged, "
@@ -575,22 +580,33 @@ def teacher_spec(name: str) -> TeacherSpec | None:
     return family.spec(key, name) if name in family.names else None
 
 
+def check_summary_index(name: str, summary_index: int | None) -> None:
+    """Only a family with several summary tokens (C-RADIO) takes an index; ConfigError for the others."""
+    key, family = teacher_family(name)
+    if summary_index is not None and not family.summary_tokens:
+        raise ConfigError(f"teacher {name} has one summary ({family.summary}); a summary index picks one of "
+                          f"several summary tokens (C-RADIO): use all for it")
+
+
 def build_teacher(name: str, checkpoint: str | None = None, img_size: int = 224, random_weights: bool = False,
-                  **kwargs) -> Teacher:
+                  summary_index: int | None = None) -> Teacher:
     """Build a frozen teacher by name (see TEACHER_FAMILIES, or `timm:<model_name>`).
 
     `random_weights`: the family's random-weight builder (tests, benchmarks); no file is read.
-    `kwargs`: family options (C-RADIO: `summary_index`).
+    `summary_index`: which of the family's summary tokens is the `cls` target (C-RADIO: the position in the
+    file's `summary_idxs`); None: the family's default summary (C-RADIO: all of them, concatenated).
     """
     key, family = teacher_family(name)
+    check_summary_index(name, summary_index)
     spec = family.spec(key, name) if name in family.names else TeacherSpec(0, 0, True, family="timm")
     if spec.patch_size and img_size % spec.patch_size:  # before any weights load
         raise ConfigError(f"input size {img_size} is not a multiple of teacher {name}'s patch size "
                           f"{spec.patch_size}")
+    kw = {} if summary_index is None else {"summary_index": summary_index}  # only summary_tokens families take it
     if random_weights:
-        teacher = family.random(spec, name, img_size)
+        teacher = family.random(spec, name, img_size, **kw)
     else:
-        teacher = family.load(spec, name, checkpoint, img_size, **kwargs)
+        teacher = family.load(spec, name, checkpoint, img_size, **kw)
     if img_size % teacher.patch_size:
         raise ConfigError(f"input size {img_size} is not a multiple of teacher {name}'s patch size "
                           f"{teacher.patch_size}")

@@ -631,3 +631,41 @@ def test_c_radio_file_of_another_model_or_without_summary_idxs_is_refused(tmp_pa
         build_teacher(name, checkpoint=save_safetensors(sd, tmp_path / "no_idx.safetensors"))
     with pytest.raises(CheckpointError, match="neither NVIDIA's C-RADIO"):
         build_teacher(name, checkpoint=save_safetensors({"foo": torch.zeros(1)}, tmp_path / "other.safetensors"))
+
+
+@pytest.mark.slow
+def test_c_radio_summary_distilled_concatenated_or_one_token(tmp_path, tiny_data, tiny_row, capsys):
+    """pretrain.main with a tiny C-RADIO teacher (NVIDIA's layout): the token head predicts the concatenated
+    summary (2 x 64) or the one token --teacher-summary-index names (64); PHI-S fitted per part."""
+    from tests.pretrain.helpers import read_log
+
+    from pretrain import main as pretrain_main
+
+    name = tiny_row("c_radio", "c_radio_tiny", RADIO_ARCHS["v4"], 16, 64, **RADIO_TINY)
+    path = save_safetensors(radio_nvidia_layout(hf_radio(False).state_dict(), False), tmp_path / "model.safetensors")
+
+    def argv(out, summary):  # 64 px /16: the teacher's 4x4 grid is the student's
+        return tiny_args(tiny_data, path, out, teacher=name, input_size=64, patch_size=16, epochs=1,
+                         pca_every_epochs=0, teacher_norm="phi-s", teacher_norm_batches=2,
+                         teacher_summary_index=summary)
+
+    for summary, width, words in (("all", 128, "summary tokens [0, 2] concatenated (2 x 64)"),
+                                  ("1", 64, "summary token 2")):
+        out = str(tmp_path / summary)
+        assert pretrain_main.main(argv(out, summary)) == 0
+        ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+        heads = {h: tuple(ckpt["heads"][f"{h}_head"]["1.weight"].shape) for h in ("token", "fea", "patch")}
+        assert heads == {"token": (width, 64), "fea": (64, 64), "patch": (64, 64)}, heads
+        norm = ckpt["target_norm"]
+        assert norm["norms.c_radio_tiny/cls.rotation"].shape == (width, width)
+        assert norm["norms.c_radio_tiny/patch.rotation"].shape == (64, 64)
+        assert norm["norms.c_radio_tiny/cls.fitted"] and norm["norms.c_radio_tiny/patch.fitted"]
+        rows = [r for r in read_log(out) if "train/loss" in r]
+        for o in ("token", "fea", "patch"):
+            assert rows and all(torch.isfinite(torch.tensor(r[f"train/c_radio_tiny/{o}"])) for r in rows), o
+        cfg = json.load(open(os.path.join(out, "config.json")))
+        assert cfg["teacher_summary_index"] == summary and cfg["teacher_summary"] == {name: words}
+    # must-match on resume: the other summary is another run
+    capsys.readouterr()
+    assert pretrain_main.main(argv(str(tmp_path / "1"), "all")) == 2
+    assert "teacher_summary_index: checkpoint '1', now 'all'" in capsys.readouterr().err
