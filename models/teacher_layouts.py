@@ -3,7 +3,8 @@
 Each function takes the flat state dict read from the publisher's file (by the safe readers in
 `models.teachers`) and returns the keys of the timm model named in the family row. Layouts that timm's own
 `checkpoint_filter_fn` already knows (Meta's DINOv3 `.pth`, Meta's PE `.pt`, open_clip, NVIDIA's RADIO
-`model.safetensors`, timm's own files) go through it; the Hugging Face transformers layouts are mapped here.
+`model.safetensors`, timm's own files) go through it; the Hugging Face transformers layouts are mapped here
+(C-RADIO's transformers layout onto NVIDIA's, so that one converter, timm's, reads both).
 """
 import torch
 
@@ -111,3 +112,39 @@ def hf_aimv2_to_timm(sd: dict) -> dict:
         out[q + "mlp.fc1_g.weight"], out[q + "mlp.fc1_x.weight"] = sd[p + "ffn.gate_proj.weight"], sd[p + "ffn.up_proj.weight"]
         out[q + "mlp.fc2.weight"] = sd[p + "ffn.down_proj.weight"]
     return out  # an attention-pooling `head.*` (classification probes) is not part of the teacher
+
+
+def is_hf_radio(sd: dict) -> bool:
+    return "embeddings.cls_register_token" in sd and "embeddings.patch_projection.weight" in sd
+
+
+def hf_radio_to_nvidia(sd: dict, layer_scale: bool) -> dict:
+    """transformers `RadioModel` (model.safetensors) -> NVIDIA's trust_remote_code layout (`radio_model.*`).
+
+    `layer_scale`: whether the timm model holds LayerScale (C-RADIOv3-B/L: NVIDIA's `ls?.grandma`). The others
+    have none, so their `lambda1` must be ones (transformers' identity default; files may omit the keys).
+    The video patch projection (Nemotron's packed frames) is not part of an image teacher and is dropped.
+    """
+    m = "radio_model.model."
+    out = {m + "patch_generator.embedder.weight": sd["embeddings.patch_projection.weight"],  # (D, 3 p p)
+           m + "patch_generator.pos_embed": sd["embeddings.position_embedding"],  # (1, G*G, D): the stored grid
+           m + "patch_generator.cls_token.token": sd["embeddings.cls_register_token"]}  # (cls + registers, D)
+    for k in ("summary_idxs", "input_conditioner.norm_mean", "input_conditioner.norm_std"):
+        if k in sd:
+            out["radio_model." + k] = sd[k]
+    for i in range(_depth(sd, "encoder.layer.")):
+        p, q = f"encoder.layer.{i}.", f"{m}blocks.{i}."
+        a = p + "attention."
+        for t in ("weight", "bias"):
+            out[f"{q}attn.qkv.{t}"] = torch.cat([sd[f"{a}{n}_proj.{t}"] for n in "qkv"])
+            out[f"{q}attn.proj.{t}"] = sd[f"{a}o_proj.{t}"]
+            for n in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                out[f"{q}{n}.{t}"] = sd[f"{p}{n}.{t}"]
+        for j in (1, 2):
+            lam = sd.get(f"{p}layer_scale{j}.lambda1")  # (D,)
+            if layer_scale:
+                out[f"{q}ls{j}.grandma"] = torch.ones_like(sd[f"{p}norm1.weight"]) if lam is None else lam
+            elif lam is not None and not bool((lam == 1).all()):
+                raise CheckpointError(f"{p}layer_scale{j}.lambda1 is not all ones, but this C-RADIO architecture "
+                                      f"has no LayerScale (pick the row of the file's model)")
+    return out

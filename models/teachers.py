@@ -1,7 +1,8 @@
 """Frozen teachers behind one interface, defined by one registry: `TEACHER_FAMILIES`, one row per family.
 
-`build_teacher(name, checkpoint)` returns a `Teacher`: eval mode, no grads, `embed_dim`, `patch_size`,
-`summary` (what its `cls` target is, in words) and `forward(x) -> dict(cls=(B, Dt), patch=(B, N, Dt))`,
+`build_teacher(name, checkpoint)` returns a `Teacher`: eval mode, no grads, `embed_dim`, `summary_dim`,
+`patch_size`, `summary` (what its `cls` target is, in words) and
+`forward(x) -> dict(cls=(B, summary_dim), patch=(B, N, embed_dim))`,
 where `x` is the ImageNet-normalised batch the student sees. A teacher trained with another
 normalisation (CLIP, SigLIP2, PE, AIMv2, C-RADIO) converts the batch itself.
 
@@ -19,8 +20,9 @@ Nothing parses a teacher name: a name is looked up in the rows, or is `timm:<any
 - SigLIP2 / PE-core: the attention-pooling (MAP) head's output, before any projection into the text space;
   patch tokens after the final norm (PE's class token excluded).
 - AIMv2: the mean of the final-norm patch tokens (the model's own `avg` head); the patch tokens.
-- C-RADIO v3/v4: the summary tokens (one per RADIO teacher, `summary_idxs` of NVIDIA's file) concatenated,
-  or the one `summary_index` names; the spatial features (registers excluded).
+- C-RADIO v3/v4: the summary tokens (one per RADIO teacher, the file's `summary_idxs`) concatenated, or the
+  one `summary_index` names; the spatial features (registers excluded). NVIDIA's trust_remote_code file or
+  transformers' RadioModel file; normalised with the file's input conditioner.
 - timm:<name>: timm's `forward_features` (after its final norm). Summary: the model's attention-pooling
   head if it has one, else its class token, else its own `global_pool` over the tokens; the choice is
   `Teacher.summary`, logged once when the teacher is built.
@@ -198,6 +200,7 @@ class TeacherFamily:
     std: tuple = IMAGENET_STD
     patch_targets: bool = True
     arch_kwargs: dict = field(default_factory=dict)  # for every name of the family (as its publisher ran it)
+    summary_tokens: bool = False  # several summary tokens (C-RADIO): `summary_index` may pick one of them
 
     def spec(self, key: str, name: str) -> TeacherSpec:
         arch, patch, dim, *kw = self.names[name]
@@ -349,10 +352,11 @@ def _timm_teacher(spec, name, model, **kw):
     return _teacher(family, spec, _TimmTokens(model, pool), name, **kw)
 
 
-def _timm_random(spec, name, img_size):
+def _timm_random(spec, name, img_size, summary_index=None):
     if spec.family == "c_radio":
         model = _timm_model(spec)
-        return _radio_teacher(spec, name, model, tuple(range(model.num_prefix_tokens - model.num_reg_tokens)))
+        return _radio_teacher(spec, name, model, tuple(range(model.num_prefix_tokens - model.num_reg_tokens)),
+                              summary_index)
     return _timm_teacher(spec, name, _timm_model(spec))
 
 
@@ -430,32 +434,61 @@ def _hf_or_timm_load(convert_check, convert, filter_module):
 
 def _radio_teacher(spec, name, model, summary_idxs, summary_index=None):
     family = TEACHER_FAMILIES["c_radio"]
-    idxs = tuple(summary_idxs) if summary_index is None else (tuple(summary_idxs)[summary_index],)
+    idxs = tuple(summary_idxs)
+    if summary_index is not None:
+        if not 0 <= summary_index < len(idxs):
+            raise ConfigError(f"teacher {name}: summary index {summary_index} out of range; its file has "
+                              f"{len(idxs)} summary tokens (summary_idxs {list(idxs)}): 0..{len(idxs) - 1} or all")
+        idxs = (idxs[summary_index],)
     words = (f"summary token {idxs[0]}" if len(idxs) == 1
              else f"summary tokens {list(idxs)} concatenated ({len(idxs)} x {spec.embed_dim})")
     return _teacher(family, spec, _TimmTokens(model, "tokens", idxs), name, summary=words,
                     summary_dim=len(idxs) * spec.embed_dim)
 
 
+def _radio_file_matches(sd: dict, model: nn.Module, path: str) -> list[int]:
+    """The file's summary_idxs, after checking its prefix tokens and stored grid against the row's model.
+
+    The row fixes both (timm: one class token + `reg_tokens`, which hold RADIO's other summary tokens and its
+    registers; `pos_embed_grid_size`); the file's `cls_token.token` (cls + registers, D) and `pos_embed`
+    (1, G*G, D) must agree, and every summary index must name a prefix token."""
+    source = TEACHER_FAMILIES["c_radio"].source
+    g = "radio_model.model.patch_generator."
+    n_prefix, (gh, gw) = sd[g + "cls_token.token"].shape[0], model.embeds.pos_embed.shape[1:3]
+    if n_prefix != model.num_prefix_tokens or sd[g + "pos_embed"].shape[1] != gh * gw:
+        raise CheckpointError(f"{path}: {n_prefix} summary/register tokens and {sd[g + 'pos_embed'].shape[1]} "
+                              f"stored positions, but teacher row expects {model.num_prefix_tokens} and {gh}x{gw}: "
+                              f"is it the file of another C-RADIO model? {source}")
+    idxs = sd.get("radio_model.summary_idxs")
+    if idxs is None or not all(0 <= int(i) < n_prefix for i in idxs.tolist()):
+        raise CheckpointError(f"{path} has no valid `summary_idxs` (got {None if idxs is None else idxs.tolist()}): "
+                              f"which of its {n_prefix} prefix tokens are summaries is unknown; {source}")
+    return [int(i) for i in idxs.tolist()]
+
+
 def _radio_load(spec, name, checkpoint, img_size, summary_index=None):
+    from dataclasses import replace
+
     from timm.models.naflexvit import checkpoint_filter_fn
 
     family = TEACHER_FAMILIES["c_radio"]
     if not checkpoint:
         raise _needs_file(name, family.source)
     sd = read_teacher_file(checkpoint, hint=family.source)
-    if "radio_model.model.patch_generator.embedder.weight" not in sd:
-        raise CheckpointError(f"{checkpoint} is not NVIDIA's C-RADIO model.safetensors (no "
-                              f"`radio_model.model.patch_generator.*`): {family.source}")
     model = _timm_model(spec)
-    n_cls = model.num_prefix_tokens - model.num_reg_tokens
-    idxs = sd.get("radio_model.summary_idxs")
-    if idxs is None:
-        raise CheckpointError(f"{checkpoint} has no `radio_model.summary_idxs`: which of its {n_cls} summary "
-                              f"tokens are summaries is unknown; {family.source}")
+    if layouts.is_hf_radio(sd):  # transformers' RadioModel file -> NVIDIA's layout, read by timm's converter
+        sd = layouts.hf_radio_to_nvidia(sd, layer_scale=any(k.endswith(".ls1.gamma") for k in model.state_dict()))
+    elif "radio_model.model.patch_generator.embedder.weight" not in sd:
+        raise CheckpointError(f"{checkpoint} is neither NVIDIA's C-RADIO model.safetensors (no "
+                              f"`radio_model.model.patch_generator.*`) nor a transformers RadioModel file (no "
+                              f"`embeddings.cls_register_token`): {family.source}")
+    idxs = _radio_file_matches(sd, model, checkpoint)
     new = checkpoint_filter_fn(dict(sd), model)  # NaFlexVit keeps RADIO's stored grid, resampled per input
     load_state_dict_checked(model, new, what=f"teacher {name}")
-    return _radio_teacher(spec, name, model, [int(i) for i in idxs.tolist()], summary_index)
+    # RADIO normalises with its input conditioner's buffers (pixels in [0, 1]): the file's, not the row's
+    cond = {k: sd.get(f"radio_model.input_conditioner.norm_{k}") for k in ("mean", "std")}
+    spec = replace(spec, **{k: tuple(v.flatten().tolist()) for k, v in cond.items() if v is not None})
+    return _radio_teacher(spec, name, model, idxs, summary_index)
 
 
 # the generic row: any timm model, `timm:<name>`
@@ -586,7 +619,8 @@ TEACHER_FAMILIES: dict[str, TeacherFamily] = {
         "RADIO's summary tokens (`summary_idxs` of the file) concatenated, or the one `summary_index` names",
         "the spatial features (tokens after the summary tokens and registers)",
         f"{HF}nvidia/C-RADIOv3-<B|L|H|g> or nvidia/C-RADIOv4-<SO400M|H> model.safetensors",
-        "NVIDIA Open Model License", _radio_load, _timm_random, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+        "NVIDIA Open Model License", _radio_load, _timm_random, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+        summary_tokens=True),
     "timm": TeacherFamily(
         "any timm model (timm:<name>)", {},
         "its attention-pooling head if it has one, else its class token, else its own global pool (logged, "
@@ -614,22 +648,33 @@ def teacher_spec(name: str) -> TeacherSpec | None:
     return family.spec(key, name) if name in family.names else None
 
 
+def check_summary_index(name: str, summary_index: int | None) -> None:
+    """Only a family with several summary tokens (C-RADIO) takes an index; ConfigError for the others."""
+    key, family = teacher_family(name)
+    if summary_index is not None and not family.summary_tokens:
+        raise ConfigError(f"teacher {name} has one summary ({family.summary}); a summary index picks one of "
+                          f"several summary tokens (C-RADIO): use all for it")
+
+
 def build_teacher(name: str, checkpoint: str | None = None, img_size: int = 224, random_weights: bool = False,
-                  **kwargs) -> Teacher:
+                  summary_index: int | None = None) -> Teacher:
     """Build a frozen teacher by name (see TEACHER_FAMILIES, or `timm:<model_name>`).
 
     `random_weights`: the family's random-weight builder (tests, benchmarks); no file is read.
-    `kwargs`: family options (C-RADIO: `summary_index`).
+    `summary_index`: which of the family's summary tokens is the `cls` target (C-RADIO: the position in the
+    file's `summary_idxs`); None: the family's default summary (C-RADIO: all of them, concatenated).
     """
     key, family = teacher_family(name)
+    check_summary_index(name, summary_index)
     spec = family.spec(key, name) if name in family.names else TeacherSpec(0, 0, True, family="timm")
     if spec.patch_size and img_size % spec.patch_size:  # before any weights load
         raise ConfigError(f"input size {img_size} is not a multiple of teacher {name}'s patch size "
                           f"{spec.patch_size}")
+    kw = {} if summary_index is None else {"summary_index": summary_index}  # only summary_tokens families take it
     if random_weights:
-        teacher = family.random(spec, name, img_size)
+        teacher = family.random(spec, name, img_size, **kw)
     else:
-        teacher = family.load(spec, name, checkpoint, img_size, **kwargs)
+        teacher = family.load(spec, name, checkpoint, img_size, **kw)
     if img_size % teacher.patch_size:
         raise ConfigError(f"input size {img_size} is not a multiple of teacher {name}'s patch size "
                           f"{teacher.patch_size}")

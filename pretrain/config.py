@@ -176,7 +176,7 @@ def split_list(text: str) -> list[str]:
 
 
 def teacher_list(cfg) -> list[dict]:
-    """[{name, checkpoint, weight}] in --teacher order, from the three comma lists."""
+    """[{name, checkpoint, weight, summary_index}] in --teacher order, from the comma lists."""
     names = split_list(cfg["teacher"])
     ckpts = split_list(cfg["teacher_checkpoint"])
     weights = split_list(cfg["teacher_weight"]) or ["1"] * len(names)
@@ -194,7 +194,23 @@ def teacher_list(cfg) -> list[dict]:
     if not all(math.isfinite(w) and w > 0 for w in values):
         raise ConfigError(f"--teacher-weight values must be finite and > 0, got {values}")
     ckpts += [""] * (len(names) - len(ckpts))
-    return [dict(name=n, checkpoint=c, weight=w) for n, c, w in zip(names, ckpts, values)]
+    summaries = summary_indices(cfg["teacher_summary_index"], len(names))
+    return [dict(name=n, checkpoint=c, weight=w, summary_index=i)
+            for n, c, w, i in zip(names, ckpts, values, summaries)]
+
+
+def summary_indices(text: str, n: int) -> list[int | None]:
+    """--teacher-summary-index: 'all' (every teacher's default summary) or one entry per teacher, each 'all' (or
+    empty) or the index of one summary token (C-RADIO: the position in its file's summary_idxs). None = all."""
+    entries = split_list(text)
+    if entries in ([], ["all"]):
+        return [None] * n
+    if len(entries) != n:
+        raise ConfigError(f"--teacher-summary-index has {len(entries)} entries for {n} teacher(s); give 'all' or "
+                          f"one per teacher, in order")
+    if not all(e in ("", "all") or e.isdigit() for e in entries):
+        raise ConfigError(f"--teacher-summary-index takes all or a summary-token index >= 0 per teacher, got {text!r}")
+    return [None if e in ("", "all") else int(e) for e in entries]
 
 
 def check_teacher(t: dict, cfg: dict) -> None:
@@ -209,18 +225,14 @@ def check_teacher(t: dict, cfg: dict) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     spec = models.teacher_spec(name)  # a row of models.TEACHER_FAMILIES (ConfigError for an unknown name)
+    index = t.get("summary_index")  # tools.benchmark checks a bare {name}
+    try:
+        models.check_summary_index(name, index)
+    except ConfigError as e:
+        raise ConfigError(f"--teacher-summary-index {index}: {e}") from None
     if spec is not None and cfg["input_size"] % spec.patch_size:
         raise ConfigError(f"--input-size {cfg['input_size']} is not a multiple of teacher {name}'s patch size "
                           f"{spec.patch_size}")
-
-
-def check_teacher_widths(name: str, teacher):
-    """The heads take one target width per teacher: a summary wider than the patch tokens (C-RADIO's
-    concatenated summary tokens) cannot be distilled as it is."""
-    if teacher.summary_dim != teacher.embed_dim:
-        raise ConfigError(f"teacher {name}: its summary target is {teacher.summary_dim}-d ({teacher.summary}) and "
-                          f"its patch tokens {teacher.embed_dim}-d; the distillation heads take one width per teacher")
-    return teacher
 
 
 def lambdas_of(cfg) -> dict:

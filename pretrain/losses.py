@@ -7,11 +7,11 @@ Inputs for a batch of B images with N patches (student and teacher on the same g
     x          (B, 3, H, W)  the augmented, ImageNet-normalised batch (teacher and student see the same)
     masks      (B, N) bool   True = patch replaced by the student's mask token
     masked_rows (M,) long    the samples that carry a mask (sorted), M = int(B * mask_probability)
-    t_cls      (B, Dt)       teacher CLS after its final LayerNorm
+    t_cls      (B, Dc_t)     teacher summary (CLS after its final LayerNorm; C-RADIO: k summary tokens, k x Dt)
     t_patch    (B, N, Dt)    teacher patch tokens after its final LayerNorm
 Losses (mean squared errors, mean over every element, as nn.MSELoss):
-    L_token = mean_{B x Dt} (token_head(s_cls) - t_cls)^2
-    L_fea   = mean_{B x (1+N) x Dt} ([token_head(s_cls), fea_head(s_patch)] - [t_cls, t_patch])^2
+    L_token = mean_{B x Dc_t} (token_head(s_cls) - t_cls)^2
+    L_fea   = mean over the B x Dc_t + B x N x Dt elements of ([token_head(s_cls), fea_head(s_patch)] - [t_cls, t_patch])^2
               (the CLS is position 0 and goes through the *token* head, as in the original)
     L_patch = mean_{|I| x Dt} (patch_head(s_masked[I]) - t_patch[I])^2 over the masked tokens I
     L       = l_token L_token + l_fea L_fea + l_patch L_patch
@@ -49,8 +49,9 @@ class Objective:
     masked: bool = False  # trained on the masked view: also needs --mask-probability > 0
 
 
-# Projection heads: name -> the student output it projects ("cls" (B, Dc) or "patch" (B, N, Dp)). Checkpoints
-# hold one teacher's heads as `<name>_head`. In this order they are built (and draw their initial weights).
+# Projection heads: name -> the part it maps, student's onto teacher's: "cls" (B, Dc) -> the summary (B, Dt_cls),
+# "patch" (B, N, Dp) -> the patch tokens (B, N, Dt). Checkpoints hold one teacher's heads as `<name>_head`. In this
+# order they are built (and draw their initial weights).
 HEADS = {"token": "cls", "fea": "patch", "patch": "patch"}
 OBJECTIVES: dict[str, Objective] = {}  # name -> Objective, in loss (and log) order
 
@@ -106,11 +107,19 @@ register_objective("patch", ("patch",), 1.0, patch_loss, "weight of the masked-p
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """One teacher as the distiller sees it: its unique key, width, trained objectives and weight."""
+    """One teacher as the distiller sees it: its unique key, widths, trained objectives and weight.
+
+    `dim`: width of the patch targets; `cls_dim`: width of the summary target (None: `dim`; C-RADIO's concatenated
+    summary tokens are k x dim)."""
     key: str
     dim: int
     objectives: tuple[str, ...]
     weight: float = 1.0
+    cls_dim: int | None = None
+
+    def width(self, part: str) -> int:
+        """Width of the target `part` ("cls" or "patch")."""
+        return (self.cls_dim or self.dim) if part == "cls" else self.dim
 
 
 def select_objectives(patch_targets: bool, lambdas: dict, mask_probability: float) -> tuple[str, ...]:
@@ -161,8 +170,8 @@ class ProteusDistiller(nn.Module):
         dims = {"cls": cls_dim, "patch": patch_dim}
         for t in targets:
             used = {h for o in t.objectives for h in OBJECTIVES[o].heads}
-            self.heads[t.key] = nn.ModuleDict({h: ProjectionHead(dims[src], t.dim) for h, src in HEADS.items()
-                                               if h in used})
+            self.heads[t.key] = nn.ModuleDict({h: ProjectionHead(dims[part], t.width(part))
+                                               for h, part in HEADS.items() if h in used})
         self.masked_view = any(OBJECTIVES[o].masked for t in targets for o in t.objectives)
         if getattr(student, "has_mask_token", True):
             # without a masked view the mask token never gets a gradient: freeze it (DDP rejects unused params)

@@ -49,6 +49,9 @@ KNOBS = knob_table(
     K("teacher_checkpoint", "", "teacher weights in the official format, comma-separated in --teacher's order "
       "(DINOv2: downloaded if empty)", resume=CHANGE),
     K("teacher_weight", "", "per-teacher loss weights, comma-separated (empty: 1 each)"),
+    K("teacher_summary_index", "all", "the summary (cls) target: all (each family's default; C-RADIO: its summary "
+      "tokens concatenated, k x width) or, comma-separated in --teacher order, one summary token's index (C-RADIO: "
+      "the position in its file's summary_idxs; all for teachers with one summary). Recorded: teacher_summary"),
     K("teacher_norm", "auto", "per-teacher target normalisation: phi-s (PHI-S, RADIO), none, or auto (phi-s with "
       "several teachers, none with one)", ("auto", "phi-s", "none")),
     K("teacher_norm_batches", 8, "training batches that estimate the PHI-S statistics at the start", ge=1),
@@ -146,14 +149,15 @@ def build_teachers(cfg, device: torch.device) -> tuple[dict, dict]:
     """({name: frozen Teacher} in --teacher order, on `device`, in their weight dtype; {name: its objectives})."""
     teachers = {}
     for t in config.teacher_list(cfg):
-        teacher = models.build_teacher(t["name"], t["checkpoint"] or None, img_size=cfg["input_size"])
+        teacher = models.build_teacher(t["name"], t["checkpoint"] or None, img_size=cfg["input_size"],
+                                       summary_index=t["summary_index"])
         teacher.to(device)
         dtype = config.teacher_weight_dtype(cfg, device)
         if dtype != torch.float32:
             teacher.to(dtype)
         if cfg["compile"]:
             teacher.backbone.compile()
-        teachers[t["name"]] = config.check_teacher_widths(t["name"], teacher)
+        teachers[t["name"]] = teacher
         if not teacher.patch_targets:
             log.info("%s: token objective only (its patch tokens get no training signal)", t["name"])
     return teachers, {k: list(config.objectives_of(cfg, t.patch_targets)) for k, t in teachers.items()}
@@ -189,14 +193,17 @@ def build_student_run(cfg, spec, teachers: dict, grid: tuple[int, int], info: Di
              "(params %.0f, grads %.0f, AdamW %.0f, EMA %.0f); teachers %s", spec.key, spec.arch,
              f", {spec.kwargs}" if spec.kwargs else "", *grid, json.dumps(cfg["objectives"]), n_params / 1e6,
              lr_scaled, sum(mem.values()), mem["params"], mem["grads"], mem["adamw"], mem["ema"],
-             ", ".join(f"{k} ({t.embed_dim}-d, patch {t.patch_size})" for k, t in teachers.items()))
+             ", ".join(f"{k} (summary {t.summary_dim}-d, patch tokens {t.embed_dim}-d, patch {t.patch_size})"
+                       for k, t in teachers.items()))
     return run
 
 
 def build_distiller(cfg, spec, teachers: dict, grid: tuple[int, int]) -> ProteusDistiller:
     student = build_student_module(spec, cfg)
     weights = {t["name"]: t["weight"] for t in config.teacher_list(cfg)}
-    targets = [TargetSpec(k, t.embed_dim, tuple(cfg["objectives"][k]), weights[k]) for k, t in teachers.items()]
+    # each part its own width: the token head predicts the summary (C-RADIO's: k x D), the others the patches
+    targets = [TargetSpec(k, t.embed_dim, tuple(cfg["objectives"][k]), weights[k], cls_dim=t.summary_dim)
+               for k, t in teachers.items()]
     return ProteusDistiller(student, targets, config.lambdas_of(cfg), grid)
 
 
@@ -268,7 +275,8 @@ def build_trainer(cfg, info: DistInfo, data, teachers: dict, preempt: Preemption
                              cfg["mask_ratio"], seed=cfg["seed"] + info.rank)
     metrics = monitor.metric_logger(cfg, info.is_main)  # log.txt + TensorBoard (+ W&B with --wandb)
     grids = {k: (cfg["input_size"] // t.patch_size,) * 2 for k, t in teachers.items()}
-    dims = {k: t.embed_dim for k, t in teachers.items()}  # PHI-S: fitted on the first batches (fit_teacher_norm)
+    # PHI-S per (teacher, part), fitted on the first batches (fit_teacher_norm)
+    dims = {k: {"cls": t.summary_dim, "patch": t.embed_dim} for k, t in teachers.items()}
     return Trainer(cfg, info, students, teachers, mask_gen, data.loader, data.generator, data.steps_per_epoch,
                    metrics, pca_batch=data.pca_batch, preempt=preempt, grids=grids,
                    normaliser=TargetNormaliser(dims) if cfg["teacher_norm"] == "phi-s" else None)

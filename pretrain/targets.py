@@ -87,12 +87,15 @@ class PhiS(nn.Module):
 
 
 class TargetNormaliser(nn.Module):
-    """PHI-S for the CLS and the patch tokens of every teacher (`norms["<teacher>/cls"]`, ".../patch")."""
+    """PHI-S for the CLS and the patch tokens of every teacher (`norms["<teacher>/cls"]`, ".../patch").
 
-    def __init__(self, dims: dict[str, int]):
+    `dims`: teacher key -> {"cls": summary width, "patch": patch width}, or one int for both parts."""
+
+    def __init__(self, dims: dict[str, int | dict]):
         super().__init__()
-        self.norms = nn.ModuleDict({f"{key}/{part}".replace(".", "_"): PhiS(d)
-                                    for key, d in dims.items() for part in ("cls", "patch")})
+        widths = {key: d if isinstance(d, dict) else {"cls": d, "patch": d} for key, d in dims.items()}
+        self.norms = nn.ModuleDict({f"{key}/{part}".replace(".", "_"): PhiS(w[part])
+                                    for key, w in widths.items() for part in ("cls", "patch")})
 
     def __call__(self, key: str, part: str, x: torch.Tensor) -> torch.Tensor:
         return self.norms[f"{key}/{part}".replace(".", "_")](x)

@@ -176,7 +176,8 @@ def build_trainer(a, variant: dict, teacher: models.Teacher, device: torch.devic
     for spec in specs or bench_specs(a):
         with seeded(init_seed(0, spec.key), device):
             student = build_student_module(spec, {"patch_size": a.patch_size, "input_size": a.input_size})
-            distiller = cls(student, [TargetSpec(a.teacher, teacher.embed_dim, objectives)], lambdas, grid).to(device)
+            target = TargetSpec(a.teacher, teacher.embed_dim, objectives, cls_dim=teacher.summary_dim)
+            distiller = cls(student, [target], lambdas, grid).to(device)
         for m in distiller.modules():
             if hasattr(m, "fused_attn"):
                 m.fused_attn = variant["sdpa"]

@@ -636,40 +636,138 @@ def test_pe_core_meta_layout_equals_reference_forward(tmp_path, tiny_row, varian
         assert rel_diff(out["cls"], tokens.mean(1)) > 0.1  # the pooled embedding, not the patch mean
 
 
-# ---- C-RADIO: NVIDIA's model.safetensors layout; RADIO's own code needs trust_remote_code, so the reference is
-# timm's RADIO loader (create_model with the file as its pretrained weights) --------------------------------
-def test_c_radio_nvidia_layout_summary_tokens_concatenated(tmp_path, tiny_row):
-    import timm
+# ---- C-RADIO: transformers 5.23 RadioModel (its own CPE patch generator, summary and features); NVIDIA's
+# trust_remote_code layout and the transformers-native one ------------------------------------------------------
+RADIO_ARCHS = {"v4": "naflexvit_huge_patch16_radio_v4",  # no LayerScale: transformers' lambda1 stays ones
+               "v3_l": "naflexvit_large_patch16_radio_v3"}  # LayerScale (NVIDIA's `grandma`): lambda1 perturbed
+# 3 summary tokens + 2 registers = timm's class token + 4 "registers"; max_img_size 128 / 16 = the 8x8 stored grid
+RADIO_TINY = dict(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, reg_tokens=4, pos_embed_grid_size=(8, 8))
 
-    kw = dict(embed_dim=64, depth=2, num_heads=4, reg_tokens=3, pos_embed_grid_size=(8, 8))
-    name = tiny_row("c_radio", "c_radio_tiny", "naflexvit_base_patch16_radio_v3", 16, 64, **kw)
-    g = torch.Generator().manual_seed(0)
-    sd = {"radio_model.model.patch_generator.embedder.weight": torch.randn(64, 3 * 16 * 16, generator=g) * 0.02,
-          "radio_model.model.patch_generator.pos_embed": torch.randn(1, 64, 64, generator=g),
-          "radio_model.model.patch_generator.cls_token.token": torch.randn(4, 64, generator=g),
-          "radio_model.summary_idxs": torch.tensor([0, 1, 2]),
-          "radio_model.input_conditioner.norm_mean": torch.zeros(3, 1, 1)}
-    shapes = timm.create_model("naflexvit_base_patch16_radio_v3", pretrained=False, num_classes=0, **kw).state_dict()
-    for k, v in shapes.items():
-        if k.startswith("blocks."):
-            sd[f"radio_model.model.{k}"] = torch.randn(v.shape, generator=g) * (0.1 if v.ndim > 1 else 1)
+
+def hf_radio(layer_scale: bool):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.RadioConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2.0,
+                                   patch_size=16, max_img_size=128, num_cls_tokens=3, num_registers=2,
+                                   summary_idxs=[0, 2], norm_mean=[0.45, 0.4, 0.5], norm_std=[0.3, 0.25, 0.2])
+    model = transformers.RadioModel(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n or (layer_scale and "lambda1" in n):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif n in ("embeddings.position_embedding", "embeddings.cls_register_token"):
+                p.add_(torch.randn_like(p))  # large: a wrong resampling or token order shows
+    return model
+
+
+def radio_nvidia_layout(sd: dict, layer_scale: bool) -> dict:
+    """transformers RadioModel keys -> NVIDIA's release layout (RADIOModel: `radio_model.model` is a timm ViT whose
+    patch_generator holds the CPE; LayerScale renamed `grandma`), with a teacher adaptor the loader must drop."""
+    out = {}
+    for k, v in sd.items():
+        if ".attention." in k and "o_proj" not in k or ("lambda1" in k and not layer_scale):
+            continue  # q/k/v are fused below; without LayerScale the lambdas are ones (asserted)
+        k = (k.replace("embeddings.patch_projection", "model.patch_generator.embedder")
+             .replace("embeddings.position_embedding", "model.patch_generator.pos_embed")
+             .replace("embeddings.cls_register_token", "model.patch_generator.cls_token.token")
+             .replace("encoder.layer.", "model.blocks.").replace("attention.o_proj", "attn.proj")
+             .replace("layer_scale1.lambda1", "ls1.grandma").replace("layer_scale2.lambda1", "ls2.grandma"))
+        out["radio_model." + k] = v
+    for i in range(2):
+        a = f"encoder.layer.{i}.attention."
+        for t in ("weight", "bias"):
+            out[f"radio_model.model.blocks.{i}.attn.qkv.{t}"] = torch.cat([sd[f"{a}{n}_proj.{t}"] for n in "qkv"])
+        assert layer_scale or all(bool((sd[f"encoder.layer.{i}.layer_scale{j}.lambda1"] == 1).all()) for j in (1, 2))
+    out["radio_model.adaptors.clip.summary.fc1.weight"] = torch.randn(8, 64)  # a teacher head: not a target
+    return out
+
+
+def radio_pixels(h, w, seed=0):
+    """(our ImageNet-normalised batch (2, 3, h, w), the same images as pixels in [0, 1]-ish for RadioModel,
+    which normalises them with its own input conditioner)."""
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    return x, x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("arch", list(RADIO_ARCHS))
+@pytest.mark.parametrize("layout", ["nvidia_safetensors", "hf_safetensors"])
+def test_c_radio_equals_transformers_radio_model(tmp_path, tiny_row, arch, layout):
+    ref_model = hf_radio(layer_scale=arch == "v3_l")
+    name = tiny_row("c_radio", "c_radio_tiny", RADIO_ARCHS[arch], 16, 64, **RADIO_TINY)
+    sd = ref_model.state_dict()
+    if layout == "nvidia_safetensors":
+        sd = radio_nvidia_layout(sd, arch == "v3_l")
     path = save_safetensors(sd, tmp_path / "model.safetensors")
-    ref = timm.create_model("naflexvit_base_patch16_radio_v3", pretrained=True, num_classes=0,
-                            pretrained_cfg_overlay=dict(file=path), **kw).eval()
     teacher = build_teacher(name, checkpoint=path)
-    assert teacher.summary_dim == 3 * 64 and "concatenated" in teacher.summary
-    for size in (64, 96):  # the 8x8 stored grid resampled as RADIO does (bilinear, square then crop)
-        x = images(size)
+    assert teacher.summary_dim == 2 * 64 and "[0, 2] concatenated" in teacher.summary
+    assert teacher.mean == pytest.approx((0.45, 0.4, 0.5)) and teacher.std == pytest.approx((0.3, 0.25, 0.2))
+    # 128 px: the stored 8x8 grid; 96x160: 6x10, the table resampled to 10x10 (bilinear) and cropped top-left
+    for h, w in ((128, 128), (96, 160)):
+        x, pixels = radio_pixels(h, w)
         with torch.no_grad():
-            tokens = ref.forward_features(to_publisher_input(x, teacher))
+            ref = ref_model(pixel_values=pixels)
         out = teacher(x)
-        summary = tokens[:, :3].flatten(1)
-        print(f"C-RADIO nvidia_safetensors {size}px: cls {rel_diff(out['cls'], summary):.2e} "
-              f"patch {rel_diff(out['patch'], tokens[:, 4:]):.2e}")
-        assert rel_diff(out["cls"], summary) <= TOL and rel_diff(out["patch"], tokens[:, 4:]) <= TOL
-    one = build_teacher(name, checkpoint=path, summary_index=1)
-    torch.testing.assert_close(one(images(64))["cls"], teacher(images(64))["cls"][:, 64:128])
+        print(f"C-RADIO {arch} {layout} {h}x{w}: summary {rel_diff(out['cls'], ref.summary):.2e} "
+              f"patch {rel_diff(out['patch'], ref.features):.2e}")
+        assert out["patch"].shape == (2, h * w // 256, 64)
+        assert rel_diff(out["cls"], ref.summary) <= TOL and rel_diff(out["patch"], ref.features) <= TOL
+    one = build_teacher(name, checkpoint=path, summary_index=1)  # the second of summary_idxs: token 2
+    assert one.summary_dim == 64 and one.summary == "summary token 2"
+    torch.testing.assert_close(one(x)["cls"], ref.summary[:, 64:], atol=TOL * float(ref.summary.abs().max()), rtol=0)
+    with pytest.raises(ConfigError, match="summary index 2 out of range.*summary_idxs \\[0, 2\\]"):
+        build_teacher(name, checkpoint=path, summary_index=2)
+
+
+def test_c_radio_file_of_another_model_or_without_summary_idxs_is_refused(tmp_path, tiny_row):
+    from models.errors import CheckpointError
+
+    sd = radio_nvidia_layout(hf_radio(layer_scale=False).state_dict(), False)
+    path = save_safetensors(sd, tmp_path / "model.safetensors")
+    other = tiny_row("c_radio", "c_radio_tiny_reg2", RADIO_ARCHS["v4"], 16, 64, **{**RADIO_TINY, "reg_tokens": 2})
+    with pytest.raises(CheckpointError, match="5 summary/register tokens and 64 stored positions, but teacher row "
+                                              "expects 3 and 8x8"):
+        build_teacher(other, checkpoint=path)
+    name = tiny_row("c_radio", "c_radio_tiny", RADIO_ARCHS["v4"], 16, 64, **RADIO_TINY)
     del sd["radio_model.summary_idxs"]
-    save_safetensors(sd, tmp_path / "no_idx.safetensors")
-    with pytest.raises(ValueError, match="summary_idxs"):
-        build_teacher(name, checkpoint=str(tmp_path / "no_idx.safetensors"))
+    with pytest.raises(CheckpointError, match="no valid `summary_idxs`"):
+        build_teacher(name, checkpoint=save_safetensors(sd, tmp_path / "no_idx.safetensors"))
+    with pytest.raises(CheckpointError, match="neither NVIDIA's C-RADIO"):
+        build_teacher(name, checkpoint=save_safetensors({"foo": torch.zeros(1)}, tmp_path / "other.safetensors"))
+
+
+@pytest.mark.slow
+def test_c_radio_summary_distilled_concatenated_or_one_token(tmp_path, tiny_data, tiny_row, capsys):
+    """pretrain.main with a tiny C-RADIO teacher (NVIDIA's layout): the token head predicts the concatenated
+    summary (2 x 64) or the one token --teacher-summary-index names (64); PHI-S fitted per part."""
+    from tests.pretrain.helpers import read_log
+
+    from pretrain import main as pretrain_main
+
+    name = tiny_row("c_radio", "c_radio_tiny", RADIO_ARCHS["v4"], 16, 64, **RADIO_TINY)
+    path = save_safetensors(radio_nvidia_layout(hf_radio(False).state_dict(), False), tmp_path / "model.safetensors")
+
+    def argv(out, summary):  # 64 px /16: the teacher's 4x4 grid is the student's
+        return tiny_args(tiny_data, path, out, teacher=name, input_size=64, patch_size=16, epochs=1,
+                         pca_every_epochs=0, teacher_norm="phi-s", teacher_norm_batches=2,
+                         teacher_summary_index=summary)
+
+    for summary, width, words in (("all", 128, "summary tokens [0, 2] concatenated (2 x 64)"),
+                                  ("1", 64, "summary token 2")):
+        out = str(tmp_path / summary)
+        assert pretrain_main.main(argv(out, summary)) == 0
+        ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+        heads = {h: tuple(ckpt["heads"][f"{h}_head"]["1.weight"].shape) for h in ("token", "fea", "patch")}
+        assert heads == {"token": (width, 64), "fea": (64, 64), "patch": (64, 64)}, heads
+        norm = ckpt["target_norm"]
+        assert norm["norms.c_radio_tiny/cls.rotation"].shape == (width, width)
+        assert norm["norms.c_radio_tiny/patch.rotation"].shape == (64, 64)
+        assert norm["norms.c_radio_tiny/cls.fitted"] and norm["norms.c_radio_tiny/patch.fitted"]
+        rows = [r for r in read_log(out) if "train/loss" in r]
+        for o in ("token", "fea", "patch"):
+            assert rows and all(torch.isfinite(torch.tensor(r[f"train/c_radio_tiny/{o}"])) for r in rows), o
+        cfg = json.load(open(os.path.join(out, "config.json")))
+        assert cfg["teacher_summary_index"] == summary and cfg["teacher_summary"] == {name: words}
+    # must-match on resume: the other summary is another run
+    capsys.readouterr()
+    assert pretrain_main.main(argv(str(tmp_path / "1"), "all")) == 2
+    assert "teacher_summary_index: checkpoint '1', now 'all'" in capsys.readouterr().err

@@ -152,3 +152,20 @@ def test_clip_teacher_token_objective_only_and_no_unused_heads():
     # every trainable parameter receives a gradient, so DDP needs no find_unused_parameters
     assert all(p.grad is not None for p in d.parameters() if p.requires_grad)
     torch.testing.assert_close(out["loss"], nn.MSELoss()(d.heads['t']['token'](d.student.forward_features(x)["cls"]), t_cls))
+
+
+def test_a_summary_wider_than_the_patch_tokens_gets_its_own_head_width():
+    """C-RADIO: the summary is k x D (here 3 x DT); the token head predicts it, the feature/patch heads DT."""
+    torch.manual_seed(0)
+    student = models.build_student("vit_tiny", patch_size=14, img_size=28, depth=1, embed_dim=16, num_heads=2)
+    d = ProteusDistiller(student, [TargetSpec("t", DT, ("token", "fea", "patch"), cls_dim=3 * DT)],
+                         {"token": 1.0, "fea": 1.0, "patch": 1.0}, grid=(2, 2)).double()
+    assert {h: head[1].out_features for h, head in d.heads["t"].items()} == {"token": 3 * DT, "fea": DT, "patch": DT}
+    x, masks, rows, _, t_patch = fixed_batch()
+    t_cls = torch.randn(B, 3 * DT, dtype=torch.float64)  # (B, k x DT)
+    out = run(d, x, masks, rows, t_cls, t_patch)
+    s = d.student.forward_features(x)
+    cls_sq = (d.heads["t"]["token"](s["cls"]) - t_cls).pow(2).sum()
+    patch_sq = (d.heads["t"]["fea"](s["patch"]) - t_patch).pow(2).sum()
+    torch.testing.assert_close(out["loss_token"], cls_sq / t_cls.numel())
+    torch.testing.assert_close(out["loss_fea"], (cls_sq + patch_sq) / (t_cls.numel() + t_patch.numel()))

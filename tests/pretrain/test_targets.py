@@ -66,6 +66,8 @@ def test_prepare_targets_resamples_and_normalises_per_teacher():
     assert not norm.fitted
     normed = prepare_targets(raw, {"a": (2, 2), "b": (4, 4)}, (2, 2), norm)  # unfitted = identity map
     torch.testing.assert_close(normed["b"]["cls"], raw["b"]["cls"])
+    wide = TargetNormaliser({"r": {"cls": 24, "patch": 8}})  # C-RADIO: a k x D summary, D-wide patch tokens
+    assert wide.norms["r/cls"].rotation.shape == (24, 24) and wide.norms["r/patch"].rotation.shape == (8, 8)
 
 
 # ---- two real-format teachers end to end -------------------------------------------------------------------
@@ -138,6 +140,9 @@ def test_one_teacher_as_a_list_keeps_the_checkpoint_layout(tmp_path, tiny_data, 
     (dict(teacher_weight="1,2"), "--teacher-weight has 2 values for 1 teacher(s)"),
     (dict(teacher_weight="-1"), "finite and > 0"),
     (dict(student="timm:no_such_net"), "timm has no model"),
+    (dict(teacher_summary_index="1"), "--teacher-summary-index 1: teacher dinov2_vits14 has one summary"),
+    (dict(teacher_summary_index="all,1"), "--teacher-summary-index has 2 entries for 1 teacher(s)"),
+    (dict(teacher_summary_index="-1"), "takes all or a summary-token index >= 0"),
 ])
 def test_bad_teacher_lists_are_named(overrides, needle, tmp_path, tiny_data, teacher_ckpt, capsys):
     assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, str(tmp_path / "o"), **overrides)) == 2
