@@ -1,8 +1,10 @@
 """common/: atomic checkpoints with history and fallback, image-folder checks, JSON logs."""
 
 import os
+
 import pytest
 import torch
+
 from common.checkpoint import atomic_save, file_fingerprint, load_latest, save_with_history
 from tests.pretrain.helpers import _sha  # noqa: F401
 

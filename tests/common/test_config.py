@@ -3,23 +3,20 @@ clear user errors, .py configs parsed and never run, the paper's configs/pretrai
 per-size backbone bases."""
 import argparse
 import glob
+import importlib
 import json
 import os
 import re
+import time
 
 import pytest
+import yaml
 
-from common.config import ConfigArgumentParser, read_config_file
+from common.config import FILE_DEST, ConfigArgumentParser, read_config_file, settable_actions
 from common.errors import ConfigError, MissingFileError
 from pretrain import config as pretrain_config
 from pretrain import main as pretrain_main
-from tests.pretrain.helpers import REPO, teacher_ckpt, tiny_args, tiny_data, write_image_folder  # noqa: F401
-import importlib
-import yaml
-from common.config import FILE_DEST, ConfigArgumentParser, settable_actions
-import time
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, tiny_args, tiny_data,  # noqa: F401
-                                    write_image_folder)
+from tests.pretrain.helpers import PYTHON, REPO, read_log, teacher_ckpt, tiny_args, tiny_data, write_image_folder  # noqa: F401
 from tests.pretrain.helpers_hostile_inputs import one_message, run  # noqa: F401
 
 PRETRAIN_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "pretrain", "*.yaml")))

@@ -1,14 +1,21 @@
 """Image decoding: 16-bit and float images scaled (not clipped) to 8 bits; decompression bombs are bad images."""
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from common import data as cdata
-from common.data import build_pretrain_dataset, collate_skip_bad, load_rgb, set_max_image_pixels
+from common.data import (
+    SafeImageFolder,
+    build_pretrain_dataset,
+    check_image_folder,
+    collate_skip_bad,
+    load_rgb,
+    set_max_image_pixels,
+)
 from common.errors import ConfigError, DataError
-import os
-from common.data import SafeImageFolder, check_image_folder, collate_skip_bad
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,9 @@
 
 import json
 import os
+
 import torch
+
 from common.log import MetricLogger, write_json
 
 

@@ -1,14 +1,14 @@
 """A timm CNN student in the dense evaluation: mmseg's own TIMMBackbone loads our export (the timm model's
 state dict) and the shipped UperNet config builds, runs and back-propagates on CPU."""
+import io
 import os
+import pickle
 
 import pytest
 import torch
 
 import common.mmseg_plugin  # noqa: F401 - installs the mmcv.ops shim before mmseg's models load
 import models
-import io
-import pickle
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "segmentation", "configs", "timm", "upernet_timm-resnet50_4xb8-60k_ade20k-518x518.py")
@@ -70,8 +70,9 @@ def test_mmseg_plugin_keeps_getattr_out_of_the_process_allow_list(tmp_path):
 
 def test_mmengine_checkpoint_types_load_inside_their_scope_only():
     pytest.importorskip("mmseg")
-    from common.mmseg_plugin import mmengine_checkpoint_globals
     from mmengine.logging import HistoryBuffer
+
+    from common.mmseg_plugin import mmengine_checkpoint_globals
 
     buf = io.BytesIO()
     torch.save({"message_hub": HistoryBuffer([1.0, 2.0], [1, 1])}, buf)

@@ -2,9 +2,11 @@
 
 import math
 import os
+
 import pytest
 import torch
 import torch.nn as nn
+
 from common import optim
 from tests.pretrain.helpers import tiny_distiller  # noqa: F401
 

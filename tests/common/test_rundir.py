@@ -21,12 +21,12 @@ import torch
 from PIL import Image
 
 import models
+from common.errors import ConfigError  # noqa: E402
+from common.rundir import claim_run_dir, run_dir_owner, write_config  # noqa: E402
 from fine_grained import main as fg_main
 from linear_eval import main as le_main
 from pretrain import main as pretrain_main
 from tests.pretrain.helpers import FAULTY_PRETRAIN, PYTHON, REPO, teacher_ckpt, tiny_args, tiny_data  # noqa: F401
-from common.rundir import claim_run_dir, run_dir_owner, write_config  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_KW = "depth=2,embed_dim=64,num_heads=2"
@@ -197,8 +197,8 @@ def test_a_student_of_a_killed_multi_student_run(killed_two_student_run, eval_da
 def dense(tmp_path_factory):
     pytest.importorskip("mmseg")
     import common.mmseg_plugin  # noqa: F401  (the mmcv.ops shim first)
-    from tests.segmentation.test_train import write_ade20k
     from tests.common.mmseg_helpers import tiny_config_file
+    from tests.segmentation.test_train import write_ade20k
 
     base = tmp_path_factory.mktemp("dense")
     config = tiny_config_file(os.path.join(REPO, "segmentation/configs/linear_proteus-vit-s14_4xb8-60k_ade20k-"
@@ -213,7 +213,8 @@ def dense(tmp_path_factory):
 
 
 def test_dense_rerun_with_another_backbone_never_gets_the_first_ones_metrics(dense, tmp_path, monkeypatch, capsys):
-    from segmentation import test as seg_test, train as seg_train
+    from segmentation import test as seg_test
+    from segmentation import train as seg_train
 
     config, files = dense
     work = str(tmp_path / "work")
@@ -251,8 +252,8 @@ def test_dense_rerun_with_another_backbone_never_gets_the_first_ones_metrics(den
 def test_dense_dry_run_and_the_gpu_count_rule(dense, tmp_path, capsys):
     from mmengine.config import Config
 
-    from common.mmseg_plugin.launch import apply_batch_rule
     from common.errors import ConfigError
+    from common.mmseg_plugin.launch import apply_batch_rule
     from segmentation import train as seg_train
 
     config, files = dense
@@ -280,7 +281,8 @@ def test_dense_dry_run_and_the_gpu_count_rule(dense, tmp_path, capsys):
 
 
 def test_dense_launcher_takes_the_run_dir(tiny_run, dense, tmp_path, capsys):
-    from segmentation import test as seg_test, train as seg_train
+    from segmentation import test as seg_test
+    from segmentation import train as seg_train
 
     config, _ = dense
     # the tiny config's backbone is 4 blocks; the run's student has 2: tap blocks 0 and 1

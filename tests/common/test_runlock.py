@@ -5,13 +5,22 @@ every knob validated before any work."""
 
 import os
 import subprocess
+
 import pytest
+
 from common.runlock import RunDirLock
 from pretrain import main as pretrain_main
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
-                                    train_losses)
-from tests.pretrain.helpers import ENV  # noqa: F401
-
+from tests.pretrain.helpers import (  # noqa: F401
+    ENV,  # noqa: F401
+    PYTHON,
+    REPO,
+    read_log,
+    teacher_ckpt,
+    text_log,
+    tiny_args,
+    tiny_data,
+    train_losses,
+)
 
 # ---- one run per directory -------------------------------------------------------------------------------
 HOLDER = ("import sys; from common.runlock import RunDirLock; l = RunDirLock(sys.argv[1]).acquire(); "

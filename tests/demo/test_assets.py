@@ -15,8 +15,8 @@ from PIL import Image
 
 from common.errors import ConfigError
 from demo import assets
-from models import build_teacher, build_vit
 from demo import convert_onnx_dinov2 as conv
+from models import build_teacher, build_vit
 from models.teachers import IMAGENET_MEAN, IMAGENET_STD
 
 

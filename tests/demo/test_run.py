@@ -208,7 +208,7 @@ def test_the_demo_holds_its_output_dir_with_the_common_run_dir_lock(tmp_path, mo
     """common.rundir's lock, like every tool's: held while the demo runs (a second one is refused, see
     tests/demo/test_run_hostile_inputs.py), released by the cli boundary when it returns."""
     from common import rundir
-    from common.runlock import RunDirLock, RunDirBusy
+    from common.runlock import RunDirBusy, RunDirLock
 
     out = str(tmp_path / "demo")
     seen = {}

@@ -3,11 +3,11 @@ silent misread or a late traceback. One section per class of the issue."""
 
 import os
 import subprocess
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, tiny_args, tiny_data,  # noqa: F401
-                                    write_image_folder)
-from tests.pretrain.helpers_hostile_inputs import ENV, one_message, run  # noqa: F401
+
 import pytest
 
+from tests.pretrain.helpers import PYTHON, REPO, read_log, teacher_ckpt, tiny_args, tiny_data, write_image_folder  # noqa: F401
+from tests.pretrain.helpers_hostile_inputs import ENV, one_message, run  # noqa: F401
 
 # ==============================================================================================================
 # 4. Every tool that writes a run dir takes the run-dir lock, the demo included

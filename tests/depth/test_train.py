@@ -15,16 +15,17 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("mmseg")
 
-import common.mmseg_plugin  # noqa: E402,F401  (installs the mmcv.ops shim before mmseg.models)
-import depth.heads  # noqa: E402,F401  (registers DepthDPTHead, LinearDepthHead, ProteusDepthEstimator)
-from common.mmseg_plugin.smoke import shrink_config  # noqa: E402
-from tests.common.mmseg_helpers import train_resume_test  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.structures import PixelData  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
+
+import common.mmseg_plugin  # noqa: E402,F401  (installs the mmcv.ops shim before mmseg.models)
+import depth.heads  # noqa: E402,F401  (registers DepthDPTHead, LinearDepthHead, ProteusDepthEstimator)
+from common.mmseg_plugin.smoke import shrink_config  # noqa: E402
+from tests.common.mmseg_helpers import train_resume_test  # noqa: E402
 
 init_default_scope("mmseg")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

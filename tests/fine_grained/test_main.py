@@ -18,8 +18,7 @@ import models  # noqa: E402
 from fine_grained import main as fg_main  # noqa: E402
 from fine_grained.cache import backbone_fingerprint  # noqa: E402
 from fine_grained.datasets import DATASETS, VOC_CLASSES, DatasetLayoutError, holdout_split  # noqa: E402
-from fine_grained.metrics import (mean_per_class_accuracy, top1_accuracy,  # noqa: E402
-                                  voc11_average_precision, voc_mean_ap)
+from fine_grained.metrics import mean_per_class_accuracy, top1_accuracy, voc11_average_precision, voc_mean_ap  # noqa: E402
 
 TINY = {"depth": 2, "embed_dim": 48, "num_heads": 2}
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (230, 220, 40)]

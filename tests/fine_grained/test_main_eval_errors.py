@@ -4,11 +4,12 @@ before touched. Also: run dirs of other tools are refused, a resume with another
 
 import json
 import os
+
 import pytest  # noqa: E402
+
 from fine_grained import main as fg_main  # noqa: E402
 from linear_eval import main as le_main  # noqa: E402
-from tests.linear_eval.helpers import (TINY, assert_user_error, data, fg_argv, le_argv, pretrain_dir,  # noqa: F401
-                                       write_folder)
+from tests.linear_eval.helpers import TINY, assert_user_error, data, fg_argv, le_argv, pretrain_dir, write_folder  # noqa: F401
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

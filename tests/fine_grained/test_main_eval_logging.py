@@ -3,7 +3,9 @@ tensorboard/; feature extraction and the linear probe's training print progress 
 printed training loss is the mean over the log window."""
 
 import os
+
 import pytest  # noqa: E402
+
 from fine_grained import main as fg_main  # noqa: E402
 from tests.linear_eval.helpers_eval_logging import TINY, data, json_lines, tensorboard_scalars  # noqa: F401
 

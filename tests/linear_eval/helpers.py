@@ -5,10 +5,12 @@ before touched. Also: run dirs of other tools are refused, a resume with another
 import hashlib
 import json
 import os
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
 import models  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"

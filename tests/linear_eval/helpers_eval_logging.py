@@ -4,6 +4,7 @@ printed training loss is the mean over the log window."""
 
 import json
 import os
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 import models  # noqa: E402
 from fine_grained import main as fg_main  # noqa: E402
 from linear_eval import main as le_main  # noqa: E402
-from tests.linear_eval.helpers import (REPO, TINY, assert_user_error, data, fg_argv, le_argv,  # noqa: F401
-                                       pretrain_dir, save_tiny)
+from tests.linear_eval.helpers import REPO, TINY, assert_user_error, data, fg_argv, le_argv, pretrain_dir, save_tiny  # noqa: F401
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

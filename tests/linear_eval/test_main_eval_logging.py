@@ -3,8 +3,10 @@ tensorboard/; feature extraction and the linear probe's training print progress 
 printed training loss is the mean over the log window."""
 
 import os
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
 from common import probe  # noqa: E402
 from linear_eval import engine  # noqa: E402
 from linear_eval import main as le_main  # noqa: E402

@@ -1,15 +1,14 @@
 """Teachers: every family loads its official checkpoint format, is frozen, matches the reference code."""
+import json
 import os
+import subprocess
 
 import pytest
 import torch
 
 from models import build_teacher, build_vit, load_backbone
-from models.teachers import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-import json
-import subprocess
 from models.errors import CheckpointError, ConfigError
-from models.teachers import TEACHER_FAMILIES
+from models.teachers import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TEACHER_FAMILIES
 from tests.pretrain.helpers import run_module, tiny_args, tiny_data  # noqa: F401
 
 
@@ -526,9 +525,8 @@ def tiny_modern_teachers(tmp_path, tiny_row, hf_dinov3, hf_siglip):
 
 @pytest.mark.slow
 def test_dinov3_and_siglip2_train_log_each_and_resume_bitwise_after_kill9(tmp_path, tiny_data, tiny_modern_teachers):
-    from tests.pretrain.helpers import PYTHON, read_log, train_losses
-
     from pretrain import main as pretrain_main
+    from tests.pretrain.helpers import PYTHON, read_log, train_losses
 
     def argv(out):  # 112 px: the /16 teachers give 7x7, resampled to the /14 student's 8x8 grid
         return tiny_args(tiny_data, tiny_modern_teachers, out, teacher="dinov3_tiny,siglip2_tiny", input_size=112,
@@ -739,9 +737,8 @@ def test_c_radio_file_of_another_model_or_without_summary_idxs_is_refused(tmp_pa
 def test_c_radio_summary_distilled_concatenated_or_one_token(tmp_path, tiny_data, tiny_row, capsys):
     """pretrain.main with a tiny C-RADIO teacher (NVIDIA's layout): the token head predicts the concatenated
     summary (2 x 64) or the one token --teacher-summary-index names (64); PHI-S fitted per part."""
-    from tests.pretrain.helpers import read_log
-
     from pretrain import main as pretrain_main
+    from tests.pretrain.helpers import read_log
 
     name = tiny_row("c_radio", "c_radio_tiny", RADIO_ARCHS["v4"], 16, 64, **RADIO_TINY)
     path = save_safetensors(radio_nvidia_layout(hf_radio(False).state_dict(), False), tmp_path / "model.safetensors")

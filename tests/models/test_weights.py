@@ -1,14 +1,13 @@
 """The one evaluation loader: every accepted checkpoint format, strict, with the allowed-missing list."""
-import pytest
-import torch
-
-from models import build_student, build_vit, load_backbone
-from models.errors import CheckpointError, MissingFileError
 import os
 import pickle
 import zipfile
-from models import build_teacher, load_backbone, read_checkpoint
-from models.errors import CheckpointError, UserError
+
+import pytest
+import torch
+
+from models import build_student, build_teacher, build_vit, load_backbone, read_checkpoint
+from models.errors import CheckpointError, MissingFileError, UserError
 
 
 def _tiny(**kw):

@@ -4,6 +4,7 @@ A random-weight official-format DINOv2 ViT-S/14 teacher file, a 2-class syntheti
 argument list of a tiny run: vit_tiny with depth 2 / width 64 at 56 px (4x4 patches), CPU, fp32,
 --num-workers 0 (the setting in which resume is bitwise exact).
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -12,14 +13,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
-import hashlib
-from tests import fault_injection
+
+import models
 from pretrain import main as pretrain_main
 from pretrain.engine import EXIT_PREEMPTED
-import torch.nn as nn
-import models
 from pretrain.losses import ProteusDistiller, TargetSpec, select_objectives
+from tests import fault_injection
 from tools import make_shards
 
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -5,10 +5,10 @@ import os
 import signal
 import subprocess
 import time
-import pytest
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, tiny_args, tiny_data,  # noqa: F401
-                                    write_image_folder)
 
+import pytest
+
+from tests.pretrain.helpers import PYTHON, REPO, read_log, teacher_ckpt, tiny_args, tiny_data, write_image_folder  # noqa: F401
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
 

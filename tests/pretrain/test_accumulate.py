@@ -8,14 +8,13 @@ import subprocess
 import pytest
 import torch
 
-from common.errors import ConfigError
 from common.dist import init_distributed
+from common.errors import ConfigError
 from pretrain import accumulate, config
 from pretrain import main as pretrain_main
-from pretrain.data import build_data
 from pretrain import state as ckpt_state
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args,  # noqa: F401
-                                    write_image_folder)
+from pretrain.data import build_data
+from tests.pretrain.helpers import PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, write_image_folder  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,14 +3,15 @@ DataLoader workers, and under torchrun), a changed flag on resume, two runs on o
 unreadable checkpoints, a full disk (RLIMIT_FSIZE: the kernel refuses the write), orphan temp files and
 every knob validated before any work."""
 
-import pytest
-import torch
-from pretrain import config
-from pretrain import main as pretrain_main
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
-                                    train_losses)
 import json
 import os
+
+import pytest
+import torch
+
+from pretrain import config
+from pretrain import main as pretrain_main
+from tests.pretrain.helpers import PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data, train_losses  # noqa: F401
 
 
 # ---- every knob is validated before any work ----------------------------------------------------------------

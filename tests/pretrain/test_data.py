@@ -4,18 +4,26 @@ unreadable checkpoints, a full disk (RLIMIT_FSIZE: the kernel refuses the write)
 every knob validated before any work."""
 
 import os
+import shutil
+
+import numpy as np
 import pytest
 import torch
-from pretrain import main as pretrain_main
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
-                                    train_losses)
-import shutil
-from tests.pretrain.helpers import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
-                                    train_losses)
-import numpy as np
 from PIL import Image
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, tiny_args, tiny_data,  # noqa: F401
-                                    write_image_folder)
+
+from pretrain import main as pretrain_main
+from tests.pretrain.helpers import (  # noqa: F401
+    FAULTY_PRETRAIN,
+    PYTHON,
+    REPO,
+    read_log,
+    teacher_ckpt,
+    text_log,
+    tiny_args,
+    tiny_data,
+    train_losses,
+    write_image_folder,
+)
 from tests.pretrain.helpers_hostile_inputs import one_message, run  # noqa: F401
 
 

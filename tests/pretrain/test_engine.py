@@ -4,20 +4,27 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 
 import models
-from tests import fault_injection
 from pretrain import main as pretrain_main
 from pretrain.engine import EXIT_NONFINITE, EXIT_PREEMPTED
-from tests.pretrain.helpers import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
-                                    train_losses, write_image_folder)
-import pytest
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
-                                    train_losses)
-from tests.pretrain.helpers import ENV, _ckpt  # noqa: F401
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, tiny_args, tiny_data,  # noqa: F401
-                                    write_image_folder)
+from tests import fault_injection
+from tests.pretrain.helpers import (  # noqa: F401
+    ENV,
+    FAULTY_PRETRAIN,
+    PYTHON,
+    REPO,
+    _ckpt,
+    read_log,
+    teacher_ckpt,
+    text_log,
+    tiny_args,
+    tiny_data,
+    train_losses,
+    write_image_folder,
+)
 from tests.pretrain.helpers_hostile_inputs import finish, run, start  # noqa: F401
 
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -1,21 +1,19 @@
 """A new objective is one register_objective call: here a cosine loss on the CLS token, with a head of its own,
 registered by this file alone. pretrain.main then takes --lambda-cos, builds the head, trains it, logs it."""
 import math
+import os
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain import config
-from pretrain import losses
-from pretrain import main as pretrain_main
-from tests.pretrain.helpers import read_log, teacher_ckpt, tiny_args, tiny_data  # noqa: F401
-import os
-import torch.nn as nn
 import models
+from pretrain import config, losses
+from pretrain import main as pretrain_main
 from pretrain.losses import ProteusDistiller, TargetSpec, select_objectives
 from pretrain.masking import MaskGenerator, validate_mask_config
-from tests.pretrain.helpers import B, DT, tiny_distiller  # noqa: F401
+from tests.pretrain.helpers import DT, B, read_log, teacher_ckpt, tiny_args, tiny_data, tiny_distiller  # noqa: F401
 
 
 def cls_cosine(x: losses.LossInputs) -> torch.Tensor:

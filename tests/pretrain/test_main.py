@@ -3,22 +3,30 @@ DataLoader workers, and under torchrun), a changed flag on resume, two runs on o
 unreadable checkpoints, a full disk (RLIMIT_FSIZE: the kernel refuses the write), orphan temp files and
 every knob validated before any work."""
 
+import glob
 import json
 import os
-import pytest
-
-from common.errors import EXIT_USER_ERROR
-from pretrain import main as pretrain_main
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
-                                    train_losses)
-import glob
 import subprocess
+
+import pytest
 import torch
+
 import models
+from common.errors import EXIT_USER_ERROR
 from pretrain import config
-from tests.pretrain.helpers import FAULTY_PRETRAIN, REPO, PYTHON, read_log, teacher_ckpt, text_log, tiny_args, tiny_data, train_losses  # noqa: F401
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, tiny_args, tiny_data,  # noqa: F401
-                                    write_image_folder)
+from pretrain import main as pretrain_main
+from tests.pretrain.helpers import (  # noqa: F401
+    FAULTY_PRETRAIN,
+    PYTHON,
+    REPO,
+    read_log,
+    teacher_ckpt,
+    text_log,
+    tiny_args,
+    tiny_data,
+    train_losses,
+    write_image_folder,
+)
 from tests.pretrain.helpers_hostile_inputs import one_message, run  # noqa: F401
 
 

@@ -1,8 +1,10 @@
 """The objective, masking, one-pass student and schedule against the spec's formulas (§1.4, §1.5, §1.7)."""
 
 import os
+
 import pytest
 import torch
+
 from pretrain.masking import MaskGenerator, validate_mask_config
 
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -5,15 +5,26 @@ every knob validated before any work."""
 
 import json
 import os
+import subprocess
+
 import pytest
 import torch
+
 from pretrain import main as pretrain_main
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
-                                    train_losses)
-from tests.pretrain.helpers import _ckpt, _sha, _stopped_run  # noqa: F401
-import subprocess
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, tiny_args, tiny_data,  # noqa: F401
-                                    write_image_folder)
+from tests.pretrain.helpers import (  # noqa: F401
+    PYTHON,
+    REPO,
+    _ckpt,
+    _sha,
+    _stopped_run,
+    read_log,
+    teacher_ckpt,
+    text_log,
+    tiny_args,
+    tiny_data,
+    train_losses,
+    write_image_folder,
+)
 from tests.pretrain.helpers_hostile_inputs import run  # noqa: F401
 
 

@@ -6,25 +6,34 @@ sample inside a shard is skipped and counted.
 """
 
 import io
+import json
 import os
 import shutil
 import signal
 import subprocess
 import tarfile
-import torch
-from pretrain import main as pretrain_main
-from tests.pretrain.helpers import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
-                                    train_losses)
-from tests.pretrain.helpers import shard_dir  # noqa: F401
-import json
 import time
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-from tests.pretrain.helpers import (PYTHON, REPO, read_log, teacher_ckpt, tiny_args, tiny_data,  # noqa: F401
-                                    write_image_folder)
-from tests.pretrain.helpers_hostile_inputs import finish, one_message, run, start  # noqa: F401
 
+from pretrain import main as pretrain_main
+from tests.pretrain.helpers import (  # noqa: F401
+    FAULTY_PRETRAIN,
+    PYTHON,
+    REPO,
+    read_log,
+    shard_dir,  # noqa: F401
+    teacher_ckpt,
+    text_log,
+    tiny_args,
+    tiny_data,
+    train_losses,
+    write_image_folder,
+)
+from tests.pretrain.helpers_hostile_inputs import finish, one_message, run, start  # noqa: F401
 
 SPEC = "shards-{000000..000004}.tar"
 
@@ -55,8 +64,8 @@ def test_shard_run_resumed_with_more_cpus_keeps_the_recorded_worker_count(tmp_pa
                                                                           monkeypatch, capsys):
     """--num-workers auto (the default): preempted with 3 CPUs (2 workers), resumed with 5 (auto: 4). The resume
     takes the checkpoint's 2 and ends bitwise where an uninterrupted 3-CPU run does; an explicit 4 is refused."""
-    from tests import fault_injection
     from pretrain.engine import EXIT_PREEMPTED
+    from tests import fault_injection
 
     spec = os.path.join(shard_dir, SPEC)
     cpus = lambda n: monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)  # noqa: E731

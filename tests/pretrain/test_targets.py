@@ -12,11 +12,20 @@ import pytest
 import torch
 
 import models
-from tests import fault_injection
 from pretrain import main as pretrain_main
 from pretrain.targets import PhiS, TargetNormaliser, hadamard, prepare_targets
-from tests.pretrain.helpers import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
-                                    train_losses)
+from tests import fault_injection
+from tests.pretrain.helpers import (  # noqa: F401
+    FAULTY_PRETRAIN,
+    PYTHON,
+    REPO,
+    read_log,
+    teacher_ckpt,
+    text_log,
+    tiny_args,
+    tiny_data,
+    train_losses,
+)
 
 
 # ---- unit tests against hand-computed values ---------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

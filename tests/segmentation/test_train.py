@@ -18,15 +18,15 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("mmseg")
 
-import common.mmseg_plugin  # noqa: E402,F401  (installs the mmcv.ops shim before mmseg.models)
-from common.mmseg_plugin import ProteusViT  # noqa: E402
-from common.mmseg_plugin.smoke import shrink_config  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 
+import common.mmseg_plugin  # noqa: E402,F401  (installs the mmcv.ops shim before mmseg.models)
 import models  # noqa: E402
+from common.mmseg_plugin import ProteusViT  # noqa: E402
+from common.mmseg_plugin.smoke import shrink_config  # noqa: E402
 from tests.common.mmseg_helpers import tiny_config_file, train_resume_test  # noqa: E402
 from tests.linear_eval.helpers import assert_user_error, data, pretrain_dir  # noqa: F401
 

@@ -7,10 +7,20 @@ sample inside a shard is skipped and counted.
 
 import os
 import tarfile
+
+from tests.pretrain.helpers import (  # noqa: F401
+    FAULTY_PRETRAIN,
+    PYTHON,
+    REPO,
+    read_log,
+    shard_dir,  # noqa: F401
+    teacher_ckpt,
+    text_log,
+    tiny_args,
+    tiny_data,
+    train_losses,
+)
 from tools import make_shards
-from tests.pretrain.helpers import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args, tiny_data,  # noqa: F401
-                                    train_losses)
-from tests.pretrain.helpers import shard_dir  # noqa: F401
 
 
 def test_make_shards_writes_tar_files_and_an_index(shard_dir):

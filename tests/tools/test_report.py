@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tools import report
 from fine_grained import summarize
 from fine_grained.datasets import PAPER_DATASETS
 from linear_eval import main as le_main
 from pretrain import main as pretrain_main
 from tests.pretrain.helpers import REPO, teacher_ckpt, tiny_args, tiny_data  # noqa: F401
+from tools import report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
