@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from common.config import CheckedArgumentParser
-from common.errors import cli
+from common.errors import ConfigError, cli
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, SXM data sheet
 # The paper's DINOv2 pairs (student <- teacher): (width, depth, MLP hidden, SwiGLU) per ViT.
@@ -360,7 +360,8 @@ def find_images(folder: str, n: int) -> list[str]:
     exts = (".jpg", ".jpeg", ".JPEG", ".JPG")
     paths = sorted(p for e in exts for p in glob.glob(os.path.join(folder, "**", "*" + e), recursive=True))
     if not paths:
-        raise SystemExit(f"tools.benchmark --data: no JPEGs under {folder!r} (use make:{folder} to write test ones)")
+        raise ConfigError(f"no JPEGs under {folder!r}: give a folder of .jpg/.jpeg files, or make:{folder} to "
+                          f"write ImageNet-like test ones")
     return paths[:n]
 
 

@@ -16,6 +16,8 @@ import warnings
 import numpy as np
 import torch
 
+from common.config import CheckedArgumentParser
+from common.errors import cli
 from fine_grained.logreg import C_SWEEP, fit_logreg, zscore
 
 
@@ -66,9 +68,10 @@ def run_sklearn(xtr, ytr, xte, yte, cs, max_iter, tol):
     return accs, time.perf_counter() - start, iters
 
 
-def main():
-    p = argparse.ArgumentParser("tools.benchmark_logreg", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli("tools.benchmark_logreg")
+def main(argv=None) -> int:
+    p = CheckedArgumentParser("tools.benchmark_logreg", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="every 5th C value only (9 fits per solver)")
     p.add_argument("--max-iter", type=int, default=1000, help="iteration cap for both solvers (spec: 1000)")
     p.add_argument("--tol", type=float, default=1e-4,
@@ -77,7 +80,7 @@ def main():
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for both solvers (torch and sklearn's BLAS); default: all")
     p.add_argument("--output", default=None, help="write the numbers as JSON here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     if args.threads:
         from threadpoolctl import threadpool_limits  # installed with scikit-learn
@@ -103,7 +106,8 @@ def main():
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
