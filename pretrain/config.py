@@ -208,9 +208,20 @@ def summary_indices(text: str, n: int) -> list[int | None]:
     if len(entries) != n:
         raise ConfigError(f"--teacher-summary-index has {len(entries)} entries for {n} teacher(s); give 'all' or "
                           f"one per teacher, in order")
-    if not all(e in ("", "all") or e.isdigit() for e in entries):
+    # ASCII digits only: isdigit() also accepts '²', which int() refuses (a traceback, exit 1)
+    if not all(e in ("", "all") or (e.isascii() and e.isdecimal()) for e in entries):
         raise ConfigError(f"--teacher-summary-index takes all or a summary-token index >= 0 per teacher, got {text!r}")
     return [None if e in ("", "all") else int(e) for e in entries]
+
+
+def canonical_summary_index(text):
+    """--teacher-summary-index as compared on resume: 'all', 'all,all' and ',' are one choice, '01' is '1'."""
+    entries = split_list(text) if isinstance(text, str) else None
+    if entries is None or not all(e in ("", "all") or (e.isascii() and e.isdecimal()) for e in entries):
+        return text  # not a value this version writes: compared as it is
+    if all(e in ("", "all") for e in entries):
+        return "all"
+    return ",".join("all" if e in ("", "all") else str(int(e)) for e in entries)
 
 
 def check_teacher(t: dict, cfg: dict) -> None:

@@ -20,7 +20,7 @@ from common.rundir import claim_run_dir
 from . import shards
 from . import state as ckpt_state
 from .engine import NO_CHECKPOINT, StopTraining
-from .config import default_of, expand, freeze, resume_changes
+from .config import canonical_summary_index, default_of, expand, freeze, resume_changes
 from .students import student_specs
 
 log = logging.getLogger("pretrain")
@@ -149,6 +149,8 @@ def config_diff(old: dict, new, table) -> dict:
 
 
 def _normalise(key: str, value):
+    if key == "teacher_summary_index":
+        return canonical_summary_index(value)
     if key in PATH_KEYS:
         if isinstance(value, (list, tuple)):
             return [os.path.abspath(v) for v in value]

@@ -75,3 +75,17 @@ def test_student_kwargs_accept_pairs_or_the_evals_json():
         config.parse_student_kwargs("{depth: 2}")
     with pytest.raises(ValueError, match="must be integers"):
         config.parse_student_kwargs('{"depth": 2.5}')
+
+
+@pytest.mark.parametrize("recorded,now,same", [
+    ("all", "all,all", True), ("all", ",", True), ("all", "", True), ("all,1", ",01", True),
+    ("all,1", "all,0", False), ("all", "all,0", False),
+])
+def test_teacher_summary_index_is_compared_as_the_choice_it_makes_on_resume(recorded, now, same):
+    """'all', 'all,all' and ',' pick the same targets: a resume is not refused for the spelling."""
+    from pretrain import resume
+
+    old = {k.name: k.default for k in config.expand(pretrain_main.KNOBS)}
+    old.update(teacher="dinov2_vits14,clip_vitb16", data_path=["d"], teacher_summary_index=recorded)
+    diff = resume.config_diff(old, {**old, "teacher_summary_index": now}, pretrain_main.KNOBS)
+    assert ("teacher_summary_index" not in diff) == same, diff

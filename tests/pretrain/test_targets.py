@@ -152,6 +152,7 @@ def test_one_teacher_as_a_list_keeps_the_checkpoint_layout(tmp_path, tiny_data, 
     (dict(teacher_summary_index="1"), "--teacher-summary-index 1: teacher dinov2_vits14 has one summary"),
     (dict(teacher_summary_index="all,1"), "--teacher-summary-index has 2 entries for 1 teacher(s)"),
     (dict(teacher_summary_index="-1"), "takes all or a summary-token index >= 0"),
+    (dict(teacher_summary_index="\u00b2"), "takes all or a summary-token index >= 0"),  # '²'.isdigit(), int() refuses
 ])
 def test_bad_teacher_lists_are_named(overrides, needle, tmp_path, tiny_data, teacher_ckpt, capsys):
     assert pretrain_main.main(tiny_args(tiny_data, teacher_ckpt, str(tmp_path / "o"), **overrides)) == 2
