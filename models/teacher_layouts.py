@@ -15,9 +15,25 @@ def is_hf_dinov3(sd: dict) -> bool:
     return "embeddings.cls_token" in sd and any(k.startswith("model.layer.") or k.startswith("layer.") for k in sd)
 
 
-def _depth(sd: dict, prefix: str) -> int:
+class _FileKeys(dict):
+    """A publisher file's state dict: a key it lacks is the file's fault (truncated, or another model's), so the
+    lookup itself raises one CheckpointError naming the key and the layout expected."""
+
+    def __init__(self, sd: dict, layout: str):
+        super().__init__(sd)
+        self.layout = layout
+
+    def __missing__(self, key):
+        raise CheckpointError(f"the teacher file has no `{key}`: not a complete {self.layout} model.safetensors "
+                              f"(truncated, or another model's file)")
+
+
+def _depth(sd: _FileKeys, prefix: str) -> int:
     """Number of blocks of a transformers state dict whose block keys start `<prefix><i>.`."""
-    return 1 + max(int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix))
+    blocks = [int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)]
+    if not blocks:
+        sd[prefix + "0"]  # raises: the file has no blocks
+    return 1 + max(blocks)
 
 
 def _fused_qkv(sd: dict, a: str) -> torch.Tensor:
@@ -27,7 +43,8 @@ def _fused_qkv(sd: dict, a: str) -> torch.Tensor:
 
 def hf_dinov3_to_timm(sd: dict) -> dict:
     """transformers `DINOv3ViTModel` (facebook/dinov3-*-pretrain-lvd1689m model.safetensors) -> timm Eva."""
-    sd = {k[len("model."):] if k.startswith("model.layer.") else k: v for k, v in sd.items()}
+    sd = _FileKeys({k[len("model."):] if k.startswith("model.layer.") else k: v for k, v in sd.items()},
+                   "transformers DINOv3ViTModel")
     out = {"cls_token": sd["embeddings.cls_token"], "reg_token": sd["embeddings.register_tokens"],
            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
@@ -62,6 +79,7 @@ def hf_siglip_to_timm(sd: dict) -> dict:
     Only the vision tower is kept (a full SiglipModel file also holds the text tower)."""
     if any(k.startswith("vision_model.") for k in sd):
         sd = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
+    sd = _FileKeys(sd, "transformers SigLIP")
     out = {"patch_embed.proj.weight": sd["embeddings.patch_embedding.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embedding.bias"],
            "pos_embed": sd["embeddings.position_embedding.weight"][None],
@@ -95,6 +113,7 @@ def hf_aimv2_to_timm(sd: dict) -> dict:
     """transformers `Aimv2VisionModel` (apple/aimv2-*-patch14-* model.safetensors) -> timm ViT (aimv2_*)."""
     if any(k.startswith("vision_model.") for k in sd):
         sd = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
+    sd = _FileKeys(sd, "transformers Aimv2VisionModel")
     if "embeddings.position_embedding.weight" not in sd:
         raise CheckpointError("a native-resolution AIMv2 file (apple/aimv2-*-native: 2-D sin-cos positions, no "
                               "stored position table) has no timm implementation to run it on; use a "
@@ -121,10 +140,11 @@ def is_hf_radio(sd: dict) -> bool:
 def hf_radio_to_nvidia(sd: dict, layer_scale: bool) -> dict:
     """transformers `RadioModel` (model.safetensors) -> NVIDIA's trust_remote_code layout (`radio_model.*`).
 
-    `layer_scale`: whether the timm model holds LayerScale (C-RADIOv3-B/L: NVIDIA's `ls?.grandma`). The others
-    have none, so their `lambda1` must be ones (transformers' identity default; files may omit the keys).
+    `layer_scale`: whether the timm model holds LayerScale (C-RADIOv3-B/L: NVIDIA's `ls1/ls2.grandma`, sic). The
+    others have none, so their `lambda1` must be ones (transformers' identity default; files may omit the keys).
     The video patch projection (Nemotron's packed frames) is not part of an image teacher and is dropped.
     """
+    sd = _FileKeys(sd, "transformers RadioModel")
     m = "radio_model.model."
     out = {m + "patch_generator.embedder.weight": sd["embeddings.patch_projection.weight"],  # (D, 3 p p)
            m + "patch_generator.pos_embed": sd["embeddings.position_embedding"],  # (1, G*G, D): the stored grid

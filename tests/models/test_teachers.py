@@ -768,3 +768,25 @@ def test_c_radio_summary_distilled_concatenated_or_one_token(tmp_path, tiny_data
     capsys.readouterr()
     assert pretrain_main.main(argv(str(tmp_path / "1"), "all")) == 2
     assert "teacher_summary_index: checkpoint '1', now 'all'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family,arch,sd", [
+    ("dinov3", "vit_small_patch16_dinov3", {"embeddings.cls_token": torch.zeros(1, 1, 64),
+                                            "layer.0.norm1.weight": torch.ones(64)}),
+    ("siglip2", "vit_base_patch16_siglip_224",
+     {"vision_model.embeddings.patch_embedding.weight": torch.zeros(64, 3, 16, 16)}),
+    ("aimv2", "aimv2_large_patch14_224", {"embeddings.patch_embed.weight": torch.zeros(64, 3, 14, 14),
+                                          "embeddings.rms_norm.weight": torch.ones(64),
+                                          "embeddings.position_embedding.weight": torch.zeros(16, 64)}),
+    ("c_radio", "naflexvit_base_patch16_radio_v3", {"embeddings.cls_register_token": torch.zeros(4, 64),
+                                                    "embeddings.patch_projection.weight": torch.zeros(64, 768)}),
+])
+def test_truncated_transformers_layout_file_is_one_checkpoint_error(tmp_path, tiny_row, family, arch, sd):
+    """A file in a family's transformers layout with keys missing names the first missing key (no KeyError)."""
+    from models.errors import CheckpointError
+
+    patch = 14 if family == "aimv2" else 16
+    name = tiny_row(family, f"{family}_cut", arch, patch, 64, embed_dim=64, depth=2, num_heads=4)
+    path = save_safetensors(sd, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="has no `.*`: not a complete transformers"):
+        build_teacher(name, checkpoint=path)
