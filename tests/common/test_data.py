@@ -7,14 +7,8 @@ import torch
 from PIL import Image
 
 from common import data as cdata
-from common.data import (
-    SafeImageFolder,
-    build_pretrain_dataset,
-    check_image_folder,
-    collate_skip_bad,
-    load_rgb,
-    set_max_image_pixels,
-)
+from common.data import (SafeImageFolder, build_pretrain_dataset, check_image_folder, collate_skip_bad, load_rgb,
+                         set_max_image_pixels)
 from common.errors import ConfigError, DataError
 
 

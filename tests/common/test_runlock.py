@@ -10,17 +10,8 @@ import pytest
 
 from common.runlock import RunDirLock
 from pretrain import main as pretrain_main
-from tests.pretrain.helpers import (  # noqa: F401
-    ENV,  # noqa: F401
-    PYTHON,
-    REPO,
-    read_log,
-    teacher_ckpt,
-    text_log,
-    tiny_args,
-    tiny_data,
-    train_losses,
-)
+from tests.pretrain.helpers import (ENV, PYTHON, REPO, read_log, teacher_ckpt, text_log, tiny_args,  # noqa: F401
+                                    tiny_data, train_losses)
 
 # ---- one run per directory -------------------------------------------------------------------------------
 HOLDER = ("import sys; from common.runlock import RunDirLock; l = RunDirLock(sys.argv[1]).acquire(); "

@@ -12,18 +12,8 @@ import torch
 from PIL import Image
 
 from pretrain import main as pretrain_main
-from tests.pretrain.helpers import (  # noqa: F401
-    FAULTY_PRETRAIN,
-    PYTHON,
-    REPO,
-    read_log,
-    teacher_ckpt,
-    text_log,
-    tiny_args,
-    tiny_data,
-    train_losses,
-    write_image_folder,
-)
+from tests.pretrain.helpers import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, teacher_ckpt, text_log,  # noqa: F401
+                                    tiny_args, tiny_data, train_losses, write_image_folder)
 from tests.pretrain.helpers_hostile_inputs import one_message, run  # noqa: F401
 
 

@@ -11,20 +11,8 @@ import models
 from pretrain import main as pretrain_main
 from pretrain.engine import EXIT_NONFINITE, EXIT_PREEMPTED
 from tests import fault_injection
-from tests.pretrain.helpers import (  # noqa: F401
-    ENV,
-    FAULTY_PRETRAIN,
-    PYTHON,
-    REPO,
-    _ckpt,
-    read_log,
-    teacher_ckpt,
-    text_log,
-    tiny_args,
-    tiny_data,
-    train_losses,
-    write_image_folder,
-)
+from tests.pretrain.helpers import (ENV, FAULTY_PRETRAIN, PYTHON, REPO, _ckpt, read_log, teacher_ckpt,  # noqa: F401
+                                    text_log, tiny_args, tiny_data, train_losses, write_image_folder)
 from tests.pretrain.helpers_hostile_inputs import finish, run, start  # noqa: F401
 
 os.environ["HF_HUB_OFFLINE"] = "1"

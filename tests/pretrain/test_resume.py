@@ -11,20 +11,8 @@ import pytest
 import torch
 
 from pretrain import main as pretrain_main
-from tests.pretrain.helpers import (  # noqa: F401
-    PYTHON,
-    REPO,
-    _ckpt,
-    _sha,
-    _stopped_run,
-    read_log,
-    teacher_ckpt,
-    text_log,
-    tiny_args,
-    tiny_data,
-    train_losses,
-    write_image_folder,
-)
+from tests.pretrain.helpers import (PYTHON, REPO, _ckpt, _sha, _stopped_run, read_log, teacher_ckpt,  # noqa: F401
+                                    text_log, tiny_args, tiny_data, train_losses, write_image_folder)
 from tests.pretrain.helpers_hostile_inputs import run  # noqa: F401
 
 

@@ -20,19 +20,8 @@ import torch
 from PIL import Image
 
 from pretrain import main as pretrain_main
-from tests.pretrain.helpers import (  # noqa: F401
-    FAULTY_PRETRAIN,
-    PYTHON,
-    REPO,
-    read_log,
-    shard_dir,  # noqa: F401
-    teacher_ckpt,
-    text_log,
-    tiny_args,
-    tiny_data,
-    train_losses,
-    write_image_folder,
-)
+from tests.pretrain.helpers import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, shard_dir, teacher_ckpt,  # noqa: F401
+                                    text_log, tiny_args, tiny_data, train_losses, write_image_folder)
 from tests.pretrain.helpers_hostile_inputs import finish, one_message, run, start  # noqa: F401
 
 SPEC = "shards-{000000..000004}.tar"

@@ -10,19 +10,8 @@ import pytest
 
 from pretrain import main as pretrain_main
 from pretrain.state import EXIT_SAVE_FAILED
-from tests.pretrain.helpers import (  # noqa: F401
-    ENV,
-    PYTHON,
-    REPO,
-    _sha,
-    _stopped_run,
-    read_log,
-    teacher_ckpt,
-    text_log,
-    tiny_args,
-    tiny_data,
-    train_losses,
-)
+from tests.pretrain.helpers import (ENV, PYTHON, REPO, _sha, _stopped_run, read_log, teacher_ckpt,  # noqa: F401
+                                    text_log, tiny_args, tiny_data, train_losses)
 
 
 def test_orphan_temp_files_of_killed_saves_are_removed_at_start(tmp_path, tiny_data, teacher_ckpt):

@@ -15,17 +15,8 @@ import torch
 
 import models
 from pretrain import main as pretrain_main
-from tests.pretrain.helpers import (  # noqa: F401
-    FAULTY_PRETRAIN,
-    PYTHON,
-    REPO,
-    read_log,
-    teacher_ckpt,
-    text_log,
-    tiny_args,
-    tiny_data,
-    train_losses,
-)
+from tests.pretrain.helpers import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, teacher_ckpt, text_log,  # noqa: F401
+                                    tiny_args, tiny_data, train_losses)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

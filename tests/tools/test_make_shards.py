@@ -8,18 +8,8 @@ sample inside a shard is skipped and counted.
 import os
 import tarfile
 
-from tests.pretrain.helpers import (  # noqa: F401
-    FAULTY_PRETRAIN,
-    PYTHON,
-    REPO,
-    read_log,
-    shard_dir,  # noqa: F401
-    teacher_ckpt,
-    text_log,
-    tiny_args,
-    tiny_data,
-    train_losses,
-)
+from tests.pretrain.helpers import (FAULTY_PRETRAIN, PYTHON, REPO, read_log, shard_dir, teacher_ckpt,  # noqa: F401
+                                    text_log, tiny_args, tiny_data, train_losses)
 from tools import make_shards
 
 
