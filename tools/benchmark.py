@@ -297,6 +297,24 @@ def measured_matmul_peak(device: torch.device, precision: str) -> tuple[float, s
                   f"threads, best of a@b, a@b^T, a^T@b)")
 
 
+def best_peak(results: list[dict], device: torch.device) -> list[dict]:
+    """On CPU, measure each dtype's matmul peak again after the rows and keep the higher one: a peak measured
+    while another process takes a core comes out low (MFU above 100 % at load ~3 on 2 cores)."""
+    if device.type == "cuda":
+        return results
+    for precision in {r["precision"] for r in results}:
+        before, _ = _PEAKS[str(device), precision]
+        after, desc = measured_matmul_peak(device, precision)
+        if after > before:
+            _PEAKS[str(device), precision] = (after, desc)
+    out = []
+    for r in results:
+        peak, desc = _PEAKS[str(device), r["precision"]]
+        out.append({**r, "mfu": r["tflops_per_s"] * 1e12 / peak, "peak_tflops": peak / 1e12,
+                    "peak_source": desc + ", best of before and after the rows"})
+    return out
+
+
 def run_variant(a, variant: dict, teacher: models.Teacher, device: torch.device) -> dict:
     prepare_teacher(teacher, variant, device)
     tr = build_trainer(a, variant, teacher, device)
@@ -487,7 +505,7 @@ def main(argv=None) -> int:
     if len(bench_specs(a)) > 1:
         return finish_joint(a, run_joint(a, variants(a, precision, device)[0], teacher, device), device, precision,
                             reason)
-    results = [run_variant(a, v, teacher, device) for v in variants(a, precision, device)]
+    results = best_peak([run_variant(a, v, teacher, device) for v in variants(a, precision, device)], device)
     print_table(results, a, device)
     headline = next(r for r in results if r["headline"])
     summary = {**headline, "results": results, "device": str(device), "torch": torch.__version__,
