@@ -1,12 +1,14 @@
 """The training data of pretrain.main: the DataLoader over image folders, list files, --single-image or tar
 shards, its workers' set-up, and the fixed batch of the PCA figure.
 """
+import functools
 import logging
 import signal
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from common import data as cdata
 from common.dist import DistInfo
@@ -44,7 +46,7 @@ def build_data(cfg, info: DistInfo) -> Data:
     loader = torch.utils.data.DataLoader(  # one optimizer step's images per batch (split into micro-batches)
         dataset, batch_size=step_batch, sampler=sampler, num_workers=cfg["num_workers"],
         pin_memory=cfg["pin_mem"] and info.device.type == "cuda", drop_last=True,
-        collate_fn=cdata.collate_skip_bad, worker_init_fn=worker_init, generator=generator,
+        collate_fn=collate_fn(transform), worker_init_fn=worker_init, generator=generator,
         persistent_workers=False, **pipeline.loader_kwargs(cfg["num_workers"]))
     pipeline.attach(loader, transform)
     log.info("data: %d images, %d steps/epoch of %d x %d processes", len(dataset), steps_per_epoch,
@@ -68,6 +70,11 @@ def build_shard_data(cfg, info: DistInfo, transform) -> Data:
     log.info("data: %d samples in %d shards, %d steps/epoch of %d x %d processes", stream.num_samples,
              len(stream.urls), stream.steps_per_epoch, step_batch_of(cfg), info.world_size)
     return Data(loader, generator, stream.steps_per_epoch, shard_pca_batch(stream, cfg))
+
+
+def collate_fn(transform):
+    """collate_skip_bad with the transform's own collate for its images where it has one (GPU path: bytes)."""
+    return functools.partial(cdata.collate_skip_bad, collate_images=getattr(transform, "collate", default_collate))
 
 
 def step_batch_of(cfg) -> int:
