@@ -36,7 +36,8 @@ def build_data(cfg, info: DistInfo) -> Data:
     dataset = cdata.build_pretrain_dataset(cfg["data_path"], transform, cfg["on_bad_image"], cfg["class_fraction"],
                                            cfg["images_per_class"], cfg["single_image"],
                                            cfg["single_image_length"], cfg["seed"])
-    sampler = cdata.build_train_sampler(dataset, info.world_size, info.rank, cfg["repeated_aug"], cfg["seed"])
+    sampler = PositionedSampler(cdata.build_train_sampler(dataset, info.world_size, info.rank, cfg["repeated_aug"],
+                                                          cfg["seed"]))
     step_batch = step_batch_of(cfg)
     steps_per_epoch = len(sampler) // step_batch
     if steps_per_epoch == 0:
@@ -44,7 +45,7 @@ def build_data(cfg, info: DistInfo) -> Data:
                         f"{step_batch}{batch_origin(cfg)}")
     generator = torch.Generator()
     loader = torch.utils.data.DataLoader(  # one optimizer step's images per batch (split into micro-batches)
-        dataset, batch_size=step_batch, sampler=sampler, num_workers=cfg["num_workers"],
+        SeededSamples(dataset, cfg["seed"], info.rank), batch_size=step_batch, sampler=sampler, num_workers=cfg["num_workers"],
         pin_memory=cfg["pin_mem"] and info.device.type == "cuda", drop_last=True,
         collate_fn=collate_fn(transform), worker_init_fn=worker_init, generator=generator,
         persistent_workers=False, **pipeline.loader_kwargs(cfg["num_workers"]))
@@ -52,6 +53,41 @@ def build_data(cfg, info: DistInfo) -> Data:
     log.info("data: %d images, %d steps/epoch of %d x %d processes", len(dataset), steps_per_epoch,
              step_batch, info.world_size)
     return Data(loader, generator, steps_per_epoch, fixed_pca_batch(dataset, cfg))
+
+
+class PositionedSampler(torch.utils.data.Sampler):
+    """A ResumableSampler's indices as (index, epoch, position in this rank's epoch) keys for SeededSamples."""
+
+    def __init__(self, sampler: cdata.ResumableSampler):
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.sampler.set_epoch(epoch, skip=skip)
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        return ((index, self.epoch, self.skip + k) for k, index in enumerate(self.sampler))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """`dataset` read at PositionedSampler's keys: every sample's augmentation is seeded by (seed, epoch, rank,
+    position), as a shard sample's is, so a view depends neither on the worker that makes it nor on what that
+    worker made before; a resumed epoch's workers therefore draw what the uninterrupted run's did (kill -9 and
+    resume is bitwise with DataLoader workers too)."""
+
+    def __init__(self, dataset, seed: int, rank: int):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        index, epoch, position = key
+        shards.seed_sample(self.seed, epoch, self.rank, 0, position)
+        return self.dataset[index]
 
 
 def build_shard_data(cfg, info: DistInfo, transform) -> Data:

@@ -255,7 +255,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             if key is None:
                 raise ValueError(f"no image member ({', '.join(IMAGE_KEYS)})")
-            _seed_sample(self.seed, self.epoch, self.rank, role, position)  # before a lazy decode: it draws the crop
+            seed_sample(self.seed, self.epoch, self.rank, role, position)  # before a lazy decode: it draws the crop
             img = self._decode(sample[key], where)
         except cdata.BAD_IMAGE_ERRORS as e:
             if self.on_bad_image == "fail":
@@ -283,7 +283,7 @@ class EmptyShardsError(DataError):
         super().__init__(message)
 
 
-def _seed_sample(seed: int, epoch: int, rank: int, role: int, position: int) -> None:
+def seed_sample(seed: int, epoch: int, rank: int, role: int, position: int) -> None:
     """The augmentation of a sample is a function of where it is in the run, not of the process."""
     s = (seed * 1_000_003 + epoch * 10_007 + rank * 101 + role) * 1_000_033 + position
     s %= 2**63
