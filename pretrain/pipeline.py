@@ -16,9 +16,10 @@ erasing box as timm. What changes is the work:
   generator, so resume stays exact whatever the device.
 
 On a CPU-only run the worker finishes the sample itself (`finish_on_device=False`): the same code on a batch
-of one. `GpuDeiTPipeline` is the optional GPU path: workers only read the file and draw the parameters; JPEG
+of one. `GpuDeiTPipeline` is --data-pipeline gpu: workers only read the file and draw the parameters; JPEG
 decode (torchvision.io.decode_jpeg, batched), crop/resize, flip, RandAugment, normalisation and erasing run
-on the batch on the device, per sample. It runs on CPU tensors too (that is how it is tested).
+on the batch on the device, per sample (non-JPEG images are decoded and cropped in the worker). It runs on
+CPU tensors too (that is how it is tested).
 """
 import io
 import math
