@@ -310,10 +310,10 @@ def pretrain_checks(inputs: dict, work: str, sizes: Sizes, device: str) -> list:
     checks.append(("resume_continue", lambda b: run_command(
         "resume_continue", argv, timeout, b, verify=pretrain_verifier(out, "bf16", want_resume=True))))
     # --data-pipeline gpu: JPEG decode (nvJPEG) + augmentation on the GPU; one epoch keeps the budget small
-    out = os.path.join(work, "pretrain_gpu_data")
-    argv = pretrain_argv(inputs, out, sizes, device, "bf16") + ["--data-pipeline", "gpu", "--epochs", "1"]
+    gpu_out = os.path.join(work, "pretrain_gpu_data")  # own names: the lambdas above read out / argv when run
+    gpu_argv = pretrain_argv(inputs, gpu_out, sizes, device, "bf16") + ["--data-pipeline", "gpu", "--epochs", "1"]
     checks.append(("pretrain_gpu_data", lambda b: run_command(
-        "pretrain_gpu_data", argv, timeout, b, verify=pretrain_verifier(out, "bf16", data_pipeline="gpu"))))
+        "pretrain_gpu_data", gpu_argv, timeout, b, verify=pretrain_verifier(gpu_out, "bf16", data_pipeline="gpu"))))
     return checks
 
 

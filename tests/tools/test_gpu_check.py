@@ -65,7 +65,7 @@ def test_dry_run_passes_every_check_and_writes_one_report(dry_run):
     assert all(c["error"] is None for c in checks if c["status"] == "ok")
     assert [c["error"] for c in checks if c["name"].endswith("_compile")] == \
         ["skipped: torch.compile is not timed in a dry run"]
-    assert report["summary"] == {"ok": 10, "failed": 0, "skipped": 1}
+    assert report["summary"] == {"ok": 11, "failed": 0, "skipped": 1}
 
 
 @pytest.mark.slow
