@@ -95,11 +95,17 @@ def load_rgb(path: str, max_pixels=_CURRENT_LIMIT) -> Image.Image:
 def open_image(path: str, max_pixels=_CURRENT_LIMIT) -> Image.Image:
     """Read a file and open it without decoding (header only), with load_rgb's pixel limit: for transforms
     that decode only what they need (`transform.decodes`: pretrain/pipeline.py FastDeiTTransform.decode)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return open_image_bytes(data, path, max_pixels)
+
+
+def open_image_bytes(data: bytes, name: str = "", max_pixels=_CURRENT_LIMIT) -> Image.Image:
+    """open_image on bytes already read (a tar shard's member). `name` becomes the image's `filename`, so
+    that a transform that decodes later (on the GPU: pretrain/pipeline.py) can name the file it fails on."""
     import io
 
     limit = _max_image_pixels if max_pixels is _CURRENT_LIMIT else max_pixels
-    with open(path, "rb") as f:
-        data = f.read()
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
@@ -108,6 +114,7 @@ def open_image(path: str, max_pixels=_CURRENT_LIMIT) -> Image.Image:
         raise Image.DecompressionBombError(f"{img.width}x{img.height} = {img.width * img.height} pixels (images "
                                            f"above {limit} pixels are refused as possible decompression bombs; if "
                                            f"it is genuine, raise the limit (--max-image-pixels)")
+    img.filename = name
     return img
 
 
@@ -242,11 +249,17 @@ def describe_source(path: str, kind: str, dataset) -> str:
     return f"{path}: {what}, {len(dataset.samples)} images"
 
 
-def collate_skip_bad(batch: list):
-    """default_collate over the readable samples; returns (collated or None, number skipped)."""
+def collate_skip_bad(batch: list, collate_images=default_collate):
+    """Collate the readable (image, target) samples; returns ([images, targets] or None, number skipped).
+
+    `collate_images`: the transform's own collate where its samples are not same-shape tensors (the GPU path's
+    JPEG bytes differ in length: pretrain/pipeline.py GpuDeiTPipeline.collate)."""
     good = [b for b in batch if b is not None]
     n_bad = len(batch) - len(good)
-    return (default_collate(good) if good else None), n_bad
+    if not good:
+        return None, n_bad
+    images, *rest = zip(*good)
+    return [collate_images(list(images)), *(default_collate(list(r)) for r in rest)], n_bad
 
 
 def build_eval_transform(resize: int = 256, crop: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -5,7 +5,7 @@
 What "the same update" means here (tested on CPU in fp32: tests/pretrain/test_accumulate.py):
 - Data and augmentation: the loader yields the whole step batch of a process (G / N images), exactly as a
   run with --batch-size G/N would; the step splits it into micro-batches of B on the device. The images,
-  their augmentation (worker seeds follow the loader's batches) and the sampler position are therefore
+  their augmentation (seeded per sample by its place in the epoch) and the sampler position are therefore
   those of the one-batch run, and a resume (checkpoints are taken at optimizer-step boundaries only)
   replays the interrupted step's micro-batches from the same sampler position.
 - Masks: drawn once per step for the whole step batch (the generator decides which share of the batch is

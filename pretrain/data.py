@@ -1,12 +1,14 @@
 """The training data of pretrain.main: the DataLoader over image folders, list files, --single-image or tar
 shards, its workers' set-up, and the fixed batch of the PCA figure.
 """
+import functools
 import logging
 import signal
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from common import data as cdata
 from common.dist import DistInfo
@@ -34,7 +36,8 @@ def build_data(cfg, info: DistInfo) -> Data:
     dataset = cdata.build_pretrain_dataset(cfg["data_path"], transform, cfg["on_bad_image"], cfg["class_fraction"],
                                            cfg["images_per_class"], cfg["single_image"],
                                            cfg["single_image_length"], cfg["seed"])
-    sampler = cdata.build_train_sampler(dataset, info.world_size, info.rank, cfg["repeated_aug"], cfg["seed"])
+    sampler = PositionedSampler(cdata.build_train_sampler(dataset, info.world_size, info.rank, cfg["repeated_aug"],
+                                                          cfg["seed"]))
     step_batch = step_batch_of(cfg)
     steps_per_epoch = len(sampler) // step_batch
     if steps_per_epoch == 0:
@@ -42,14 +45,49 @@ def build_data(cfg, info: DistInfo) -> Data:
                         f"{step_batch}{batch_origin(cfg)}")
     generator = torch.Generator()
     loader = torch.utils.data.DataLoader(  # one optimizer step's images per batch (split into micro-batches)
-        dataset, batch_size=step_batch, sampler=sampler, num_workers=cfg["num_workers"],
+        SeededSamples(dataset, cfg["seed"], info.rank), batch_size=step_batch, sampler=sampler, num_workers=cfg["num_workers"],
         pin_memory=cfg["pin_mem"] and info.device.type == "cuda", drop_last=True,
-        collate_fn=cdata.collate_skip_bad, worker_init_fn=worker_init, generator=generator,
+        collate_fn=collate_fn(transform), worker_init_fn=worker_init, generator=generator,
         persistent_workers=False, **pipeline.loader_kwargs(cfg["num_workers"]))
     pipeline.attach(loader, transform)
     log.info("data: %d images, %d steps/epoch of %d x %d processes", len(dataset), steps_per_epoch,
              step_batch, info.world_size)
     return Data(loader, generator, steps_per_epoch, fixed_pca_batch(dataset, cfg))
+
+
+class PositionedSampler(torch.utils.data.Sampler):
+    """A ResumableSampler's indices as (index, epoch, position in this rank's epoch) keys for SeededSamples."""
+
+    def __init__(self, sampler: cdata.ResumableSampler):
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.sampler.set_epoch(epoch, skip=skip)
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        return ((index, self.epoch, self.skip + k) for k, index in enumerate(self.sampler))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """`dataset` read at PositionedSampler's keys: every sample's augmentation is seeded by (seed, epoch, rank,
+    position), as a shard sample's is, so a view depends neither on the worker that makes it nor on what that
+    worker made before; a resumed epoch's workers therefore draw what the uninterrupted run's did (kill -9 and
+    resume is bitwise with DataLoader workers too)."""
+
+    def __init__(self, dataset, seed: int, rank: int):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        index, epoch, position = key
+        shards.seed_sample(self.seed, epoch, self.rank, 0, position)
+        return self.dataset[index]
 
 
 def build_shard_data(cfg, info: DistInfo, transform) -> Data:
@@ -68,6 +106,11 @@ def build_shard_data(cfg, info: DistInfo, transform) -> Data:
     log.info("data: %d samples in %d shards, %d steps/epoch of %d x %d processes", stream.num_samples,
              len(stream.urls), stream.steps_per_epoch, step_batch_of(cfg), info.world_size)
     return Data(loader, generator, stream.steps_per_epoch, shard_pca_batch(stream, cfg))
+
+
+def collate_fn(transform):
+    """collate_skip_bad with the transform's own collate for its images where it has one (GPU path: bytes)."""
+    return functools.partial(cdata.collate_skip_bad, collate_images=getattr(transform, "collate", default_collate))
 
 
 def step_batch_of(cfg) -> int:

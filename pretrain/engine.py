@@ -249,8 +249,9 @@ class Trainer:
         return norm, skipped
 
     # ---- the loop ---------------------------------------------------------------------------------------
-    def to_device(self, batch_images) -> torch.Tensor:
-        """The batch's images on the device, finished there when the loader sends uint8 (pretrain/pipeline.py)."""
+    def to_device(self, batch_images) -> tuple[torch.Tensor, int]:
+        """The batch's float (B', 3, H, W) images on the device, finished there when the loader sends uint8 or
+        JPEG bytes (pretrain/pipeline.py), and how many images were dropped there (unreadable once decoded)."""
         return pipeline.to_device(self.loader, batch_images, self.dist_info.device)
 
     def batches(self):
@@ -311,11 +312,12 @@ class Trainer:
             (batch, n_bad), position = item if len(item) == 2 and isinstance(item[1], tuple) else (item, None)
             if position is not None:
                 self.progress.data_state[position[0]] = position[1]
-            if batch is None:
+            images, dropped = self.to_device(batch[0]) if batch is not None else (None, 0)  # (B, 3, H, W) float
+            if images is None or images.shape[0] == 0:
                 raise DataError(f"every image of a batch in epoch {epoch} was unreadable: the dataset at "
                                 f"{cfg['data_path']} looks broken (see the warnings above); the last checkpoint "
                                 f"is {self.last_good}")
-            images = self.to_device(batch[0])  # (B, 3, H, W) float
+            n_bad += dropped
             log_now = self._is_log_step()
             losses, extras, stop = self.train_step(images, n_bad, epoch, want_norm=log_now)
             sums += torch.tensor(losses)

@@ -27,7 +27,9 @@ KNOBS = knob_table(
     K("num_workers", WORKERS_AUTO, "DataLoader worker processes per rank; auto: the CPUs this process may use, "
       "shared by the node's ranks, less one (pretrain/pipeline.py)", ge=0, resume=FREE),
     K("data_pipeline", "fast", "fast: DeiT augmentation with less CPU work, same distribution (uint8 batches "
-      "finished on the GPU); timm: timm's reference transform (docs/data.md)", ("fast", "timm"), resume=CHANGE),
+      "finished on the GPU); gpu: workers only read the files, JPEGs are decoded and augmented on the GPU (few CPU "
+      "cores per GPU; other formats are decoded in the workers); timm: timm's reference transform (docs/data.md)",
+      ("fast", "gpu", "timm"), resume=CHANGE),
     K("pin_mem", True, "pinned host memory for faster host-to-GPU copies", resume=FREE),
     K("on_bad_image", "skip", "unreadable images: skip (warn + count) or fail", ("skip", "fail"), resume=CHANGE),
     K("max_image_pixels", 89_478_485, "larger images are bad images (decompression-bomb guard; PIL's limit)", ge=1,

@@ -16,14 +16,16 @@ erasing box as timm. What changes is the work:
   generator, so resume stays exact whatever the device.
 
 On a CPU-only run the worker finishes the sample itself (`finish_on_device=False`): the same code on a batch
-of one. `GpuDeiTPipeline` is the optional GPU path: workers only read the file and draw the parameters; JPEG
+of one. `GpuDeiTPipeline` is --data-pipeline gpu: workers only read the file and draw the parameters; JPEG
 decode (torchvision.io.decode_jpeg, batched), crop/resize, flip, RandAugment, normalisation and erasing run
-on the batch on the device, per sample. It runs on CPU tensors too (that is how it is tested).
+on the batch on the device, per sample (non-JPEG images are decoded and cropped in the worker). It runs on
+CPU tensors too (that is how it is tested).
 """
 import io
 import math
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -78,15 +80,24 @@ def loader_kwargs(num_workers: int) -> dict:
 
 def train_transform(cfg: dict, device: torch.device):
     """The training transform pretrain.main uses: FastDeiTTransform (finished on the device when training on
-    a GPU, in the worker on a CPU) unless --data-pipeline timm or a policy it does not cover (then timm's)."""
+    a GPU, in the worker on a CPU), GpuDeiTPipeline with --data-pipeline gpu, timm's with --data-pipeline timm
+    or a policy the fast path does not cover."""
     import logging
 
+    log = logging.getLogger("pretrain")
     args = (cfg["input_size"], cfg["aa"] or None, cfg["reprob"], cfg["train_interpolation"])
-    if cfg.get("data_pipeline", "fast") == "fast":
-        try:
+    choice = cfg.get("data_pipeline", "fast")
+    try:
+        if choice == "fast":
             return FastDeiTTransform(*args, scale=tuple(cfg["crop_scale"]), finish_on_device=device.type == "cuda")
-        except ValueError as e:
-            logging.getLogger("pretrain").info("data pipeline: timm's transform (%s)", e)
+        if choice == "gpu":
+            t = GpuDeiTPipeline(FastDeiTTransform(*args, scale=tuple(cfg["crop_scale"])), cfg["on_bad_image"])
+            if device.type != "cuda":
+                log.info("data pipeline: gpu on a %s device decodes and augments the batches in the training "
+                         "process, on the CPU: the slow path (for tests; use fast without a GPU)", device.type)
+            return t
+    except ValueError as e:
+        log.info("data pipeline: timm's transform (%s)", e)
     return cdata.build_train_transform(*args, scale=cfg["crop_scale"])
 
 
@@ -95,10 +106,11 @@ def attach(loader, transform) -> None:
     loader.prepare_batch = batch_prepare_fn(transform)
 
 
-def to_device(loader, batch_images, device) -> torch.Tensor:
+def to_device(loader, batch_images, device) -> tuple[torch.Tensor, int]:
+    """(the float (B', 3, H, W) batch on `device`, images dropped there: unreadable only once decoded there)."""
     prepare = getattr(loader, "prepare_batch", None)
     if prepare is None:
-        return batch_images.to(device, non_blocking=True)
+        return batch_images.to(device, non_blocking=True), 0
     return prepare(batch_images, device)
 
 
@@ -604,11 +616,14 @@ def prepare_batch(batch_images, device: torch.device, augment: DeviceAugment | N
 
 
 def batch_prepare_fn(transform):
-    """The engine's prepare_batch(batch_images, device) for a training transform."""
+    """The engine's prepare_batch(batch_images, device) -> (images, dropped) for a training transform."""
+    finish = getattr(transform, "finish", None)
+    if finish is not None:  # GpuDeiTPipeline: decoded on the device, where an image may still turn out bad
+        return finish
     augment = getattr(transform, "device_augment", None)
 
     def prepare(batch_images, device):
-        return prepare_batch(batch_images, device, augment)
+        return prepare_batch(batch_images, device, augment), 0
 
     return prepare
 
@@ -617,53 +632,144 @@ def batch_prepare_fn(transform):
 # Optional GPU path: workers read bytes and draw parameters; the device decodes and augments the batch
 # ----------------------------------------------------------------------------------------------------------
 class GpuDeiTPipeline:
-    """JPEG decode + the whole augmentation on `device` (CUDA, or CPU for tests), per-sample parameters.
+    """--data-pipeline gpu: JPEG decode + the whole augmentation on the training device, per-sample parameters.
 
-    `sample(bytes)` is the worker's part (header only: the size, then every random parameter with timm's
-    calls); `__call__(collated, device)` decodes the batch (torchvision.io.decode_jpeg, batched on CUDA),
-    crops/resizes each image (antialiased bicubic), then runs DeviceAugment.
+    Worker (the dataset calls `decode` on the opened header, then the pipeline itself; `sample(bytes)` is both):
+    a JPEG PIL reads as RGB or greyscale travels as its file bytes with the crop drawn on its header geometry;
+    anything else (PNG, CMYK JPEG, 16-bit, ...) is decoded and cropped in the worker as on the fast path and
+    travels as the cropped uint8 image. Then flip, RandAugment and erasing are drawn. Every draw is the fast
+    path's call, in its order, so the same seeds give the same parameters. `collate` batches the samples.
+    Device (`finish(batch, device)`): the JPEGs are decoded (torchvision.io.decode_jpeg, batched on CUDA), a
+    JPEG the device decoder rejects is decoded on the CPU, each crop is resized (antialiased bicubic), then
+    DeviceAugment. An image no decoder reads is dropped and counted (on_bad_image skip) or BadImageError.
     """
 
-    def __init__(self, transform: FastDeiTTransform):
-        self.t = transform
+    decodes = True  # datasets: open lazily and call decode() (common/data.py _SafeLoading, pretrain/shards.py)
+
+    def __init__(self, transform: FastDeiTTransform, on_bad_image: str = "skip"):
+        if transform.jitter is not None:
+            raise ValueError("ColorJitter (--aa '') has no GPU path; use the reference transform")
+        self.t, self.on_bad_image = transform, on_bad_image
+        self.device_augment = transform.device_augment
+
+    # -- worker ----------------------------------------------------------------------------------------------
+    def decode(self, img: Image.Image) -> "_Cropped | _Pending":
+        """An opened, not yet decoded image -> the JPEG's bytes + its crop, or (not for the device decoder)
+        the crop decoded and resized here (FastDeiTTransform.decode: the same draws)."""
+        fp = getattr(img, "fp", None)
+        if img.format != "JPEG" or img.mode not in ("RGB", "L") or not isinstance(fp, io.BytesIO):
+            return self.t.decode(img)
+        crop = sample_crop(img.width, img.height, self.t.scale, self.t.ratio)
+        bilinear = self.t._resample_name() == "bilinear"
+        data = torch.frombuffer(bytearray(fp.getvalue()), dtype=torch.uint8)
+        return _Pending(data, torch.tensor([*crop, bilinear, img.height, img.width]), img.filename or "")
+
+    def __call__(self, sample) -> dict:
+        """decode()'s result (or a decoded PIL image: single-image runs) -> the sample: bytes or cropped image,
+        and the rows of the device's work. The rest of the draws, as FastDeiTTransform.__call__ makes them."""
+        if isinstance(sample, Image.Image):
+            sample = _Cropped(self.t.crop(sample))
+        flip = bool(torch.rand(1) < self.t.flip_p)
+        ops = sample_rand_augment(self.t.ra)
+        pending = isinstance(sample, _Pending)
+        return {"jpeg": sample.data if pending else None, "image": None if pending else sample.image.contiguous(),
+                "crop": sample.crop if pending else torch.zeros(CROP_FIELDS, dtype=torch.int64),
+                "name": sample.name if pending else "", "erase": self.t._sample_erase(),
+                "aug": aug_row(flip, ops, self.t.n_layers)}
 
     def sample(self, data: bytes) -> dict:
-        t = self.t
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-        top, left, h, w = sample_crop(width, height, t.scale, t.ratio)
-        mode = t._resample_name()
-        flip = bool(torch.rand(1) < t.flip_p)
-        ops = sample_rand_augment(t.ra)
-        return {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                "crop": torch.tensor([top, left, h, w, mode == "bilinear"]), "erase": t._sample_erase(),
-                "aug": aug_row(flip, ops, t.n_layers)}
+        return self(self.decode(Image.open(io.BytesIO(data))))
 
     @staticmethod
     def collate(samples: list[dict]) -> dict:
-        return {"data": [s["data"] for s in samples], **{k: torch.stack([s[k] for s in samples])
-                                                         for k in ("crop", "erase", "aug")}}
+        """Lists for the bytes (lengths differ), the cropped images (None where bytes) and names; rows stacked."""
+        lists = {k: [s[k] for s in samples] for k in ("jpeg", "image", "name")}
+        return {**lists, **{k: torch.stack([s[k] for s in samples]) for k in ("crop", "erase", "aug")}}
 
-    def decode(self, data: list[torch.Tensor], device) -> list[torch.Tensor]:
+    # -- device ----------------------------------------------------------------------------------------------
+    def finish(self, batch: dict, device) -> tuple[torch.Tensor, int]:
+        """The collated batch -> (the normalised float (B', 3, H, W) batch on `device`, B - B' images dropped)."""
+        dev = torch.device(device)
+        idx = [i for i, d in enumerate(batch["jpeg"]) if d is not None]
+        decoded = dict(zip(idx, self._decode([batch["jpeg"][i] for i in idx], dev)))
+        out, keep = [], []
+        for i, row in enumerate(batch["crop"].tolist()):
+            img = batch["image"][i]
+            if img is None:
+                img = self._checked(decoded[i], row, batch["name"][i])
+                img = None if img is None else self._resize(img, row)
+            if img is not None:
+                out.append(img.to(dev, non_blocking=True).float())  # worker-cropped uint8 beside CUDA floats
+                keep.append(i)
+        dropped = len(batch["crop"]) - len(keep)
+        if not out:
+            return torch.empty((0, 3, *self.t.size), device=dev), dropped
+        rows = torch.tensor(keep)
+        images = torch.stack(out)  # (B', 3, H, W) float, uint8 values
+        return self.device_augment(images, batch["erase"][rows], batch["aug"][rows].to(dev)), dropped
+
+    def __repr__(self) -> str:
+        return f"GpuDeiTPipeline({self.t!r}, on_bad_image={self.on_bad_image})"
+
+    def _decode(self, data: list[torch.Tensor], dev) -> list:
+        """(3, h, w) uint8 per JPEG on `dev`, or the error of the last decoder that failed on it."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
-        return [decode_jpeg(d, mode=ImageReadMode.RGB) for d in data]
+        if dev.type == "cuda" and data:
+            try:
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+            except RuntimeError:
+                pass  # one file the device decoder rejects fails the batched call: one by one below
+        return [self._decode_one(d, dev) for d in data]
 
-    def __call__(self, batch: dict, device) -> torch.Tensor:
+    @staticmethod
+    def _decode_one(data: torch.Tensor, dev):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+        except RuntimeError:
+            pass  # libjpeg-turbo / nvJPEG refused it: PIL may still read it (on the CPU)
+        try:
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+                rgb = cdata._to_rgb8(im)
+            return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).to(dev)
+        except cdata.BAD_IMAGE_ERRORS as e:
+            return e
+
+    def _checked(self, img, row: list[int], name: str):
+        """The decoded image, or None (skip: warned and counted as the dataset's bad images are) / BadImageError."""
+        if isinstance(img, torch.Tensor) and tuple(img.shape[1:]) == tuple(row[5:7]):
+            return img
+        why = img if not isinstance(img, torch.Tensor) else f"decoded {tuple(img.shape[1:])}, header {row[5:7]}"
+        if self.on_bad_image == "fail":
+            raise cdata.BadImageError(f"unreadable image {name or '(name unknown)'}: {why} (use --on-bad-image "
+                                      f"skip to skip it)")
+        warnings.warn(f"skipping unreadable image {name or '(name unknown)'}: {why}", stacklevel=1)
+        return None
+
+    def _resize(self, img: torch.Tensor, row: list[int]) -> torch.Tensor:
+        """(3, h, w) uint8 -> the crop resized to the output, (3, H, W) uint8 values (float on CUDA)."""
         import torch.nn.functional as NF
 
-        out = []
-        for img, (top, left, h, w, bilinear) in zip(self.decode(batch["data"], device), batch["crop"].tolist()):
-            mode = "bilinear" if bilinear else ("bicubic" if self.t.interpolation in ("random", "bicubic")
-                                                else self.t.interpolation)
-            crop = img[None, :, top:top + h, left:left + w]
-            if crop.device.type != "cpu":  # CUDA's antialiased kernels take float; round back to uint8 values
-                crop = crop.float()
-            kw = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
-            y = NF.interpolate(crop, size=self.t.size, mode=mode if mode != "nearest" else "nearest-exact", **kw)
-            out.append(y[0] if y.dtype == torch.uint8 else y[0].round_().clamp_(0, 255))
-        images = torch.stack(out)  # (B, 3, H, W) uint8 values
-        return self.t.device_augment(images, batch["erase"], batch["aug"].to(images.device))
+        top, left, h, w, bilinear = row[:5]
+        mode = "bilinear" if bilinear else ("bicubic" if self.t.interpolation in ("random", "bicubic")
+                                            else self.t.interpolation)
+        crop = img[None, :, top:top + h, left:left + w]
+        if crop.device.type != "cpu":  # CUDA's antialiased kernels take float; round back to uint8 values
+            crop = crop.float()
+        kw = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
+        y = NF.interpolate(crop, size=self.t.size, mode=mode if mode != "nearest" else "nearest-exact", **kw)
+        return y[0] if y.dtype == torch.uint8 else y[0].round_().clamp_(0, 255)
+
+
+CROP_FIELDS = 7  # the GPU path's crop row: top, left, height, width, bilinear, then the header's height, width
+
+
+class _Pending:
+    """A JPEG for the device decoder (GpuDeiTPipeline.decode): its bytes, crop row and file name."""
+
+    __slots__ = ("data", "crop", "name")
+
+    def __init__(self, data: torch.Tensor, crop: torch.Tensor, name: str):
+        self.data, self.crop, self.name = data, crop, name

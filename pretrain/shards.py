@@ -225,7 +225,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                     raise EmptyShardsError(f"shards {', '.join(shards)} gave no readable image in a whole pass "
                                            f"(no {'/'.join(IMAGE_KEYS)} member, undecodable, or over "
                                            f"--max-image-pixels); rewrite them with python -m tools.make_shards")
-            yield (default_collate(images), torch.zeros(len(images), dtype=torch.long)), n_bad, (role, position + 1)
+            collate = getattr(self.transform, "collate", default_collate)  # the GPU path's bytes differ in length
+            yield (collate(images), torch.zeros(len(images), dtype=torch.long)), n_bad, (role, position + 1)
 
     def _samples(self, shards: list[str], raw_start: int):
         """(raw position, sample dict, pass) forever: the role's shards in order, cycling; the first raw_start skipped.
@@ -254,14 +255,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             if key is None:
                 raise ValueError(f"no image member ({', '.join(IMAGE_KEYS)})")
-            img = decode_image(sample[key], self.max_pixels)
+            seed_sample(self.seed, self.epoch, self.rank, role, position)  # before a lazy decode: it draws the crop
+            img = self._decode(sample[key], where)
         except cdata.BAD_IMAGE_ERRORS as e:
             if self.on_bad_image == "fail":
                 raise cdata.BadImageError(f"unreadable sample {where}: {e} (use --on-bad-image skip)") from e
             warnings.warn(f"skipping unreadable sample {where}: {e}", stacklevel=1)
             return None
-        _seed_sample(self.seed, self.epoch, self.rank, role, position)
         return self.transform(img)
+
+    def _decode(self, data: bytes, where: str):
+        """As files are: a transform that decodes lazily (`decodes`: pretrain/pipeline.py) gets the opened
+        header (only the crop's scale is decoded, or on the GPU path nothing); others the decoded image."""
+        if getattr(self.transform, "decodes", False):
+            return self.transform.decode(cdata.open_image_bytes(data, where, self.max_pixels))
+        return decode_image(data, self.max_pixels)
 
 
 class EmptyShardsError(DataError):
@@ -275,7 +283,7 @@ class EmptyShardsError(DataError):
         super().__init__(message)
 
 
-def _seed_sample(seed: int, epoch: int, rank: int, role: int, position: int) -> None:
+def seed_sample(seed: int, epoch: int, rank: int, role: int, position: int) -> None:
     """The augmentation of a sample is a function of where it is in the run, not of the process."""
     s = (seed * 1_000_003 + epoch * 10_007 + rank * 101 + role) * 1_000_033 + position
     s %= 2**63

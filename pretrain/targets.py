@@ -166,7 +166,7 @@ def fit_teacher_norm(trainer, n_batches: int) -> None:
     rng = ckpt_state.capture_rng()
     batches = (micro for b, _ in itertools.islice(
         (x for x in trainer.batches() if x[0] is not None), n_batches)
-        for micro in trainer.to_device(b[0]).split(trainer.cfg["batch_size"]))  # the teacher sees micro-batches
+        for micro in trainer.to_device(b[0])[0].split(trainer.cfg["batch_size"]))  # the teacher sees micro-batches
     n = fit_normaliser(norm, batches, lambda x: prepare_targets(trainer.raw_teacher_outputs(x), trainer.grids,
                                                                 trainer.distiller.grid, None))
     ckpt_state.restore_rng(rng)

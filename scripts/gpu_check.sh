@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command GPU check (about 8 minutes on one GPU; needs only torch, torchvision, timm, tensorboard, numpy;
-# downloads nothing): CUDA training steps under bf16 and fp16, SIGTERM + resume, a linear_eval and a
+# downloads nothing): CUDA training steps under bf16 and fp16, SIGTERM + resume, one epoch with
+# --data-pipeline gpu (nvJPEG decode + augmentation on the GPU), a linear_eval and a
 # fine_grained feature pass, then tools.benchmark for S/14 <- B/14 and B/14 <- L/14 at 224 px, eager and
 # --compile. One JSON report (path printed). On a machine without a CUDA GPU it exits 0 at once.
 #   bash scripts/gpu_check.sh [--out output/gpu_check.json] [--budget-s 450] [--bench-batch 128]

@@ -315,11 +315,11 @@ def gpu_decode_rate(paths: list[str], input_size: int, batch: int = 64, seconds:
     blobs = [open(p, "rb").read() for p in paths[:batch]]
     samples = pipe.collate([pipe.sample(b) for b in blobs])
     dev = torch.device("cuda")
-    pipe(samples, dev)
+    pipe.finish(samples, dev)
     torch.cuda.synchronize()
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
-        pipe(samples, dev)
+        pipe.finish(samples, dev)
         n += len(blobs)
     torch.cuda.synchronize()
     return {"gpu_decode_augment_img_per_s": n / (time.perf_counter() - t0), "gpu": torch.cuda.get_device_name(0)}

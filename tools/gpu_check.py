@@ -12,6 +12,7 @@ format are written to a temporary folder first. Then, each in its own process wi
     pretrain_fp16       the same under fp16 (GradScaler; the teacher in its --teacher-dtype auto dtype)
     resume_signal       pretrain.main stopped by SIGTERM after step 1: checkpoint and exit 75 ...
     resume_continue     ... then the same command resumes and finishes
+    pretrain_gpu_data   one epoch under bf16 with --data-pipeline gpu (JPEG decode + augmentation on the GPU)
     linear_eval         one short linear probe of the bf16 student (linear_eval.main)
     fine_grained        one feature pass + logistic regression of the bf16 student (fine_grained.main)
     bench_*             tools.benchmark for ViT-S/14 <- DINOv2-B/14 and ViT-B/14 <- DINOv2-L/14 at 224 px,
@@ -207,10 +208,12 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
-def pretrain_verifier(out: str, precision: str, want_resume: bool = False):
+def pretrain_verifier(out: str, precision: str, want_resume: bool = False, data_pipeline: str = "fast"):
     def verify(output: str) -> dict:
         cfg = read_json(os.path.join(out, "config.json"))
         expect(cfg["precision"] == precision, f"config.json precision {cfg['precision']}, expected {precision}")
+        got = cfg.get("data_pipeline", "fast")
+        expect(got == data_pipeline, f"config.json data_pipeline {got}, expected {data_pipeline}")
         with open(os.path.join(out, "log.txt")) as f:
             rows = [json.loads(line) for line in f]
         losses = [r["train/loss"] for r in rows if "train/loss" in r]
@@ -306,6 +309,11 @@ def pretrain_checks(inputs: dict, work: str, sizes: Sizes, device: str) -> list:
         verify=stopped_verifier(out, steps_of(sizes)))))
     checks.append(("resume_continue", lambda b: run_command(
         "resume_continue", argv, timeout, b, verify=pretrain_verifier(out, "bf16", want_resume=True))))
+    # --data-pipeline gpu: JPEG decode (nvJPEG) + augmentation on the GPU; one epoch keeps the budget small
+    gpu_out = os.path.join(work, "pretrain_gpu_data")  # own names: the lambdas above read out / argv when run
+    gpu_argv = pretrain_argv(inputs, gpu_out, sizes, device, "bf16") + ["--data-pipeline", "gpu", "--epochs", "1"]
+    checks.append(("pretrain_gpu_data", lambda b: run_command(
+        "pretrain_gpu_data", gpu_argv, timeout, b, verify=pretrain_verifier(gpu_out, "bf16", data_pipeline="gpu"))))
     return checks
 
 

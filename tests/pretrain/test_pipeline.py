@@ -266,7 +266,9 @@ def _fast_device_batch(images, seeds) -> torch.Tensor:
     t = P.FastDeiTTransform(SIZE, finish_on_device=True)
     batch = default_collate(_fast_samples(t, images, seeds))
     assert batch[0].dtype == torch.uint8 and batch[0].shape[1] == 3
-    return P.batch_prepare_fn(t)(batch, torch.device("cpu"))
+    images, dropped = P.batch_prepare_fn(t)(batch, torch.device("cpu"))
+    assert dropped == 0
+    return images
 
 
 def _gpu_path_batch(images, seeds) -> torch.Tensor:
@@ -275,7 +277,9 @@ def _gpu_path_batch(images, seeds) -> torch.Tensor:
     for s in seeds:
         _seed(s)
         samples.append(pipe.sample(images[s % len(images)]))
-    return pipe(pipe.collate(samples), "cpu")
+    images, dropped = pipe.finish(pipe.collate(samples), "cpu")
+    assert dropped == 0
+    return images
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from tools import gpu_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-EXPECTED = ["inputs", "pretrain_bf16", "pretrain_fp16", "resume_signal", "resume_continue", "linear_eval",
+EXPECTED = ["inputs", "pretrain_bf16", "pretrain_fp16", "resume_signal", "resume_continue", "pretrain_gpu_data",
+            "linear_eval",
             "fine_grained", "bench_vit_tiny_dinov2_vits14_eager", "bench_vit_tiny_dinov2_vits14_compile",
             "bench_joint_vit_tiny+vit_small_dinov2_vits14", "data"]
 
@@ -64,7 +65,7 @@ def test_dry_run_passes_every_check_and_writes_one_report(dry_run):
     assert all(c["error"] is None for c in checks if c["status"] == "ok")
     assert [c["error"] for c in checks if c["name"].endswith("_compile")] == \
         ["skipped: torch.compile is not timed in a dry run"]
-    assert report["summary"] == {"ok": 10, "failed": 0, "skipped": 1}
+    assert report["summary"] == {"ok": 11, "failed": 0, "skipped": 1}
 
 
 @pytest.mark.slow
@@ -76,6 +77,8 @@ def test_dry_run_records_what_each_check_measured(dry_run):
         m = checks[name]["metrics"]
         assert m["precision"] == precision and m["steps"] == steps and m["last_loss"] > 0
     assert 2 <= checks["resume_signal"]["metrics"]["stopped_at_step"] < steps
+    gpu_data = checks["pretrain_gpu_data"]["metrics"]  # --data-pipeline gpu, one epoch (on CPU tensors here)
+    assert gpu_data["steps"] == steps // gpu_check.dry_sizes().pretrain_epochs and gpu_data["last_loss"] > 0
     assert 0 <= checks["linear_eval"]["metrics"]["top1"] <= 100
     assert 0 <= checks["fine_grained"]["metrics"]["test_score"] <= 100
     data = checks["data"]["metrics"]  # the loader row: img/s per core, cores per GPU for the measured step
