@@ -168,9 +168,9 @@ def test_tiny_run_on_mixed_images_fails_with_one_line(tmp_path, teacher_ckpt):
     assert len([ln for ln in err.splitlines() if "error" in ln.lower()]) == 1, err[-3000:]
 
 
-def _kill9_resume(tmp_path, data, teacher_ckpt, workers: int) -> None:
+def _kill9_resume(tmp_path, data, teacher_ckpt, workers: int, pipeline: str = "gpu") -> None:
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "killed")
-    extra = dict(data_pipeline="gpu", num_workers=workers, pca_every_epochs=0)
+    extra = dict(data_pipeline=pipeline, num_workers=workers, pca_every_epochs=0)
     assert pretrain_main.main(tiny_args(data, teacher_ckpt, ref_out, **extra)) == 0  # 2 epochs, 12 steps
     argv = tiny_args(data, teacher_ckpt, out, **extra)
     killed = subprocess.run([PYTHON, FAULTY_PRETRAIN, "--kill-at-step", "8", "--", *argv], cwd=REPO,
@@ -190,6 +190,14 @@ def _kill9_resume(tmp_path, data, teacher_ckpt, workers: int) -> None:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_kill9_then_resume_is_bitwise_with_workers(tmp_path, tiny_data, teacher_ckpt, workers):
     _kill9_resume(tmp_path, tiny_data, teacher_ckpt, workers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["fast", "timm"])
+def test_every_pipeline_resumes_bitwise_mid_epoch_with_workers(tmp_path, tiny_data, teacher_ckpt, pipeline):
+    """Each sample's augmentation is seeded by its place in the run, not by the worker's history: before that,
+    a resumed epoch's workers restarted their random streams and drew other crops than the uninterrupted run."""
+    _kill9_resume(tmp_path, tiny_data, teacher_ckpt, 2, pipeline)
 
 
 @pytest.mark.slow
