@@ -45,7 +45,8 @@ def build_data(cfg, info: DistInfo) -> Data:
                         f"{step_batch}{batch_origin(cfg)}")
     generator = torch.Generator()
     loader = torch.utils.data.DataLoader(  # one optimizer step's images per batch (split into micro-batches)
-        SeededSamples(dataset, cfg["seed"], info.rank), batch_size=step_batch, sampler=sampler, num_workers=cfg["num_workers"],
+        SeededSamples(dataset, cfg["seed"], info.rank), batch_size=step_batch, sampler=sampler,
+        num_workers=cfg["num_workers"],
         pin_memory=cfg["pin_mem"] and info.device.type == "cuda", drop_last=True,
         collate_fn=collate_fn(transform), worker_init_fn=worker_init, generator=generator,
         persistent_workers=False, **pipeline.loader_kwargs(cfg["num_workers"]))
