@@ -682,19 +682,35 @@ class GpuDeiTPipeline:
 
     @staticmethod
     def collate(samples: list[dict]) -> dict:
-        """Lists for the bytes (lengths differ), the cropped images (None where bytes) and names; rows stacked."""
-        lists = {k: [s[k] for s in samples] for k in ("jpeg", "image", "name")}
-        return {**lists, **{k: torch.stack([s[k] for s in samples]) for k in ("crop", "erase", "aug")}}
+        """The JPEGs' bytes concatenated (+ each sample's length, 0 where it is a cropped image), the cropped
+        images stacked, names listed, rows stacked. A fixed number of tensors: each is one shared-memory file
+        descriptor while a worker's batch is in flight, and one per image exhausts a 1024 open-file limit."""
+        jpegs = [s["jpeg"] for s in samples if s["jpeg"] is not None]
+        images = [s["image"] for s in samples if s["jpeg"] is None]
+        return {"jpeg": torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8),
+                "jpeg_len": torch.tensor([0 if s["jpeg"] is None else s["jpeg"].numel() for s in samples]),
+                "image": torch.stack(images) if images else None, "name": [s["name"] for s in samples],
+                **{k: torch.stack([s[k] for s in samples]) for k in ("crop", "erase", "aug")}}
+
+    @staticmethod
+    def _unpack(batch: dict) -> tuple[list, list]:
+        """collate's batch -> per sample, the JPEG bytes (or None) and the cropped image (or None)."""
+        lengths = batch["jpeg_len"].tolist()
+        chunks = iter(torch.split(batch["jpeg"], [n for n in lengths if n]))
+        images = iter(batch["image"] if batch["image"] is not None else ())
+        jpeg = [next(chunks) if n else None for n in lengths]
+        return jpeg, [None if n else next(images) for n in lengths]
 
     # -- device ----------------------------------------------------------------------------------------------
     def finish(self, batch: dict, device) -> tuple[torch.Tensor, int]:
         """The collated batch -> (the normalised float (B', 3, H, W) batch on `device`, B - B' images dropped)."""
         dev = torch.device(device)
-        idx = [i for i, d in enumerate(batch["jpeg"]) if d is not None]
-        decoded = dict(zip(idx, self._decode([batch["jpeg"][i] for i in idx], dev)))
+        jpeg, images = self._unpack(batch)
+        idx = [i for i, d in enumerate(jpeg) if d is not None]
+        decoded = dict(zip(idx, self._decode([jpeg[i] for i in idx], dev)))
         out, keep = [], []
         for i, row in enumerate(batch["crop"].tolist()):
-            img = batch["image"][i]
+            img = images[i]
             if img is None:
                 img = self._checked(decoded[i], row, batch["name"][i])
                 img = None if img is None else self._resize(img, row)

@@ -90,7 +90,7 @@ def test_mixed_batch_decodes_and_drops_the_unreadable(tmp_path):
         t = P.GpuDeiTPipeline(P.FastDeiTTransform(SIZE), on_bad_image=mode)
         ds = cdata.ImageListDataset(str(tmp_path / "img"), t, on_bad_image=mode)
         (images, targets), n_bad = _batch(ds, range(len(ds)), t)
-        assert n_bad == 0 and len(images["jpeg"]) == len(files) and targets.shape == (len(files),)
+        assert n_bad == 0 and len(images["jpeg_len"]) == len(files) and targets.shape == (len(files),)
         if mode == "skip":
             with pytest.warns(UserWarning, match="skipping unreadable image .*truncated.jpg"):
                 x, dropped = P.batch_prepare_fn(t)(images, torch.device("cpu"))
@@ -203,3 +203,20 @@ def test_every_pipeline_resumes_bitwise_mid_epoch_with_workers(tmp_path, tiny_da
 @pytest.mark.slow
 def test_shards_kill9_then_resume_is_bitwise(tmp_path, shard_dir, teacher_ckpt):
     _kill9_resume(tmp_path, os.path.join(shard_dir, "shards-{000000..000004}.tar"), teacher_ckpt, 2)
+
+
+def test_a_collated_batch_crosses_from_a_worker_in_a_few_tensors(tmp_path):
+    """Every tensor of a worker's batch is one shared-memory file descriptor while the batch is in flight: one
+    per image (B x prefetch_factor per worker) exhausted a 1024 open-file limit at batch 256, the worker's queue
+    failed with 'Too many open files' and the loader hung. The batch must hold a fixed number of tensors."""
+    files = _mixed_files(tmp_path / "img")
+    t = P.GpuDeiTPipeline(P.FastDeiTTransform(SIZE))
+    ds = cdata.ImageListDataset(str(tmp_path / "img"), t)
+    counts = []
+    for n in (len(ds), 4 * len(ds)):
+        (images, _), _ = _batch(ds, [i % len(ds) for i in range(n)], t)
+        counts.append(sum(isinstance(v, torch.Tensor) for v in images.values())
+                      + sum(isinstance(x, torch.Tensor) for v in images.values() if isinstance(v, list) for x in v))
+        x, dropped = P.batch_prepare_fn(t)(images, torch.device("cpu"))  # and still finishes the same batch
+        assert dropped == n // len(files) and x.shape == (n - dropped, 3, SIZE, SIZE)
+    assert counts[0] == counts[1] <= 8, counts
