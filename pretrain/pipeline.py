@@ -88,14 +88,18 @@ def train_transform(cfg: dict, device: torch.device):
     args = (cfg["input_size"], cfg["aa"] or None, cfg["reprob"], cfg["train_interpolation"])
     choice = cfg.get("data_pipeline", "fast")
     try:
-        if choice == "fast":
-            return FastDeiTTransform(*args, scale=tuple(cfg["crop_scale"]), finish_on_device=device.type == "cuda")
         if choice == "gpu":
             t = GpuDeiTPipeline(FastDeiTTransform(*args, scale=tuple(cfg["crop_scale"])), cfg["on_bad_image"])
             if device.type != "cuda":
                 log.info("data pipeline: gpu on a %s device decodes and augments the batches in the training "
                          "process, on the CPU: the slow path (for tests; use fast without a GPU)", device.type)
             return t
+    except ValueError as e:  # a policy the GPU path lacks (ColorJitter): the fast path has it
+        log.info("data pipeline: fast instead of gpu (%s)", e)
+        choice = "fast"
+    try:
+        if choice == "fast":
+            return FastDeiTTransform(*args, scale=tuple(cfg["crop_scale"]), finish_on_device=device.type == "cuda")
     except ValueError as e:
         log.info("data pipeline: timm's transform (%s)", e)
     return cdata.build_train_transform(*args, scale=cfg["crop_scale"])

@@ -138,6 +138,16 @@ def test_selected_by_the_knob_with_a_slow_path_line(caplog):
     assert "slow path" in caplog.text
 
 
+def test_a_policy_the_gpu_path_lacks_falls_back_to_the_fast_path_not_timms(caplog):
+    """--aa '' (ColorJitter) has no device version: the fast path (which has it) runs, not timm's slower one."""
+    cfg = {"input_size": SIZE, "aa": "", "reprob": 0.25, "train_interpolation": "bicubic",
+           "crop_scale": [0.08, 1.0], "data_pipeline": "gpu", "on_bad_image": "skip"}
+    with caplog.at_level("INFO", logger="pretrain"):
+        t = P.train_transform(cfg, torch.device("cpu"))
+    assert isinstance(t, P.FastDeiTTransform) and t.jitter is not None
+    assert "fast instead of gpu" in caplog.text and "ColorJitter" in caplog.text
+
+
 # ---- training runs ---------------------------------------------------------------------------------------
 def _mixed_folder(tmp_path) -> str:
     data = write_image_folder(tmp_path / "train", n_per_class=11)  # 22 JPEGs + 5 of _mixed_files = 27: 6 steps
