@@ -14,7 +14,6 @@ import os
 import torch
 
 from common.checkpoint import atomic_save
-from common.probe import backbone_identity
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +24,9 @@ def default_cache_dir() -> str:
     return os.path.join(base, "proteus", "fine_grained")
 
 
-def backbone_fingerprint(*args, **kwargs) -> str:
-    """`backbone_identity` as one stable string (hashes the checkpoint file: only worth it when caching)."""
-    return json.dumps(backbone_identity(*args, **kwargs), sort_keys=True)
+def backbone_fingerprint(identity: dict) -> str:
+    """A `backbone_identity` (its weights' content hash and build) as one stable string."""
+    return json.dumps(identity, sort_keys=True)
 
 
 def cache_key(*parts) -> str:

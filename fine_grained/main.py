@@ -131,17 +131,17 @@ def check_splits(args, parsed, splits) -> None:
                         f"dataset); a classifier needs at least 2, and one class would score 100 % trivially")
 
 
-def split_features(args, backbone, splits, transform, device, precision: str, metrics) -> dict:
+def split_features(args, backbone, identity: dict, splits, transform, device, precision: str,
+                   metrics) -> dict:
     """Features of each split, from the cache when its key matches: {split: dict(cls, patch_mean, targets)}.
 
+    `identity`: the backbone's `probe.backbone_identity` (the results record it too; the file is hashed once).
     Each split's image count, time and img/s go to `metrics` (log.txt and TensorBoard, under features/<split>/).
     """
     n_last = 4 if args.multiple else 1
     build_size = probe.backbone_img_size(args.arch, args.image_size)
-    # the fingerprint hashes the checkpoint file: only worth it when the cache is used
-    fingerprint = None if args.no_cache else backbone_fingerprint(args.pretrained, args.arch, args.patch_size,
-                                                                   args.model_kwargs, args.ema, img_size=build_size,
-                                                                   student=args.student)
+    # the cache is keyed by the size the backbone is built at
+    fingerprint = None if args.no_cache else backbone_fingerprint({**identity, "img_size": build_size})
     out = {}
     for name, ds in splits.items():
         path = None if fingerprint is None else cache_path(args, fingerprint, name, ds, transform, n_last, precision)
@@ -204,9 +204,13 @@ def run(argv=None) -> dict:
     backbone = probe.build_frozen_backbone(args.pretrained, args.arch, args.patch_size,
                                            img_size=probe.backbone_img_size(args.arch, args.image_size),
                                            model_kwargs=args.model_kwargs, ema=args.ema, student=args.student)
+    # the backbone by content (its weights' hash): the feature cache's key, and tools.export credits the
+    # results to those weights
+    identity = probe.backbone_identity(args.pretrained, args.arch, args.patch_size, args.model_kwargs, args.ema,
+                                       img_size=args.image_size, student=args.student)
     metrics = MetricLogger(output_dir)  # log.txt (JSON lines) + tensorboard/
     t0 = time.time()
-    feats = split_features(args, backbone, splits, transform, device, precision, metrics)
+    feats = split_features(args, backbone, identity, splits, transform, device, precision, metrics)
     t_feat = time.time() - t0
     sets = protocol_sets(feats, args.multiple)
     log.info("train %d / val %d / trainval %d / test %d samples, %d-d features", *(len(sets[k][1]) for k in
@@ -220,9 +224,7 @@ def run(argv=None) -> dict:
                "val_scores": dict(zip((f"{c:.4g}" for c in C_SWEEP), result.val_scores)),
                "arch": args.arch, "pretrained": args.pretrained, "multiple": args.multiple, "ema": args.ema,
                "student": args.student_key, "run_dir": args.run_dir,
-               # the backbone by content (its weights' hash): tools.export credits the results to those weights
-               "backbone": probe.backbone_identity(args.pretrained, args.arch, args.patch_size, args.model_kwargs,
-                                                   args.ema, img_size=args.image_size, student=args.student),
+               "backbone": identity,
                "num_classes": len(parsed.classes), "image_size": args.image_size,
                "precision": precision, "precision_reason": reason,
                "sizes": {k: len(v[1]) for k, v in sets.items()},

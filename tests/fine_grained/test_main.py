@@ -15,6 +15,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import models  # noqa: E402
+from common.probe import backbone_identity  # noqa: E402
 from fine_grained import main as fg_main  # noqa: E402
 from fine_grained.cache import backbone_fingerprint  # noqa: E402
 from fine_grained.datasets import DATASETS, VOC_CLASSES, DatasetLayoutError, holdout_split  # noqa: E402
@@ -456,10 +457,10 @@ def test_fingerprint_follows_content_not_path(tmp_path):
     a, b = tmp_path / "a.pth", tmp_path / "b.pth"
     torch.save({"w": torch.zeros(2)}, a)
     shutil.copy(a, b)  # same bytes, another path
-    fa, fb = (backbone_fingerprint(str(p), "vit_tiny", 14, TINY) for p in (a, b))
+    fa, fb = (backbone_fingerprint(backbone_identity(str(p), "vit_tiny", 14, TINY)) for p in (a, b))
     assert fa == fb
     torch.save({"w": torch.ones(2)}, b)
-    assert backbone_fingerprint(str(b), "vit_tiny", 14, TINY) != fa
+    assert backbone_fingerprint(backbone_identity(str(b), "vit_tiny", 14, TINY)) != fa
 
 
 
