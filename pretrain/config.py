@@ -199,6 +199,14 @@ def teacher_list(cfg) -> list[dict]:
             for n, c, w, i in zip(names, ckpts, values, summaries)]
 
 
+def _summary_choice(entries: list[str]) -> list[int | None] | None:
+    """--teacher-summary-index entries -> None per 'all' (or empty) entry, else the index; None if any entry is
+    neither. ASCII digits only: isdigit() also accepts '²', which int() refuses."""
+    if not all(e in ("", "all") or (e.isascii() and e.isdecimal()) for e in entries):
+        return None
+    return [None if e in ("", "all") else int(e) for e in entries]
+
+
 def summary_indices(text: str, n: int) -> list[int | None]:
     """--teacher-summary-index: 'all' (every teacher's default summary) or one entry per teacher, each 'all' (or
     empty) or the index of one summary token (C-RADIO: the position in its file's summary_idxs). None = all."""
@@ -208,20 +216,20 @@ def summary_indices(text: str, n: int) -> list[int | None]:
     if len(entries) != n:
         raise ConfigError(f"--teacher-summary-index has {len(entries)} entries for {n} teacher(s); give 'all' or "
                           f"one per teacher, in order")
-    # ASCII digits only: isdigit() also accepts '²', which int() refuses (a traceback, exit 1)
-    if not all(e in ("", "all") or (e.isascii() and e.isdecimal()) for e in entries):
+    choice = _summary_choice(entries)
+    if choice is None:
         raise ConfigError(f"--teacher-summary-index takes all or a summary-token index >= 0 per teacher, got {text!r}")
-    return [None if e in ("", "all") else int(e) for e in entries]
+    return choice
 
 
 def canonical_summary_index(text):
     """--teacher-summary-index as compared on resume: 'all', 'all,all' and ',' are one choice, '01' is '1'."""
-    entries = split_list(text) if isinstance(text, str) else None
-    if entries is None or not all(e in ("", "all") or (e.isascii() and e.isdecimal()) for e in entries):
+    choice = _summary_choice(split_list(text)) if isinstance(text, str) else None
+    if choice is None:
         return text  # not a value this version writes: compared as it is
-    if all(e in ("", "all") for e in entries):
+    if all(i is None for i in choice):
         return "all"
-    return ",".join("all" if e in ("", "all") else str(int(e)) for e in entries)
+    return ",".join("all" if i is None else str(i) for i in choice)
 
 
 def check_teacher(t: dict, cfg: dict) -> None:
