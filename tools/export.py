@@ -48,6 +48,7 @@ from common.config import CheckedArgumentParser
 from common.errors import CheckpointError, ConfigError, DataError, MissingFileError, cli
 from common import rundir
 from common.log import read_json
+from common.probe import is_random_init
 from common.rundir import TOOL_KEY, run_dir_owner
 from models.teachers import IMAGENET_MEAN, IMAGENET_STD
 from models.timm_student import is_timm_name, timm_model_keys
@@ -398,7 +399,7 @@ def credits(results: dict, path: str, src: Source, fingerprint) -> bool:
             return False
         return backbone["weights"] == fingerprint()
     weights = results.get("pretrained")
-    if not isinstance(weights, str) or weights in ("", "none"):
+    if not isinstance(weights, str) or is_random_init(weights):
         return False
     return (os.path.realpath(weights) == os.path.realpath(src.path) and (results.get("student") or None) == src.key
             and os.path.getmtime(path) >= os.path.getmtime(src.path))
