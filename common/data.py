@@ -79,17 +79,7 @@ def load_rgb(path: str, max_pixels=_CURRENT_LIMIT) -> Image.Image:
     An image above `max_pixels` (default: the `set_max_image_pixels` limit) raises DecompressionBombError
     before it is decoded. 16-bit and float images are scaled to 8 bits, not clipped (see `_to_rgb8`).
     """
-    limit = _max_image_pixels if max_pixels is _CURRENT_LIMIT else max_pixels
-    hint = (f"images above {limit} pixels are refused as possible decompression bombs; if it is genuine, "
-            f"raise the limit (--max-image-pixels)")
-    with open(path, "rb") as f:
-        try:
-            img = Image.open(f)  # reads the header only
-        except Image.DecompressionBombError as e:  # PIL's own guard (at twice its limit) came first
-            raise Image.DecompressionBombError(f"{e} ({hint})") from e
-        if limit is not None and img.width * img.height > limit:
-            raise Image.DecompressionBombError(f"{img.width}x{img.height} = {img.width * img.height} pixels ({hint})")
-        return _to_rgb8(img)
+    return _to_rgb8(open_image(path, max_pixels))
 
 
 def open_image(path: str, max_pixels=_CURRENT_LIMIT) -> Image.Image:
@@ -106,14 +96,14 @@ def open_image_bytes(data: bytes, name: str = "", max_pixels=_CURRENT_LIMIT) -> 
     import io
 
     limit = _max_image_pixels if max_pixels is _CURRENT_LIMIT else max_pixels
+    hint = (f"images above {limit} pixels are refused as possible decompression bombs; if it is genuine, "
+            f"raise the limit (--max-image-pixels)")
     try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise Image.DecompressionBombError(f"{e} (raise the limit with --max-image-pixels if it is genuine)") from e
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # PIL's own guard (at twice its limit) came first
+        raise Image.DecompressionBombError(f"{e} ({hint})") from e
     if limit is not None and img.width * img.height > limit:
-        raise Image.DecompressionBombError(f"{img.width}x{img.height} = {img.width * img.height} pixels (images "
-                                           f"above {limit} pixels are refused as possible decompression bombs; if "
-                                           f"it is genuine, raise the limit (--max-image-pixels)")
+        raise Image.DecompressionBombError(f"{img.width}x{img.height} = {img.width * img.height} pixels ({hint})")
     img.filename = name
     return img
 

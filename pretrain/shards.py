@@ -18,7 +18,6 @@ Undecodable samples are skipped and counted like unreadable files (`--on-bad-ima
 The epoch length comes from the shard index `<prefix>.json` that `python -m tools.make_shards` writes
 (wids format: {"shardlist": [{"url", "nsamples"}]}), or from counting the members once when it is absent.
 """
-import io
 import json
 import logging
 import os
@@ -28,7 +27,6 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import default_collate
 
 from common import data as cdata
@@ -157,11 +155,7 @@ def count_samples(url: str) -> int:
 
 def decode_image(data: bytes, max_pixels):
     """Bytes -> 8-bit RGB PIL image, with the same pixel limit and 16-bit/float handling as files."""
-    img = Image.open(io.BytesIO(data))
-    if max_pixels is not None and img.width * img.height > max_pixels:
-        raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels is above the limit {max_pixels} "
-                                           f"(--max-image-pixels)")
-    return cdata._to_rgb8(img)
+    return cdata._to_rgb8(cdata.open_image_bytes(data, max_pixels=max_pixels))
 
 
 
